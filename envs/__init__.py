@@ -1,0 +1,1 @@
+"""hiper_envs: text environments (gymnasium API) for hiper_jax, installed from ./envs."""

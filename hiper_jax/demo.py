@@ -1,0 +1,1 @@
+"""Placeholder main job; replaced by the HAE demo."""

@@ -1,0 +1,52 @@
+"""Install hiper_jax (the library) and hiper_envs (the environments, from ./envs)."""
+
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "jax>=0.8",
+    "flax>=0.12",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "chex>=0.1.90",
+    "ml-collections>=1.0",
+    "transformers>=4.50",
+    "tokenizers>=0.21",
+    "safetensors>=0.5",
+    "gymnasium>=1.0",
+    "numpy>=1.26",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+]
+
+TEST = [
+    "pytest>=8",
+    "hypothesis>=6.100",
+    "nbclient>=0.10",
+    "nbformat>=5.10",
+    "ipykernel>=6.29",
+    # Reference implementation for the model-parity tests. Pinned: the CPU build of this
+    # release is what a plain install resolves to without pulling a multi-GB CUDA build.
+    "torch==2.13.0",
+]
+
+envs_packages = ["hiper_envs"] + [
+    "hiper_envs." + name for name in find_packages(where="envs")
+]
+
+setup(
+    name="hiper_jax",
+    version="0.1.0",
+    description="Hierarchical Plan-Execute RL (HiPER) for LLM agents in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hiper_jax", "hiper_jax.*"]) + envs_packages,
+    package_dir={"hiper_envs": "envs"},
+    include_package_data=True,
+    install_requires=RUNTIME,
+    extras_require={
+        "test": TEST,
+        "tpu": ["jax[tpu]>=0.8"],
+        "gpu": ["jax[cuda12]>=0.8"],
+    },
+)
