@@ -39,6 +39,9 @@ def test_greedy_equals_transformers_generate(model):
     np.testing.assert_array_equal(np.asarray(free.tokens),
                                   _hf_greedy(hf, tokens, mask, 12, ()))
     np.testing.assert_array_equal(np.asarray(free.lengths), [12, 12, 12])
+    unstacked = generate(qwen2.unstack_layers(params), config, tokens, mask, jax.random.key(0),
+                         SamplingConfig(max_new_tokens=12, greedy=True, pad_token_id=PAD))
+    np.testing.assert_array_equal(unstacked.tokens, free.tokens)
 
     # Stop on a token that row 0 emits at step 4 (and maybe other rows elsewhere).
     stop = int(free.tokens[0, 4])

@@ -95,6 +95,16 @@ def test_token_logprobs_and_entropy_match_full_softmax(reference):
     np.testing.assert_allclose(stats.logprobs, expected_lp, atol=1e-5, rtol=0)
     np.testing.assert_allclose(stats.entropy, expected_ent, atol=1e-5, rtol=0)
 
+
+SMALL = qwen2.Qwen2Config(vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                          num_attention_heads=6, num_key_value_heads=2, initializer_range=0.3)
+
+
+def test_chunked_logprob_gradients_equal_full_softmax_gradients():
+    config, params = SMALL, qwen2.init_params(jax.random.key(0), SMALL)
+    tokens = jnp.asarray(_random_tokens(config.vocab_size, (2, 11), seed=5))
+    targets = jnp.roll(tokens, -1, axis=1)
+
     def chunked_loss(p):
         h, _ = qwen2.forward(p, config, tokens, remat=True)
         stats = qwen2.token_logprobs(p, config, h, targets, chunk_size=4)
@@ -110,6 +120,19 @@ def test_token_logprobs_and_entropy_match_full_softmax(reference):
     expected_grads = jax.grad(full_loss)(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
                  grads, expected_grads)
+
+
+def test_unstacked_layers_give_the_same_model():
+    config, params = SMALL, qwen2.init_params(jax.random.key(1), SMALL)
+    unstacked = qwen2.unstack_layers(params)
+    assert isinstance(unstacked["layers"], list) and len(unstacked["layers"]) == 2
+    assert jax.tree.map(lambda x: x.shape, unstacked) == qwen2.param_shapes(config, stacked=False)
+    tokens = jnp.asarray(_random_tokens(config.vocab_size, (2, 9), seed=7))
+    np.testing.assert_allclose(qwen2.compute_logits(unstacked, config, tokens),
+                               qwen2.compute_logits(params, config, tokens), atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, qwen2.stack_layers(unstacked), params)
+    assert all(x.dtype == jnp.bfloat16
+               for x in jax.tree.leaves(qwen2.unstack_layers(params, dtype=jnp.bfloat16)))
 
 
 def test_bfloat16_compute_stays_close_to_float32(reference):

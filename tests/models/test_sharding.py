@@ -43,6 +43,10 @@ def test_param_shardings_cover_every_parameter():
     q = shardings["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.spec == P(None, "fsdp", "tensor", None)
     assert shardings["embed_tokens"]["embedding"].spec == P("tensor", "fsdp")
+    unstacked = qwen2.param_shardings(CONFIG, _mesh((1, 2, 4)), stacked=False)
+    assert jax.tree.structure(unstacked) == jax.tree.structure(
+        jax.eval_shape(qwen2.unstack_layers, params))
+    assert unstacked["layers"][1]["self_attn"]["q_proj"]["kernel"].spec == P("fsdp", "tensor", None)
 
 
 def test_sharded_forward_and_generate_equal_single_device():

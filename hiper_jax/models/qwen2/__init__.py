@@ -25,16 +25,19 @@ from hiper_jax.models.qwen2.model import (
     init_params,
     lm_head,
     param_axes,
+    param_shapes,
     param_shardings,
     param_specs,
     positions_from_segments,
+    stack_layers,
     token_logprobs,
+    unstack_layers,
 )
 
 __all__ = [
     "CACHE_AXES", "CheckpointError", "KVCache", "ParamSpec", "Params", "Qwen2Config",
     "TokenStats", "UnsupportedConfigError", "compute_logits", "count_params", "forward",
-    "init_cache", "init_params", "lm_head", "load_hf_checkpoint", "param_axes",
+    "init_cache", "init_params", "lm_head", "load_hf_checkpoint", "param_axes", "param_shapes",
     "param_shardings", "param_specs", "positions_from_segments", "save_hf_checkpoint",
-    "token_logprobs",
+    "stack_layers", "token_logprobs", "unstack_layers",
 ]

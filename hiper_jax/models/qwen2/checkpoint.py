@@ -198,7 +198,7 @@ def load_hf_checkpoint(path: PathLike, dtype: Any = jnp.float32, *,
                 for name in names:
                     spec = expected[name]
                     _check_shape(f, name, spec, file)
-                    array = spec.to_ours(f.get_tensor(name)).astype(dtype)
+                    array = spec.to_ours(f.get_tensor(name)).astype(dtype, copy=False)
                     target = _get(targets, spec.path)
                     if spec.layer is None:
                         _set(params, spec.path, _place(array, target))

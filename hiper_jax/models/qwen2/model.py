@@ -1,9 +1,18 @@
 """Qwen2 / Qwen2.5 decoder in plain JAX: parameters are a nested dict of arrays.
 
-Layer parameters are stacked along a leading ``layers`` axis and the decoder runs them with one
-``lax.scan``: compile time does not grow with depth (28 layers compile like one), the same
-program shards cleanly over a mesh, and per-layer rematerialisation is a flag. The KV cache is
-stacked the same way (``[layers, B, S, KV, D]``) and updated in place one slot range per call.
+Layer parameters come in two layouts, and every function here accepts both:
+
+* *stacked* (the default; what loading and ``init_params`` return): each layer parameter has a
+  leading ``layers`` axis and the decoder runs the layers with one ``lax.scan``. Compile time
+  does not grow with depth, the program shards cleanly over a mesh, and per-layer
+  rematerialisation is a flag: the layout for training.
+* *unstacked* (:func:`unstack_layers`): ``layers`` is a list of per-layer trees and the layer loop
+  is unrolled. Each step of a scan slices its layer's weights out of the stack, which is a copy
+  on CPU (and costs memory bandwidth anywhere); token-by-token decoding is bandwidth-bound, so
+  the sampler runs faster on unstacked weights.
+
+The KV cache is stacked (``[layers, B, KV, S, D]``, head-major so attention reads it without a
+transpose) and updated in place one slot range per call.
 
 Parameter tree (shapes; ``N`` layers, ``E`` hidden, ``H``/``KV`` query/key-value heads, ``D``
 head dim, ``M`` MLP width, ``V`` vocab)::
@@ -17,6 +26,8 @@ head dim, ``M`` MLP width, ``V`` vocab)::
     layers.mlp.down_proj.kernel            [N, M, E]
     norm.scale                             [E]
     lm_head.kernel                         [E, V]   (untied models only)
+
+(unstacked: ``layers`` is a list of ``N`` trees with the same names and no leading ``N``.)
 
 Masks are *segment ids* ``[B, L]`` int: 0 marks padding, tokens attend causally to earlier
 tokens of the same segment. A HF-style 0/1 ``attention_mask`` is a valid value (one segment per
@@ -93,16 +104,46 @@ def _spec_leaves(fn, config: Qwen2Config) -> Any:
     return jax.tree.map(fn, param_specs(config), is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
-def param_axes(config: Qwen2Config) -> Any:
+def param_axes(config: Qwen2Config, stacked: bool = True) -> Any:
     """The parameter tree with each leaf replaced by its logical axis names."""
-    return _spec_leaves(lambda s: s.axes, config)
+    axes = _spec_leaves(lambda s: s.axes, config)
+    return axes if stacked else _unstack_tree(axes, config, lambda a: a[1:])
+
+
+def param_shapes(config: Qwen2Config, stacked: bool = True) -> Any:
+    """The parameter tree with each leaf replaced by its shape."""
+    shapes = _spec_leaves(lambda s: s.shape, config)
+    return shapes if stacked else _unstack_tree(shapes, config, lambda a: a[1:])
 
 
 def param_shardings(config: Qwen2Config, mesh: Mesh,
-                    rules: sharding.AxisRules = sharding.DEFAULT_RULES) -> Any:
+                    rules: sharding.AxisRules = sharding.DEFAULT_RULES,
+                    stacked: bool = True) -> Any:
     """NamedShardings of every parameter on ``mesh`` under ``rules`` (same tree as the params)."""
-    return sharding.named_shardings(param_axes(config), _spec_leaves(lambda s: s.shape, config),
+    return sharding.named_shardings(param_axes(config, stacked), param_shapes(config, stacked),
                                     mesh, rules)
+
+
+def _unstack_tree(tree: Any, config: Qwen2Config, per_layer) -> Any:
+    """Replaces the stacked ``layers`` subtree of axes/shapes by a list of per-layer subtrees."""
+    layer = jax.tree.map(per_layer, tree["layers"], is_leaf=lambda x: isinstance(x, tuple))
+    return dict(tree, layers=[layer] * config.num_hidden_layers)
+
+
+def unstack_layers(params: Params, dtype: Optional[jnp.dtype] = None) -> Params:
+    """Stacked -> unstacked layout (optionally cast, e.g. fp32 master weights to bf16 for
+    sampling). Makes a copy; jit it with ``out_shardings`` to place the result on a mesh."""
+    cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
+    stacked = params["layers"]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    layers = [jax.tree.map(lambda x: cast(x[i]), stacked) for i in range(num_layers)]
+    rest = {k: jax.tree.map(cast, v) for k, v in params.items() if k != "layers"}
+    return dict(rest, layers=layers)
+
+
+def stack_layers(params: Params) -> Params:
+    """Unstacked -> stacked layout (the inverse of :func:`unstack_layers`)."""
+    return dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"]))
 
 
 def count_params(config: Qwen2Config) -> int:
@@ -138,7 +179,7 @@ class KVCache(NamedTuple):
     """Static-size key/value cache of all layers.
 
     Attributes:
-        k, v: ``[layers, B, S, KV, D]`` keys (after RoPE) and values, in the compute dtype.
+        k, v: ``[layers, B, KV, S, D]`` keys (after RoPE) and values, in the compute dtype.
         segment_ids: ``[B, S]`` int32 segment id of each slot (0: empty or padding).
         index: ``[]`` int32, number of slots written; the next call writes from here on.
     """
@@ -150,8 +191,8 @@ class KVCache(NamedTuple):
 
 
 CACHE_AXES = KVCache(
-    k=("layers", "batch", "cache_length", "kv_heads", "head_dim"),
-    v=("layers", "batch", "cache_length", "kv_heads", "head_dim"),
+    k=("layers", "batch", "kv_heads", "cache_length", "head_dim"),
+    v=("layers", "batch", "kv_heads", "cache_length", "head_dim"),
     segment_ids=("batch", "cache_length"),
     index=(),
 )
@@ -160,7 +201,7 @@ CACHE_AXES = KVCache(
 def init_cache(config: Qwen2Config, batch_size: int, max_length: int,
                dtype: Optional[jnp.dtype] = None) -> KVCache:
     """An empty cache for ``batch_size`` rows of up to ``max_length`` tokens (prompt + new)."""
-    shape = (config.num_hidden_layers, batch_size, max_length, config.num_key_value_heads,
+    shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length,
              config.head_dim)
     dtype = dtype or jnp.dtype(config.compute_dtype)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
@@ -205,15 +246,15 @@ def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def _attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Grouped-query attention: ``q [B, L, H, D]``, ``k, v [B, S, KV, D]``, ``mask [B, L, S]``
+    """Grouped-query attention: ``q [B, L, H, D]``, ``k, v [B, KV, S, D]``, ``mask [B, L, S]``
     -> ``[B, L, H, D]``. Scores and softmax in float32."""
     batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("blkgd,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None], scores * head_dim ** -0.5, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+    out = jnp.einsum("bkgls,bksd->blkgd", probs, v)
     return out.reshape(batch, length, heads, head_dim)
 
 
@@ -227,13 +268,14 @@ def _mlp(x: Array, p: Params) -> Array:
 
 
 def _qkv(x: Array, p: Params, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
+    """Projections with RoPE: ``q [B, L, H, D]``, head-major ``k, v [B, KV, L, D]``."""
     def project(name: str) -> Array:
         kernel, bias = p[name]["kernel"].astype(x.dtype), p[name]["bias"].astype(x.dtype)
         return jnp.einsum("ble,ehd->blhd", x, kernel) + bias
 
     q = _apply_rope(project("q_proj"), cos, sin)
-    k = _apply_rope(project("k_proj"), cos, sin)
-    return q, k, project("v_proj")
+    k = _apply_rope(project("k_proj"), cos, sin).swapaxes(1, 2)
+    return q, k, project("v_proj").swapaxes(1, 2)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "remat"))
@@ -244,7 +286,7 @@ def forward(params: Params, config: Qwen2Config, tokens: Array, *,
     """Runs the decoder: ``tokens [B, L]`` -> final (normed) hidden states ``[B, L, E]``.
 
     Args:
-        params: parameter tree (see module docstring).
+        params: parameter tree, stacked or unstacked (see module docstring).
         config: the architecture (static).
         tokens: ``[B, L]`` int token ids.
         segment_ids: ``[B, L]`` int, 0 for padding (see module docstring); default all ones.
@@ -288,7 +330,7 @@ def forward(params: Params, config: Qwen2Config, tokens: Array, *,
         attn_in = _rms_norm(x, p["input_layernorm"]["scale"], config.rms_norm_eps)
         q, k, v = _qkv(attn_in, p["self_attn"], cos, sin)
         if cache_k is not None:
-            start = (layer_index, 0, cache.index, 0, 0)
+            start = (layer_index, 0, 0, cache.index, 0)
             cache_k = lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], start)
             cache_v = lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], start)
             k = cache_k[layer_index].astype(dtype)
@@ -304,8 +346,13 @@ def forward(params: Params, config: Qwen2Config, tokens: Array, *,
     if remat:
         layer = jax.checkpoint(layer, prevent_cse=False)
     carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
-    (x, cache_k, cache_v), _ = lax.scan(
-        layer, carry, (params["layers"], jnp.arange(config.num_hidden_layers)))
+    if isinstance(params["layers"], (list, tuple)):
+        for index, layer_params in enumerate(params["layers"]):
+            carry, _ = layer(carry, (layer_params, index))
+        x, cache_k, cache_v = carry
+    else:
+        (x, cache_k, cache_v), _ = lax.scan(
+            layer, carry, (params["layers"], jnp.arange(config.num_hidden_layers)))
     hidden = _rms_norm(x, params["norm"]["scale"], config.rms_norm_eps)
     if cache is None:
         return hidden, None
