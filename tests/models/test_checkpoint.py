@@ -173,3 +173,23 @@ def test_unsupported_config_fields_are_named(field, value):
     raw = dict(BASE, **{field.split(".")[0]: value})
     with pytest.raises(qwen2.UnsupportedConfigError, match=field.replace(".", r"\.")):
         qwen2.Qwen2Config.from_hf_config(raw)
+
+
+def test_published_qwen25_config_parses_without_warnings(recwarn):
+    # config.json of Qwen2.5-1.5B-Instruct as published (older layout, top-level rope_theta).
+    published = {
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 1536,
+        "initializer_range": 0.02, "intermediate_size": 8960, "max_position_embeddings": 32768,
+        "max_window_layers": 21, "model_type": "qwen2", "num_attention_heads": 12,
+        "num_hidden_layers": 28, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16", "transformers_version": "4.43.1", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936,
+    }
+    config = qwen2.Qwen2Config.from_hf_config(published)
+    assert not recwarn.list
+    assert (config.head_dim, config.num_groups, config.stop_token_ids) == (128, 6, (151645,))
+    assert 1.5e9 < qwen2.count_params(config) < 1.6e9
+    with pytest.warns(UserWarning, match="mystery_option"):
+        qwen2.Qwen2Config.from_hf_config(dict(published, mystery_option=3))

@@ -20,6 +20,15 @@ def reference(request, tmp_path_factory):
     return model, config, params
 
 
+@pytest.fixture(scope="module")
+def gqa7_reference(tmp_path_factory):
+    """One untied GQA-7 model, for the tests that do not depend on the configuration."""
+    model = make_hf_model("gqa7-untied-theta1e4", seed=5)
+    config, params = qwen2.load_hf_checkpoint(save_hf_model(model, tmp_path_factory.mktemp("one")),
+                                              progress=False)
+    return model, config, params
+
+
 def _random_tokens(vocab_size, shape, seed=0):
     return np.random.default_rng(seed).integers(0, vocab_size, shape).astype(np.int32)
 
@@ -50,8 +59,8 @@ def test_left_padded_batch_matches_transformers(reference):
         np.asarray(qwen2.positions_from_segments(jnp.asarray(mask)))[real], positions[real])
 
 
-def test_packed_row_equals_separate_sequences(reference):
-    _, config, params = reference
+def test_packed_row_equals_separate_sequences(gqa7_reference):
+    _, config, params = gqa7_reference
     first = _random_tokens(config.vocab_size, (1, 6), seed=2)
     second = _random_tokens(config.vocab_size, (1, 5), seed=3)
     packed = np.concatenate([first, second, np.zeros((1, 2), np.int32)], axis=1)
@@ -83,8 +92,8 @@ def test_cached_decoding_equals_full_forward_at_every_step(reference):
     assert int(cache.index) == 12
 
 
-def test_token_logprobs_and_entropy_match_full_softmax(reference):
-    _, config, params = reference
+def test_token_logprobs_and_entropy_match_full_softmax(gqa7_reference):
+    _, config, params = gqa7_reference
     tokens = jnp.asarray(_random_tokens(config.vocab_size, (2, 11), seed=5))
     targets = jnp.roll(tokens, -1, axis=1)
     hidden, _ = qwen2.forward(params, config, tokens)
@@ -135,8 +144,8 @@ def test_unstacked_layers_give_the_same_model():
                for x in jax.tree.leaves(qwen2.unstack_layers(params, dtype=jnp.bfloat16)))
 
 
-def test_bfloat16_compute_stays_close_to_float32(reference):
-    _, config, params = reference
+def test_bfloat16_compute_stays_close_to_float32(gqa7_reference):
+    _, config, params = gqa7_reference
     tokens = jnp.asarray(_random_tokens(config.vocab_size, (2, 9), seed=6))
     exact = qwen2.compute_logits(params, config, tokens)
     low = qwen2.compute_logits(params, config.replace(compute_dtype="bfloat16"), tokens)

@@ -185,19 +185,22 @@ def load_hf_checkpoint(path: PathLike, dtype: Any = jnp.float32, *,
                               f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)"
                               " — does config.json match the weights?")
 
-    targets = param_shardings(config, mesh or sharding.single_device_mesh(), rules)
-
-    params: Params = {}
     by_file: dict[str, list[str]] = {}
     for name in expected:
         by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():  # headers only: fail before any data is read
+        with safe_open(file, framework="numpy") as f:
+            for name in names:
+                _check_tensor(f, name, expected[name], file)
+
+    targets = param_shardings(config, mesh or sharding.single_device_mesh(), rules)
+    params: Params = {}
     with tqdm(total=len(expected), desc="loading " + os.path.basename(path.rstrip("/")),
               disable=not progress, unit="tensor") as bar:
         for file, names in by_file.items():
             with safe_open(file, framework="numpy") as f:
                 for name in names:
                     spec = expected[name]
-                    _check_shape(f, name, spec, file)
                     array = spec.to_ours(f.get_tensor(name)).astype(dtype, copy=False)
                     target = _get(targets, spec.path)
                     if spec.layer is None:
@@ -209,7 +212,7 @@ def load_hf_checkpoint(path: PathLike, dtype: Any = jnp.float32, *,
     return config, params
 
 
-def _check_shape(f: Any, name: str, spec: _Tensor, file: str) -> None:
+def _check_tensor(f: Any, name: str, spec: _Tensor, file: str) -> None:
     shape = tuple(f.get_slice(name).get_shape())
     if shape != spec.hf_shape:
         raise CheckpointError(f"{os.path.basename(file)}: tensor {name} has shape {list(shape)}, "

@@ -204,8 +204,10 @@ def init_cache(config: Qwen2Config, batch_size: int, max_length: int,
     shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length,
              config.head_dim)
     dtype = dtype or jnp.dtype(config.compute_dtype)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
+    return KVCache(k=sharding.constrain(jnp.zeros(shape, dtype), CACHE_AXES.k),
+                   v=sharding.constrain(jnp.zeros(shape, dtype), CACHE_AXES.v),
+                   segment_ids=sharding.constrain(jnp.zeros((batch_size, max_length), jnp.int32),
+                                                  CACHE_AXES.segment_ids),
                    index=jnp.zeros((), jnp.int32))
 
 
@@ -275,7 +277,10 @@ def _qkv(x: Array, p: Params, cos: Array, sin: Array) -> tuple[Array, Array, Arr
 
     q = _apply_rope(project("q_proj"), cos, sin)
     k = _apply_rope(project("k_proj"), cos, sin).swapaxes(1, 2)
-    return q, k, project("v_proj").swapaxes(1, 2)
+    v = project("v_proj").swapaxes(1, 2)
+    kv_axes = ("batch", "kv_heads", "length", "head_dim")
+    return (sharding.constrain(q, ("batch", "length", "heads", "head_dim")),
+            sharding.constrain(k, kv_axes), sharding.constrain(v, kv_axes))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "remat"))
