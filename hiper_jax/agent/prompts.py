@@ -1,6 +1,6 @@
 """Plan-Execute (and flat) prompts for ALFWorld and WebShop, rendered with the chat template.
 
-A prompt shows the task, the step count, the last K (action, observation) pairs, the current
+A prompt shows the task, the step count, the last K (observation, action) pairs, the current
 observation, the current subgoal ("None" before the first), the admissible actions and the
 strict output format. Its length is measured in tokens of the fully rendered chat prompt; when
 too long, the oldest history goes first, then the current observation is shortened (its start
@@ -33,7 +33,7 @@ class PromptConfig:
     Attributes:
       env: "alfworld" or "webshop" (selects the introduction).
       style: "plan_execute" (switch/subgoal/action) or "flat" (action only).
-      history_turns: how many past (action, observation) pairs to show at most.
+      history_turns: how many past (observation, action) pairs to show at most.
       max_prompt_tokens: token budget of the rendered prompt.
       max_steps: the episode's step limit, shown as "step t of max_steps".
     """
@@ -65,7 +65,8 @@ class AgentView:
       observation: the current observation text.
       admissible_actions: the actions the environment accepts now.
       subgoal: the subgoal in force (None before the first).
-      history: past ``(action, observation)`` pairs, oldest first.
+      history: past ``(observation, action)`` pairs, oldest first: what the agent saw at an
+        earlier turn and what it did.
     """
 
     task: str
@@ -81,7 +82,9 @@ def _user_message(view: AgentView, cfg: PromptConfig, history: Sequence[tuple[st
     lines = [f"Task: {view.task}", f"Step {view.step + 1} of {cfg.max_steps}."]
     if history:
         lines.append("Recent history:")
-        lines.extend(f"> {action}\n{obs}" for action, obs in history)
+        first_step = view.step - len(history) + 1
+        lines.extend(f"[Step {first_step + i}] {obs}\n> {action}"
+                     for i, (obs, action) in enumerate(history))
     lines.append(f"Observation: {observation}")
     if cfg.style == "plan_execute":
         lines.append(f"Current subgoal: {view.subgoal or 'None'}")

@@ -13,11 +13,11 @@ from hiper_jax.agent.prompts import (
 
 VIEW = AgentView(
     task="put a hot apple in fridge",
-    step=3,
+    step=5,
     observation="You arrive at countertop 1. On the countertop 1, you see a apple 1.",
     admissible_actions=["take apple 1 from countertop 1", "go to fridge 1", "look"],
     subgoal="find and take the apple",
-    history=[(f"go to cabinet {i}", f"The cabinet {i} is closed.") for i in range(1, 6)],
+    history=[(f"You arrive at cabinet {i - 1}.", f"go to cabinet {i}") for i in range(1, 6)],
 )
 
 
@@ -26,8 +26,9 @@ def test_plan_execute_message_content():
     system, user = build_messages(VIEW, cfg)
     assert system["role"] == "system" and user["role"] == "user"
     text = user["content"]
-    assert "Task: put a hot apple in fridge" in text and "Step 4 of 50." in text
-    assert "go to cabinet 5" in text and "go to cabinet 4" in text and "go to cabinet 3" not in text
+    assert "Task: put a hot apple in fridge" in text and "Step 6 of 50." in text
+    assert "[Step 4] You arrive at cabinet 3.\n> go to cabinet 4" in text
+    assert "go to cabinet 5" in text and "go to cabinet 3" not in text
     assert "Current subgoal: find and take the apple" in text
     assert "Admissible actions: take apple 1 from countertop 1, go to fridge 1, look" in text
     assert text.endswith(PLAN_EXECUTE_FORMAT)
