@@ -325,38 +325,43 @@ def num_batch_shards(mesh: Mesh) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class HostShare:
-    """The contiguous block of global batch rows one process feeds.
+    """The rows of a global batch that one process feeds (its env pool for one rollout batch).
 
     Attributes:
-      rows: rows this process feeds (its env pool size for one rollout batch).
-      row_offset: index of its first row in the global batch.
       global_rows: rows of the whole batch.
+      row_indices: the global rows this process feeds, ascending: host-local arrays hold them
+        in this order. One contiguous block with meshes from :func:`make_mesh` on one slice.
     """
 
-    rows: int
-    row_offset: int
     global_rows: int
+    row_indices: tuple[int, ...]
 
     @property
-    def row_slice(self) -> slice:
-        return slice(self.row_offset, self.row_offset + self.rows)
+    def rows(self) -> int:
+        return len(self.row_indices)
+
+    @property
+    def row_offset(self) -> int:
+        """The first global row this process feeds."""
+        return self.row_indices[0]
+
+    def take(self, global_batch: Any) -> Any:
+        """This process's rows of a pytree of whole-batch host arrays (``[global_rows, ...]``)."""
+        index = np.asarray(self.row_indices)
+        return jax.tree.map(lambda x: np.asarray(x)[index], global_batch)
 
     def env_seeds(self, base_seed: int) -> np.ndarray:
         """``[rows]`` int64 seeds, ``base_seed + global row index``: distinct across hosts."""
-        return base_seed + self.row_offset + np.arange(self.rows, dtype=np.int64)
+        return base_seed + np.asarray(self.row_indices, dtype=np.int64)
 
 
-def host_share(
-    mesh: Mesh, global_rows: int, process: Optional[int] = None
-) -> HostShare:
-    """Which rows of a ``global_rows`` batch split over the batch axes ``process`` feeds.
+def host_share(mesh: Mesh, global_rows: int, process: Optional[int] = None) -> HostShare:
+    """Which rows of a ``global_rows`` batch, split over the batch axes, ``process`` feeds.
 
     Processes whose devices hold the same rows (a ``tensor`` axis that crosses hosts) get the
     same share and must feed identical data.
 
-    Raises ValueError when ``global_rows`` is not a multiple of the batch shards, or when the
-    process's rows are not one contiguous block (a mesh whose device order interleaves hosts
-    along the batch axes).
+    Raises ValueError when ``global_rows`` is not a multiple of the batch shards.
     """
     shards = num_batch_shards(mesh)
     if global_rows < 1 or global_rows % shards:
@@ -366,21 +371,15 @@ def host_share(
         )
     process = jax.process_index() if process is None else process
     index_map = batch_sharding(mesh).devices_indices_map((global_rows,))
-    starts = sorted({
-        index[0].indices(global_rows)[0]
-        for device, index in index_map.items()
+    rows = sorted({
+        row
+        for device, (index,) in index_map.items()
         if device.process_index == process
+        for row in range(*index.indices(global_rows))
     })
-    if not starts:
+    if not rows:
         raise ValueError(f"process {process} owns no device of mesh {dict(mesh.shape)}")
-    rows_per_shard = global_rows // shards
-    if starts != list(range(starts[0], starts[-1] + 1, rows_per_shard)):
-        raise ValueError(
-            f"process {process} holds batch rows that are not contiguous (shards start at "
-            f"{starts}); build the mesh with make_mesh so hosts own contiguous row blocks"
-        )
-    return HostShare(rows=len(starts) * rows_per_shard, row_offset=starts[0],
-                     global_rows=global_rows)
+    return HostShare(global_rows=global_rows, row_indices=tuple(rows))
 
 
 def _path_name(path) -> str:
@@ -391,15 +390,15 @@ def host_local_to_global(tree: Any, mesh: Mesh, spec: Optional[PartitionSpec] = 
     """Global ``jax.Array`` s from this host's rows of a batch.
 
     Args:
-      tree: pytree of arrays whose leading axis is this host's rows (``host_share(...).rows``,
-        e.g. ``[B_host, T]``), NumPy or JAX.
+      tree: pytree of arrays whose leading axis is this host's rows in the order of
+        ``host_share(mesh, B).row_indices`` (e.g. ``[B_host, T]``), NumPy or JAX.
       mesh: the global mesh.
       spec: placement of the global arrays; default :func:`batch_spec` (rows split over the
         batch axes, other axes whole).
 
     Returns:
-      The same pytree of global arrays, leading axis ``rows * (number of row blocks)``; in a
-      single process, simply the batch placed on the mesh.
+      The same pytree of global ``[B, ...]`` arrays; in a single process, simply the batch
+      placed on the mesh.
     """
     spec = batch_spec(mesh) if spec is None else spec
     sharding = NamedSharding(mesh, spec)

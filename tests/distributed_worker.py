@@ -19,7 +19,8 @@ from hiper_jax.hae import HAEConfig
 
 BATCH_ROWS = 16
 TURNS = 9
-MESHES = {"data8": dict(data=8), "data2_fsdp4": dict(data=2, fsdp=4)}
+MESHES = {"data8": dict(data=8), "data2_fsdp4": dict(data=2, fsdp=4),
+          "interleaved": dict(data=4, fsdp=2, interleave_hosts=True)}
 # Normalisation makes every output depend on every row, so a missing cross-host reduction shows.
 HAE_CONFIG = HAEConfig(gamma=0.97, lam_turn=0.9, lam_seg=0.95, bootstrap_truncated=True,
                        keep_penalty=-0.1, keep_penalty_mode="normalized",
@@ -70,13 +71,17 @@ def main(coordinator: str, num_processes: int, process_id: int, out_dir: str) ->
     estimator = get_estimator("hae").fn
     full = turn_batch()
     for name, axes in MESHES.items():
+        axes = dict(axes)
+        if axes.pop("interleave_hosts", False):
+            # Alternate the two hosts' devices, so each feeds every other block of rows.
+            by_host = [jax.local_devices(process_index=p) for p in range(num_processes)]
+            axes["devices"] = [d for group in zip(*by_host) for d in group]
         mesh = distributed.make_mesh(**axes)
         share = distributed.host_share(mesh, BATCH_ROWS)
-        local = type(full)(*(None if x is None else x[share.row_slice] for x in full))
         out = distributed.sharded_estimator(estimator, mesh)(
-            distributed.host_local_to_global(local, mesh), HAE_CONFIG)
+            distributed.host_local_to_global(share.take(full), mesh), HAE_CONFIG)
         rows = distributed.global_to_host_local(out, mesh)
-        results[f"{name}/row_offset"] = np.array(share.row_offset)
+        results[f"{name}/row_indices"] = np.array(share.row_indices)
         results[f"{name}/env_seeds"] = share.env_seeds(1000)
         for field, value in rows._asdict().items():
             results[f"{name}/{field}"] = value

@@ -99,7 +99,7 @@ def test_host_local_global_round_trip(devices, axes):
     batch = {"tokens": rng.integers(0, 100, size=(16, 5)).astype(np.int32),
              "rewards": rng.normal(size=(16,)).astype(np.float32)}
     share = distributed.host_share(mesh, 16)
-    assert (share.rows, share.row_offset) == (16, 0)
+    assert (share.rows, share.row_offset, share.row_indices) == (16, 0, tuple(range(16)))
     placed = distributed.host_local_to_global(batch, mesh)
     shards = distributed.num_batch_shards(mesh)
     assert placed["tokens"].sharding.spec == P(("data", "fsdp"))
@@ -123,8 +123,9 @@ def test_global_to_host_local_reshards_other_layouts(devices):
 def test_host_share_and_env_seeds(devices):
     mesh = distributed.make_mesh(data=2, fsdp=4)
     share = distributed.host_share(mesh, 24)
-    assert share == distributed.HostShare(rows=24, row_offset=0, global_rows=24)
+    assert share == distributed.HostShare(global_rows=24, row_indices=tuple(range(24)))
     np.testing.assert_array_equal(share.env_seeds(100), np.arange(100, 124))
+    np.testing.assert_array_equal(share.take({"x": np.arange(24) * 2})["x"], np.arange(24) * 2)
     with pytest.raises(ValueError, match=r"20 rows must be a positive multiple of the 8 batch"):
         distributed.host_share(mesh, 20)
     with pytest.raises(ValueError, match="owns no device"):
@@ -316,13 +317,17 @@ def test_two_processes_match_one(tmp_path):
     estimator = get_estimator("hae").fn
     batch = turn_batch()
     want = estimator(batch, HAE_CONFIG)
+    halves = [list(range(BATCH_ROWS // 2)), list(range(BATCH_ROWS // 2, BATCH_ROWS))]
+    every_other_pair = [[r for r in range(BATCH_ROWS) if r // 2 % 2 == p] for p in range(2)]
     for name in MESHES:
-        offsets = [int(out[f"{name}/row_offset"]) for out in outs]
-        assert offsets == [0, BATCH_ROWS // 2], "each host feeds its own half of the rows"
-        seeds = np.concatenate([out[f"{name}/env_seeds"] for out in outs])
-        np.testing.assert_array_equal(seeds, 1000 + np.arange(BATCH_ROWS))
+        indices = [out[f"{name}/row_indices"].tolist() for out in outs]
+        assert indices == (every_other_pair if name == "interleaved" else halves)
+        for out, rows in zip(outs, indices):
+            np.testing.assert_array_equal(out[f"{name}/env_seeds"], 1000 + np.array(rows))
         for field in HAE_FIELDS:
-            got = np.concatenate([out[f"{name}/{field}"] for out in outs])
+            got = np.zeros_like(np.asarray(getattr(want, field)))
+            for out, rows in zip(outs, indices):
+                got[rows] = out[f"{name}/{field}"]
             np.testing.assert_allclose(got, np.asarray(getattr(want, field)), atol=1e-6,
                                        err_msg=f"{name}/{field}")
         for out in outs:
@@ -333,13 +338,13 @@ def test_two_processes_match_one(tmp_path):
 def test_unreachable_coordinator_fails_with_a_clear_error(tmp_path):
     code = (
         "from hiper_jax import distributed\n"
-        f"distributed.initialize('127.0.0.1:{_free_port()}', 2, 1, initialization_timeout_s=2)\n"
+        f"distributed.initialize('127.0.0.1:{_free_port()}', 2, 1, initialization_timeout_s=1)\n"
     )
     [(returncode, log)] = _run_processes([[sys.executable, "-c", code]], _child_env(1),
                                          timeout_s=60)
     assert returncode != 0
     assert "starting jax.distributed (process 1 of 2, coordinator 127.0.0.1:" in log
-    assert "waiting up to 2 s for all processes" in log
+    assert "waiting up to 1 s for all processes" in log
 
 
 def test_initialize_after_jax_started_says_what_to_do(devices):
