@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from typing import Optional
 
 GIB = 2**30

@@ -16,7 +16,6 @@ from jax.sharding import PartitionSpec as P
 
 from hiper_jax import distributed
 from hiper_jax.advantages import TurnBatch, get_estimator
-from hiper_jax.hae import HAEConfig
 from tests.distributed_worker import BATCH_ROWS, HAE_CONFIG, MESHES, turn_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +91,10 @@ def test_multi_slice_grid_puts_slices_on_data():
 # ------------------------------------------------------------ host-local <-> global batches
 
 
-@pytest.mark.parametrize("axes", [dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)])
+MESH_SHAPES = [dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)]
+
+
+@pytest.mark.parametrize("axes", MESH_SHAPES)
 def test_host_local_global_round_trip(devices, axes):
     mesh = distributed.make_mesh(**axes)
     rng = np.random.default_rng(3)
@@ -143,8 +145,7 @@ def test_host_local_to_global_errors_name_the_leaf(devices):
 # ------------------------------------------------------------------- sharded estimators
 
 
-@pytest.mark.parametrize("axes", [dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2),
-                                  dict(data=1, fsdp=1, tensor=8)])
+@pytest.mark.parametrize("axes", [*MESH_SHAPES, dict(data=1, fsdp=1, tensor=8)])
 @pytest.mark.parametrize("name", ["hae", "turn_gae"])
 def test_sharded_estimator_matches_unsharded(devices, axes, name):
     mesh = distributed.make_mesh(**axes)

@@ -63,7 +63,8 @@ def test_plan_by_hand():
     # FSDP gathers two layers of (1216 / 2) params and the 8 x 32 vocab projection, in bf16.
     gathered = (2 * 608 + 256) * 2
     assert plan.rollout == {
-        "KV cache": 2 * 8 * 2 * 2 * 1 * 4 * 2,      # envs/chip x tokens x K,V x layers x kv x d x 2B
+        # envs per chip x tokens x (K, V) x layers x kv heads x head dim x 2 bytes
+        "KV cache": 2 * 8 * 2 * 2 * 1 * 4 * 2,
         "prefill activations": 2 * 6 * 88 * 2      # 2 rows x 6 prompt tokens
                                + 2 * 2 * 6 * 6 * 4,  # + fp32 scores: rows x heads x 6 x 6
         "FSDP-gathered weights": gathered,
@@ -110,7 +111,7 @@ def test_fewer_chips_never_need_less_memory():
 
 def test_readme_shows_the_computed_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    assert readme_table() in readme, "README table is stale: paste `python -m hiper_jax.memory_plan`"
+    assert readme_table() in readme, "stale README table: paste `python -m hiper_jax.memory_plan`"
     assert breakdown(QWEN2_5["7b"], 1, 8, 1) in readme
     resident_v4_8 = sum(memory_plan(QWEN2_5["7b"], 1, 4, 1).resident.values()) / GIB
     assert f"resident: {resident_v4_8:.1f} GiB per chip" in readme.replace("\n", " ")
