@@ -27,7 +27,19 @@ def register() -> None:
 register()
 
 __all__ = [
-    "ENV_ID", "Catalog", "CatalogConfig", "Goal", "Product", "RewardDetails", "Review", "WebShopDataError",
-    "generate_catalog", "get_catalog", "load_data_dir", "register", "tagger_name", "webshop_reward",
+    "ENV_ID",
+    "Catalog",
+    "CatalogConfig",
+    "Goal",
+    "Product",
+    "RewardDetails",
+    "Review",
+    "WebShopDataError",
+    "generate_catalog",
+    "get_catalog",
+    "load_data_dir",
+    "register",
+    "tagger_name",
+    "webshop_reward",
     "write_catalog",
 ]

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Sequence
+import random
+from collections.abc import Sequence
 
-from hiper_envs.webshop.generate import CatalogConfig, generate_catalog
-from hiper_envs.webshop.loader import load_data_dir, parse_products
+from hiper_envs.webshop.generate import CatalogConfig, generate_records, split_goals
+from hiper_envs.webshop.loader import load_data_dir, parse_product
 from hiper_envs.webshop.schema import Goal, Product
 from hiper_envs.webshop.search import SearchIndex
 
@@ -47,33 +48,45 @@ class Catalog:
 
 
 def catalog_from_generated(config: CatalogConfig) -> Catalog:
-    """Generate a catalog in memory (same parsing path as the files it would write)."""
-    generated = generate_catalog(config)
-    products = parse_products(generated.products, "<generated>", generated.attributes, seed=config.seed)
-    return Catalog(products, generated.goals, source=f"generated {config}")
+    """Generate a catalog in memory, parsing each record as the loader parses the files.
+
+    Records are parsed as they are made, so the raw records never all exist at once.
+    """
+    rng = random.Random(config.seed)
+    shared: dict[tuple[str, ...], tuple[str, ...]] = {}
+    products, goals = [], []
+    for i, (record, entry, product_goals) in enumerate(generate_records(config)):
+        products.append(parse_product(record, f"<generated>: product #{i}", entry["attributes"], rng, shared))
+        goals.extend(product_goals)
+    return Catalog(products, split_goals(goals), source=f"generated {config}")
 
 
-def catalog_from_products(products: Sequence[Product], goals: Sequence[Goal], source: str = "<memory>") -> Catalog:
+def catalog_from_products(
+    products: Sequence[Product], goals: Sequence[Goal], source: str = "<memory>"
+) -> Catalog:
     return Catalog(list(products), list(goals), source)
 
 
 @functools.lru_cache(maxsize=4)
 def get_catalog(
     data_dir: str | None = None,
-    num_products: int | None = 1000,
+    num_products: int | None = None,
     seed: int = 0,
     human_goals: bool = True,
     config: CatalogConfig | None = None,
 ) -> Catalog:
     """The catalog of `data_dir` (official or generated files) or a generated one (cached).
 
-    Without `data_dir`, generates ``config`` (default: `num_products` products from `seed`).
+    Without `data_dir`, generates ``config`` (default: `num_products` products, 1000 when
+    None, from `seed`).
     With `data_dir`, `num_products` keeps the first N products (None: all) and `seed` seeds
     the prices drawn inside price ranges and the goals' price limits.
     """
     if data_dir is not None:
         data_dir = os.path.abspath(data_dir)
-        products, goals = load_data_dir(data_dir, num_products=num_products, human_goals_first=human_goals, seed=seed)
+        products, goals = load_data_dir(
+            data_dir, num_products=num_products, human_goals_first=human_goals, seed=seed
+        )
         return Catalog(products, goals, source=data_dir)
     if config is None:
         config = CatalogConfig(num_products=num_products or 1000, seed=seed)

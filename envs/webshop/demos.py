@@ -24,15 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from typing import Any, Iterable, Protocol
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import gymnasium
-from tqdm import tqdm
-
 from hiper_envs.webshop import pages
 from hiper_envs.webshop.env import WIN_THRESHOLD, WebShopEnv
 from hiper_envs.webshop.reward import option_reward, webshop_reward
 from hiper_envs.webshop.schema import Goal, Product
+from tqdm import tqdm
 
 SUBGOAL_SEARCH = "search for the product"
 SUBGOAL_SEARCH_TITLE = "search for the product by its title"
@@ -149,7 +149,32 @@ class SearchBuyFirstPolicy:
         return f"click[{pages.BACK_TO_SEARCH}]", SUBGOAL_SEARCH
 
 
-POLICIES = {"oracle": OraclePolicy, "random": RandomPolicy, "search_buy_first": SearchBuyFirstPolicy}
+class SearchFirstWithOptionsPolicy:
+    """Search the instruction text, open the first result, choose the goal's options, buy.
+
+    How far search alone gets: it reads neither the results nor the product's price.
+    """
+
+    def reset(self, env: WebShopEnv) -> None:
+        pass
+
+    def act(self, env: WebShopEnv, observation: str, info: dict[str, Any]) -> tuple[str, str]:
+        session = env.session
+        if session.page == "item":
+            product = env.catalog.by_asin[session.asin]
+            for name, value in best_options(product, env.goal).items():
+                if session.options.get(name) != value:
+                    return f"click[{value}]", f"select {name} {value}"
+            return f"click[{pages.BUY_NOW}]", SUBGOAL_BUY
+        return SearchBuyFirstPolicy().act(env, observation, info)
+
+
+POLICIES = {
+    "oracle": OraclePolicy,
+    "random": RandomPolicy,
+    "search_buy_first": SearchBuyFirstPolicy,
+    "search_first_with_options": SearchFirstWithOptionsPolicy,
+}
 
 
 def play_episode(env: WebShopEnv, policy: Policy, goal_index: int) -> dict[str, Any]:
@@ -209,7 +234,9 @@ def summarize(episodes: Iterable[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def write_demonstrations(env: WebShopEnv, path: str, episodes: int | None = None, progress: bool = True) -> dict[str, float]:
+def write_demonstrations(
+    env: WebShopEnv, path: str, episodes: int | None = None, progress: bool = True
+) -> dict[str, float]:
     """Oracle demonstrations of the env's split (first `episodes` goals, or all) as JSONL."""
     count = len(env.goals) if episodes is None else min(episodes, len(env.goals))
     records = []
@@ -224,15 +251,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write oracle demonstrations of WebShop as JSONL.")
     parser.add_argument("--out", required=True, help="output .jsonl file")
     parser.add_argument("--split", choices=("train", "eval", "all"), default="train")
-    parser.add_argument("--episodes", type=int, default=None, help="first N goals of the split (default: all)")
+    parser.add_argument(
+        "--episodes", type=int, default=None, help="first N goals of the split (default: all)"
+    )
     parser.add_argument("--data-dir", default=None, help="official or generated data directory")
     parser.add_argument("--num-products", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="catalog seed")
     parser.add_argument("--verbosity", choices=("short", "long"), default="short")
     args = parser.parse_args(argv)
     env = gymnasium.make(
-        "hiper/WebShop-v0", data_dir=args.data_dir, num_products=args.num_products, catalog_seed=args.seed,
-        split=args.split, verbosity=args.verbosity,
+        "hiper/WebShop-v0",
+        data_dir=args.data_dir,
+        num_products=args.num_products,
+        catalog_seed=args.seed,
+        split=args.split,
+        verbosity=args.verbosity,
     ).unwrapped
     stats = write_demonstrations(env, args.out, args.episodes)
     print(json.dumps(stats))

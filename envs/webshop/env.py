@@ -15,9 +15,10 @@ is `success_reward` (10, HiPER's setting) on a won purchase and 0 otherwise, or 
 itself with ``reward_type="score"``. Episodes end on "buy now" and are truncated after
 `max_steps` actions (15).
 
-The catalog is generated (``num_products``, ``catalog_seed``, ``verbosity``) or read from
-``data_dir`` (official WebShop files or generated ones) inside the process that builds the
-env, once per process; pickling an env sends its constructor arguments and episode state only.
+The catalog is generated (``num_products``, default 1000; ``catalog_seed``; ``verbosity``) or
+read from ``data_dir`` (official WebShop files or generated ones; ``num_products`` keeps the
+first N, default all) inside the process that builds the env, once per process; pickling an
+env sends its constructor arguments and episode state only.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import gymnasium
-
 from hiper_envs.webshop import pages
 from hiper_envs.webshop.catalog import SPLITS, Catalog, get_catalog
 from hiper_envs.webshop.generate import CatalogConfig
@@ -61,7 +61,7 @@ class WebShopEnv(gymnasium.Env[str, str]):
     def __init__(
         self,
         data_dir: str | None = None,
-        num_products: int | None = 1000,
+        num_products: int | None = None,
         catalog_seed: int = 0,
         split: str = "train",
         human_goals: bool = True,
@@ -83,10 +83,19 @@ class WebShopEnv(gymnasium.Env[str, str]):
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self._kwargs = dict(
-            data_dir=data_dir, num_products=num_products, catalog_seed=catalog_seed, split=split,
-            human_goals=human_goals, verbosity=verbosity, eval_fraction=eval_fraction, max_steps=max_steps,
-            reward_type=reward_type, success_reward=success_reward, show_instruction=show_instruction,
-            pos_tagger=pos_tagger, render_mode=render_mode,
+            data_dir=data_dir,
+            num_products=num_products,
+            catalog_seed=catalog_seed,
+            split=split,
+            human_goals=human_goals,
+            verbosity=verbosity,
+            eval_fraction=eval_fraction,
+            max_steps=max_steps,
+            reward_type=reward_type,
+            success_reward=success_reward,
+            show_instruction=show_instruction,
+            pos_tagger=pos_tagger,
+            render_mode=render_mode,
         )
         self.split = split
         self.max_steps = max_steps
@@ -110,16 +119,24 @@ class WebShopEnv(gymnasium.Env[str, str]):
     def _load_catalog(self) -> Catalog:
         k = self._kwargs
         if k["data_dir"] is not None:
-            return get_catalog(data_dir=k["data_dir"], num_products=k["num_products"], seed=k["catalog_seed"],
-                               human_goals=k["human_goals"])
+            return get_catalog(
+                data_dir=k["data_dir"],
+                num_products=k["num_products"],
+                seed=k["catalog_seed"],
+                human_goals=k["human_goals"],
+            )
         config = CatalogConfig(
-            num_products=k["num_products"] or 1000, seed=k["catalog_seed"], eval_fraction=k["eval_fraction"],
+            num_products=k["num_products"] or 1000,
+            seed=k["catalog_seed"],
+            eval_fraction=k["eval_fraction"],
             verbosity=k["verbosity"],
         )
         return get_catalog(config=config)
 
     # --- gymnasium API -------------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[str, dict[str, Any]]:
         """Start an episode on a random goal of the split, or ``options={"goal_index": i}`` /
         ``{"goal_id": "..."}``."""
         super().reset(seed=seed)
@@ -152,7 +169,11 @@ class WebShopEnv(gymnasium.Env[str, str]):
         if valid and self.session.page == "done":
             self._details = self._score_purchase()
             won = self._details.reward >= WIN_THRESHOLD
-            reward = (self.success_reward if won else 0.0) if self.reward_type == "success" else self._details.reward
+            reward = (
+                (self.success_reward if won else 0.0)
+                if self.reward_type == "success"
+                else self._details.reward
+            )
         terminated = self.session.page == "done"
         truncated = not terminated and self.num_steps >= self.max_steps
         return self._observation(), float(reward), terminated, truncated, self._info(invalid=not valid)
@@ -168,7 +189,9 @@ class WebShopEnv(gymnasium.Env[str, str]):
 
     def _observation(self) -> str:
         score = self._details.reward if self._details else 0.0
-        return pages.render(self.session, self.catalog, self.goal.instruction_text, self.show_instruction, score)
+        return pages.render(
+            self.session, self.catalog, self.goal.instruction_text, self.show_instruction, score
+        )
 
     def _info(self, invalid: bool) -> dict[str, Any]:
         details = self._details
@@ -185,7 +208,8 @@ class WebShopEnv(gymnasium.Env[str, str]):
             "page": self.session.page,
             "num_steps": self.num_steps,
             "purchased": {"asin": self.session.asin, "options": dict(self.session.options)}
-            if self.session.purchased else {},
+            if self.session.purchased
+            else {},
             "pos_tagger": self.pos_tagger_name,
         }
 

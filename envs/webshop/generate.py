@@ -27,13 +27,13 @@ import dataclasses
 import json
 import os
 import random
+from collections.abc import Iterator
 from typing import Any, Literal
-
-from tqdm import tqdm
 
 from hiper_envs.webshop import vocab
 from hiper_envs.webshop.loader import GOALS_FILE, price_limit
 from hiper_envs.webshop.schema import NO_PRICE_LIMIT, Goal
+from tqdm import tqdm
 
 Verbosity = Literal["short", "long"]
 
@@ -118,7 +118,7 @@ def _product_record(
         entries = [{"value": group.values[i], "image": None} for i in chosen]
         if group.price_steps:
             floor = min(group.price_steps[i] for i in chosen)
-            for entry, i in zip(entries, chosen):
+            for entry, i in zip(entries, chosen, strict=True):
                 entry["price_delta"] = float(group.price_steps[i] - floor)
             max_extra += max(entry["price_delta"] for entry in entries)
         options[group.name] = entries
@@ -173,8 +173,12 @@ def _instruction(rng: random.Random, kind: vocab.ProductType, attributes: list[v
 
 
 def _goal(
-    rng: random.Random, record: dict[str, Any], kind: vocab.ProductType, attributes: list[vocab.Attribute],
-    index: int, max_goal_attributes: int,
+    rng: random.Random,
+    record: dict[str, Any],
+    kind: vocab.ProductType,
+    attributes: list[vocab.Attribute],
+    index: int,
+    max_goal_attributes: int,
 ) -> Goal:
     wanted = rng.sample(attributes, rng.randint(1, min(max_goal_attributes, len(attributes))))
     base = _instruction(rng, kind, wanted)
@@ -201,30 +205,46 @@ def _goal(
     )
 
 
-def generate_catalog(config: CatalogConfig = CatalogConfig(), progress: bool = False) -> GeneratedCatalog:
-    """Products (official raw records), attributes (``items_ins_v2`` entries) and goals."""
+def generate_records(
+    config: CatalogConfig = CatalogConfig(), progress: bool = False
+) -> Iterator[tuple[dict[str, Any], dict[str, Any], list[Goal]]]:
+    """One (raw product record, ``items_ins_v2`` entry, goals with their split) per product."""
     rng = random.Random(config.seed)
     kinds = [(category, kind) for category in vocab.CATEGORIES for kind in category.types]
     taken: set[str] = set()
-    products, attributes, goals = [], {}, []
-    eval_goals = []
     for _ in tqdm(range(config.num_products), desc="products", disable=not progress):
         category, kind = rng.choice(kinds)
         asin = _new_asin(rng, taken)
         record, product_attributes = _product_record(rng, asin, category, kind, config.verbosity)
-        products.append(record)
         split = "eval" if rng.random() < config.eval_fraction else "train"
-        product_goals = [
-            _goal(rng, record, kind, product_attributes, i, config.max_goal_attributes)
+        goals = [
+            dataclasses.replace(
+                _goal(rng, record, kind, product_attributes, i, config.max_goal_attributes), split=split
+            )
             for i in range(config.goals_per_product)
         ]
-        (eval_goals if split == "eval" else goals).extend(dataclasses.replace(g, split=split) for g in product_goals)
-        attributes[asin] = {
+        entry = {
             "attributes": [a.phrase for a in product_attributes],
             "instruction": _instruction(rng, kind, product_attributes[:1]),
             "instruction_attributes": [product_attributes[0].phrase],
         }
-    return GeneratedCatalog(products, attributes, _distinct_instructions(goals + eval_goals))
+        yield record, entry, goals
+
+
+def split_goals(goals: list[Goal]) -> list[Goal]:
+    """Train goals, then eval goals whose instruction text no train goal has (no duplicates)."""
+    ordered = [g for g in goals if g.split == "train"] + [g for g in goals if g.split == "eval"]
+    return _distinct_instructions(ordered)
+
+
+def generate_catalog(config: CatalogConfig = CatalogConfig(), progress: bool = False) -> GeneratedCatalog:
+    """Products (official raw records), attributes (``items_ins_v2`` entries) and goals."""
+    products, attributes, goals = [], {}, []
+    for record, entry, product_goals in generate_records(config, progress):
+        products.append(record)
+        attributes[record["asin"]] = entry
+        goals.extend(product_goals)
+    return GeneratedCatalog(products, attributes, split_goals(goals))
 
 
 def _distinct_instructions(goals: list[Goal]) -> list[Goal]:
@@ -238,7 +258,9 @@ def _distinct_instructions(goals: list[Goal]) -> list[Goal]:
     return kept
 
 
-def write_catalog(out_dir: str, config: CatalogConfig = CatalogConfig(), progress: bool = True) -> GeneratedCatalog:
+def write_catalog(
+    out_dir: str, config: CatalogConfig = CatalogConfig(), progress: bool = True
+) -> GeneratedCatalog:
     """Generate and write ``items_shuffle.json``, ``items_ins_v2.json`` and ``goals.json``."""
     catalog = generate_catalog(config, progress=progress)
     os.makedirs(out_dir, exist_ok=True)

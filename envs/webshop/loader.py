@@ -29,8 +29,10 @@ import json
 import os
 import random
 import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from hiper_envs.webshop.schema import NO_PRICE_LIMIT, Goal, Product, Review, WebShopDataError
 
@@ -116,7 +118,9 @@ def _price_tag(prices: Sequence[float]) -> str:
     return f"${prices[0]} to ${prices[1]}"
 
 
-def _parse_options(fields: _Fields) -> tuple[dict[str, tuple[str, ...]], dict[tuple[str, str], float]]:
+def _parse_options(
+    fields: _Fields, shared: dict[tuple[str, ...], tuple[str, ...]]
+) -> tuple[dict[str, tuple[str, ...]], dict[tuple[str, str], float]]:
     raw = fields.record.get("customization_options") or {}
     if not isinstance(raw, dict):
         fields._fail("customization_options", "an object {name: [{value: ...}]}", raw)
@@ -125,17 +129,21 @@ def _parse_options(fields: _Fields) -> tuple[dict[str, tuple[str, ...]], dict[tu
     for raw_name, contents in raw.items():
         if contents is None:
             continue
-        name = raw_name.lower()
+        name = sys.intern(raw_name.lower())
         if not isinstance(contents, list):
             fields._fail(f"customization_options.{raw_name}", "a list of {value: ...} objects", contents)
         values = []
         for i, content in enumerate(contents):
-            entry = _Fields(content, f"{fields.where}: customization_options.{raw_name}[{i}]")
-            value = entry.str("value").strip().replace("/", " | ").lower()
+            value = content.get("value") if isinstance(content, dict) else None
+            if not isinstance(value, str):
+                _Fields(content, f"{fields.where}: customization_options.{raw_name}[{i}]").str("value")
+            value = sys.intern(value.strip().replace("/", " | ").lower())
             values.append(value)
             if "price_delta" in content:
+                entry = _Fields(content, f"{fields.where}: customization_options.{raw_name}[{i}]")
                 deltas[(name, value)] = entry.number("price_delta")
-        options[name] = tuple(values)
+        # One tuple object per distinct value list: catalogs repeat a few hundred of them.
+        options[name] = shared.setdefault(tuple(values), tuple(values))
     return options, deltas
 
 
@@ -157,16 +165,23 @@ def _parse_reviews(fields: _Fields) -> tuple[Review, ...]:
 
 
 def parse_product(
-    record: Any, where: str, attributes: Sequence[str], rng: random.Random
+    record: Any,
+    where: str,
+    attributes: Sequence[str],
+    rng: random.Random,
+    shared: dict[tuple[str, ...], tuple[str, ...]] | None = None,
 ) -> Product | None:
-    """One raw ``items_shuffle`` record -> Product (None for a record WebShop skips)."""
+    """One raw ``items_shuffle`` record -> Product (None for a record WebShop skips).
+
+    `shared` maps option value lists to one tuple object each, so products share them.
+    """
     fields = _Fields(record, where)
     asin = fields.str("asin")
     if asin == "nan" or len(asin) > 10:
         return None
     fields.where = f"{where} (asin {asin!r})"
     prices = _parse_pricing(record.get("pricing"), fields)
-    options, deltas = _parse_options(fields)
+    options, deltas = _parse_options(fields, {} if shared is None else shared)
     if not prices:
         prices, price = [100.0], 100.0
     elif deltas or len(prices) == 1:
@@ -178,12 +193,12 @@ def parse_product(
     return Product(
         asin=asin,
         title=fields.str("name"),
-        category=fields.str("category"),
-        query=fields.str("query").lower().strip(),
-        product_category=fields.str("product_category"),
+        category=sys.intern(fields.str("category")),
+        query=sys.intern(fields.str("query").lower().strip()),
+        product_category=sys.intern(fields.str("product_category")),
         description=fields.str("full_description", ""),
         bullet_points=tuple(fields.str_list("small_description", allow_str=True)),
-        attributes=tuple(attributes) if attributes else (DUMMY_ATTRIBUTE,),
+        attributes=tuple(sys.intern(a) for a in attributes) if attributes else (DUMMY_ATTRIBUTE,),
         options=options,
         option_price_deltas=deltas,
         price=price,
@@ -207,13 +222,14 @@ def parse_products(
     if num_products is not None:
         records = records[:num_products]
     rng = random.Random(seed)
+    shared: dict[tuple[str, ...], tuple[str, ...]] = {}
     seen: set[str] = set()
     products = []
     for i, record in enumerate(records):
         asin = record.get("asin") if isinstance(record, dict) else None
         entry = _attribute_entry(attributes, asin, attributes_path) if isinstance(asin, str) else {}
         product_attributes = entry.get("attributes")
-        product = parse_product(record, f"{path}: product #{i}", product_attributes or (), rng)
+        product = parse_product(record, f"{path}: product #{i}", product_attributes or (), rng, shared)
         if product is None or product.asin in seen:
             continue
         seen.add(product.asin)
@@ -245,7 +261,9 @@ def _price_text(limit: float | None) -> str:
     return "" if limit is None else f", and price lower than {limit:.2f} dollars"
 
 
-def human_goals(products: Sequence[Product], human: Mapping[str, Any], path: str, rng: random.Random) -> list[Goal]:
+def human_goals(
+    products: Sequence[Product], human: Mapping[str, Any], path: str, rng: random.Random
+) -> list[Goal]:
     """Goals from ``items_human_ins.json`` in WebShop's order (products, then instructions)."""
     goals = []
     for product in products:
@@ -272,7 +290,9 @@ def human_goals(products: Sequence[Product], human: Mapping[str, Any], path: str
     return goals
 
 
-def synthetic_goals(products: Sequence[Product], attributes: Mapping[str, Any], path: str, rng: random.Random) -> list[Goal]:
+def synthetic_goals(
+    products: Sequence[Product], attributes: Mapping[str, Any], path: str, rng: random.Random
+) -> list[Goal]:
     """Goals from ``items_ins_v2.json``: one per product and option combination, as WebShop."""
     goals = []
     counts: dict[str, int] = {}
@@ -288,14 +308,14 @@ def synthetic_goals(products: Sequence[Product], attributes: Mapping[str, Any], 
         limit = price_limit(product.price, rng)
         names = sorted(product.options)
         for k, combination in enumerate(itertools.product(*(product.options[n] for n in names))):
-            chosen = dict(zip(names, combination))
+            chosen = dict(zip(names, combination, strict=True))
             option_text = ", and ".join(f"{n}: {v}" for n, v in chosen.items())
+            with_options = f" with {option_text}" if option_text else ""
             goals.append(
                 Goal(
                     goal_id=f"{product.asin}-{k}",
                     asin=product.asin,
-                    instruction_text=f"{fields.str('instruction')}{' with ' + option_text if option_text else ''}"
-                    f"{_price_text(limit)}",
+                    instruction_text=f"{fields.str('instruction')}{with_options}{_price_text(limit)}",
                     category=product.category,
                     query=product.query,
                     name=product.title,
@@ -308,7 +328,8 @@ def synthetic_goals(products: Sequence[Product], attributes: Mapping[str, Any], 
             for attribute in goal_attributes:
                 counts[attribute] = counts.get(attribute, 0) + 1
     return [
-        _with(goal, weight=sum(1.0 / counts[a] for a in goal.attributes) / len(goal.attributes)) for goal in goals
+        _with(goal, weight=sum(1.0 / counts[a] for a in goal.attributes) / len(goal.attributes))
+        for goal in goals
     ]
 
 
@@ -351,10 +372,14 @@ def parse_goals_file(
         elif isinstance(raw_options, list) and all(isinstance(v, str) for v in raw_options):
             goal_options = tuple(raw_options)
         else:
-            raise WebShopDataError(f"{path}: goal #{i}: field 'goal_options' must be an object or a list of strings")
+            raise WebShopDataError(
+                f"{path}: goal #{i}: field 'goal_options' must be an object or a list of strings"
+            )
         split = fields.str("split", "train")
         if split not in ("train", "eval"):
-            raise WebShopDataError(f"{path}: goal #{i}: field 'split' must be 'train' or 'eval', got {split!r}")
+            raise WebShopDataError(
+                f"{path}: goal #{i}: field 'split' must be 'train' or 'eval', got {split!r}"
+            )
         goals.append(
             Goal(
                 goal_id=fields.str("goal_id"),
@@ -408,7 +433,10 @@ def load_data_dir(
     human_path = os.path.join(data_dir, HUMAN_GOALS_FILE)
     if os.path.exists(goals_path):
         goals = parse_goals_file(
-            read_json(goals_path), goals_path, {p.asin: p for p in products}, skip_unknown=num_products is not None
+            read_json(goals_path),
+            goals_path,
+            {p.asin: p for p in products},
+            skip_unknown=num_products is not None,
         )
     elif human_goals_first and os.path.exists(human_path):
         human = read_json(human_path)

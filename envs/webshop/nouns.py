@@ -14,7 +14,8 @@ from __future__ import annotations
 import functools
 import os
 import re
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 TaggerChoice = Literal["auto", "spacy", "lexicon"]
 SPACY_NOUN_TAGS = ("PNOUN", "NOUN", "PROPN")
@@ -102,7 +103,7 @@ def _load_spacy() -> Callable[[str], list[str]] | None:
     return spacy_title_nouns
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_title_noun_tagger(choice: TaggerChoice = "auto") -> tuple[str, Callable[[str], list[str]]]:
     """(name, tagger): ``"spacy:en_core_web_sm"`` when requested/available, else ``"lexicon"``.
 
@@ -118,9 +119,7 @@ def get_title_noun_tagger(choice: TaggerChoice = "auto") -> tuple[str, Callable[
         if tagger is not None:
             return f"spacy:{SPACY_MODEL}", tagger
         if choice == "spacy":
-            raise RuntimeError(
-                f"spaCy's {SPACY_MODEL} is not installed; use pos_tagger='lexicon' or 'auto'"
-            )
+            raise RuntimeError(f"spaCy's {SPACY_MODEL} is not installed; use pos_tagger='lexicon' or 'auto'")
     return "lexicon", lexicon_title_nouns
 
 

@@ -111,7 +111,9 @@ def _item_price_text(session: Session, product: Product) -> str:
     return product.price_tag
 
 
-def render(session: Session, catalog: Catalog, instruction: str, show_instruction: bool = True, score: float = 0.0) -> str:
+def render(
+    session: Session, catalog: Catalog, instruction: str, show_instruction: bool = True, score: float = 0.0
+) -> str:
     """The page as WebShop's text mode shows it (visible strings joined by ' [SEP] ')."""
     head = ["Instruction:", instruction] if show_instruction else []
     if session.page == "search":

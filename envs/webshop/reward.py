@@ -34,11 +34,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Mapping, Sequence
-
-from rapidfuzz import fuzz
+from collections.abc import Callable, Mapping, Sequence
 
 from hiper_envs.webshop.schema import Goal, GoalOptions, Product
+from rapidfuzz import fuzz
 
 FUZZY_MATCH_THRESHOLD = 85
 
@@ -116,12 +115,12 @@ def _category_levels(path: str) -> set[str]:
     return {level.strip() for level in path.split("›")}
 
 
-def type_reward(
-    purchased: Product, goal: Goal, title_nouns: Callable[[str], list[str]]
-) -> TypeReward:
+def type_reward(purchased: Product, goal: Goal, title_nouns: Callable[[str], list[str]]) -> TypeReward:
     """Is the purchased product the goal's kind of product? (query, category path, title nouns)."""
     query_match = purchased.query == goal.query
-    category_match = len(_category_levels(purchased.product_category) & _category_levels(goal.product_category)) >= 2
+    category_match = (
+        len(_category_levels(purchased.product_category) & _category_levels(goal.product_category)) >= 2
+    )
     purchased_nouns = title_nouns(purchased.title)
     desired_nouns = title_nouns(goal.name)
     if not desired_nouns:

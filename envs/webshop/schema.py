@@ -11,11 +11,11 @@ called on hand-built values in tests.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Union
+from collections.abc import Mapping
 
 # Goal options are a mapping {option name: value} for synthetic (and generated) goals and a
 # list of values for human goals, as in WebShop; the option reward treats the two differently.
-GoalOptions = Union[Mapping[str, str], tuple[str, ...]]
+GoalOptions = Mapping[str, str] | tuple[str, ...]
 
 NO_PRICE_LIMIT = 1_000_000.0
 
@@ -28,14 +28,14 @@ class WebShopDataError(ValueError):
     """
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Review:
     title: str
     score: int
     body: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Product:
     """One catalog product (WebShop's parsed product record).
 
@@ -66,7 +66,7 @@ class Product:
         return round(self.price + extra, 2)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Goal:
     """One shopping task: the instruction and what the reward compares a purchase against.
 

@@ -9,13 +9,12 @@ search returns at most 50 products with a positive score, best first, ties by ca
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import bm25s
 import numpy as np
 import Stemmer
 from bm25s.tokenization import Tokenizer
-
 from hiper_envs.webshop.schema import Product
 
 SEARCH_RETURN_N = 50

@@ -3,9 +3,8 @@
 import json
 
 import gymnasium
-import pytest
-
 import hiper_envs  # noqa: F401
+import pytest
 from hiper_envs.webshop import demos
 
 
@@ -38,6 +37,8 @@ def test_buying_the_first_search_result_is_clearly_worse(results):
     first = results["search_buy_first"]
     assert first["success_rate"] <= 0.1
     assert first["mean_score"] <= results["oracle"]["mean_score"] - 30
+    # Even with the right options, the first search result is often not a product that wins.
+    assert results["search_first_with_options"]["success_rate"] <= 0.8
 
 
 def check_episode(record):
@@ -45,11 +46,19 @@ def check_episode(record):
     assert record["env"] == "webshop" and record["num_turns"] == len(record["turns"])
     turns = record["turns"]
     assert turns[0]["switch"] == "SWITCH"
-    for previous, turn in zip(turns, turns[1:]):
+    for previous, turn in zip(turns, turns[1:], strict=False):
         assert turn["switch"] == ("SWITCH" if turn["subgoal"] != previous["subgoal"] else "KEEP")
     assert [t["done"] for t in turns] == [False] * (len(turns) - 1) + [True]
     for turn in turns:
-        assert set(turn) == {"observation", "admissible_actions", "switch", "subgoal", "action", "reward", "done"}
+        assert set(turn) == {
+            "observation",
+            "admissible_actions",
+            "switch",
+            "subgoal",
+            "action",
+            "reward",
+            "done",
+        }
         assert turn["action"] in turn["admissible_actions"] or turn["action"].startswith("search[")
 
 

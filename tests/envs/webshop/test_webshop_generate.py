@@ -5,7 +5,6 @@ import itertools
 import json
 
 import pytest
-
 from hiper_envs.webshop import generate, vocab
 from hiper_envs.webshop.catalog import catalog_from_generated, get_catalog
 from hiper_envs.webshop.generate import CatalogConfig, generate_catalog, write_catalog
@@ -100,14 +99,28 @@ def test_product_texts_are_short_by_default_and_longer_on_request():
 def test_written_files_load_back_to_the_same_catalog(tmp_path):
     config = CatalogConfig(num_products=300, seed=5)
     write_catalog(str(tmp_path), config, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["goals.json", "items_ins_v2.json", "items_shuffle.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "goals.json",
+        "items_ins_v2.json",
+        "items_shuffle.json",
+    ]
     products, goals = load_data_dir(str(tmp_path))
     in_memory = catalog_from_generated(config)
     assert products == in_memory.products
     assert goals == in_memory.goals
     raw = json.loads((tmp_path / "items_shuffle.json").read_text())
-    assert set(raw[0]) >= {"asin", "name", "category", "query", "product_category", "full_description",
-                           "small_description", "pricing", "customization_options", "images"}
+    assert set(raw[0]) >= {
+        "asin",
+        "name",
+        "category",
+        "query",
+        "product_category",
+        "full_description",
+        "small_description",
+        "pricing",
+        "customization_options",
+        "images",
+    }
 
 
 def test_cli_writes_a_catalog(tmp_path, capsys):

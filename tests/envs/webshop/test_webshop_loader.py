@@ -5,7 +5,6 @@ import os
 import shutil
 
 import pytest
-
 from hiper_envs.webshop.loader import PRICE_STEPS, load_data_dir
 from hiper_envs.webshop.schema import WebShopDataError
 
@@ -46,7 +45,8 @@ def test_human_goals():
     assert shampoo.goal_options == ("coconut | lime", "12 fl oz")
     assert shampoo.attributes == ("sulfate free", "dry hair")
     assert shampoo.instruction_text == (
-        f"i need a sulfate free shampoo for dry hair in coconut scent, and price lower than {shampoo.price_upper:.2f} dollars"
+        "i need a sulfate free shampoo for dry hair in coconut scent, "
+        f"and price lower than {shampoo.price_upper:.2f} dollars"
     )
     for goal in goals:
         next_steps = [p for p in PRICE_STEPS if p > prices[goal.asin]][:4]
@@ -100,7 +100,9 @@ def test_malformed_product_names_file_record_and_field(tmp_path, edit, field):
 
 def test_malformed_attributes_and_instructions_name_their_file(tmp_path):
     data = copy_fixture(tmp_path)
-    rewrite(data / "items_ins_v2_1000.json", lambda r: r["B07TESTSH1"].__setitem__("attributes", "sulfate free"))
+    rewrite(
+        data / "items_ins_v2_1000.json", lambda r: r["B07TESTSH1"].__setitem__("attributes", "sulfate free")
+    )
     with pytest.raises(WebShopDataError, match=r"items_ins_v2_1000.json.*B07TESTSH1.*'attributes'"):
         load_data_dir(str(data))
     data = copy_fixture(tmp_path / "second")

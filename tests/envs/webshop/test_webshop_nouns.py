@@ -4,7 +4,6 @@ import sys
 import types
 
 import pytest
-
 from hiper_envs.webshop import nouns, vocab
 from hiper_envs.webshop.catalog import get_catalog
 
@@ -18,7 +17,16 @@ def fresh_tagger_cache():
 
 def test_lexicon_keeps_nouns_and_drops_function_words_numbers_and_adjectives():
     title = "Lumora Sulfate Free Argan Oil Shampoo for Dry Hair, 16 oz (Pack of 2)"
-    assert nouns.lexicon_title_nouns(title) == ["lumora", "sulfate", "argan", "oil", "shampoo", "hair", "oz", "pack"]
+    assert nouns.lexicon_title_nouns(title) == [
+        "lumora",
+        "sulfate",
+        "argan",
+        "oil",
+        "shampoo",
+        "hair",
+        "oz",
+        "pack",
+    ]
     assert nouns.lexicon_title_nouns("Men's Breathable Padded Running Shoes") == ["men", "running", "shoes"]
     assert nouns.lexicon_title_nouns("Adjustable Cable Table") == ["cable", "table"]
     assert nouns.lexicon_title_nouns("") == []

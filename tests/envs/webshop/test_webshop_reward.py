@@ -3,7 +3,6 @@
 import dataclasses
 
 import pytest
-
 from hiper_envs.webshop.nouns import lexicon_title_nouns
 from hiper_envs.webshop.reward import (
     COLOR_SET,
@@ -79,7 +78,12 @@ def test_normalize_color_takes_first_listed_colour_substring():
 # --- type reward ---------------------------------------------------------------------------------
 def test_type_reward_exact_match():
     result = type_reward(make_product(), make_goal(), words)
-    assert (result.r_type, result.query_match, result.category_match, result.title_score) == (1.0, True, True, 1.0)
+    assert (result.r_type, result.query_match, result.category_match, result.title_score) == (
+        1.0,
+        True,
+        True,
+        1.0,
+    )
 
 
 def test_type_reward_category_overlap_needs_two_levels_in_any_order():
@@ -90,7 +94,9 @@ def test_type_reward_category_overlap_needs_two_levels_in_any_order():
 
 
 def test_type_reward_levels_from_title_overlap():
-    goal = make_goal(query="q", product_category="x › y", name="one two three four five six seven eight nine ten")
+    goal = make_goal(
+        query="q", product_category="x › y", name="one two three four five six seven eight nine ten"
+    )
     other = dict(query="other", product_category="p › q")
     # 3 of 10 goal nouns shared: the overlap > 0.2 alone keeps r_type 1.
     assert type_reward(make_product(title="one two three", **other), goal, words).r_type == 1.0
@@ -115,9 +121,16 @@ def test_attribute_reward_exact_fuzzy_partial_and_none():
     goal = make_goal(attributes=("tea tree", "essential oils", "natural ingredients"))
     exact = make_product(attributes=("tea tree", "essential oil", "natural ingredients"))
     assert attribute_reward(exact, goal) == (1.0, 3)
-    partial = make_product(attributes=("essential oil", "natural ingredients"), title="", bullet_points=(), description="")
+    partial = make_product(
+        attributes=("essential oil", "natural ingredients"), title="", bullet_points=(), description=""
+    )
     assert attribute_reward(partial, goal) == (pytest.approx(2 / 3), 2)
-    none = make_product(attributes=("tea bag", "earl grey"), title="English tea", bullet_points=("calming",), description="Lipton")
+    none = make_product(
+        attributes=("tea bag", "earl grey"),
+        title="English tea",
+        bullet_points=("calming",),
+        description="Lipton",
+    )
     assert attribute_reward(none, goal) == (0.0, 0)
 
 
@@ -139,8 +152,14 @@ def test_attribute_reward_without_goal_attributes_is_none():
 # --- option reward -------------------------------------------------------------------------------
 def test_option_reward_lists_exact_partial_fuzzy_and_empty():
     assert option_reward(["pack of 12", "grey", "xl"], ["grey", "XL", "pack of 12"]) == (1.0, 3)
-    assert option_reward(["pack of 12", "blue", "xl"], ["grey", "XL", "pack of 12"]) == (pytest.approx(2 / 3), 2)
-    assert option_reward(["pack of 12", "powder snow", "xl"], ["cool powder snow", "XL", "pack of 12"]) == (1.0, 3)
+    assert option_reward(["pack of 12", "blue", "xl"], ["grey", "XL", "pack of 12"]) == (
+        pytest.approx(2 / 3),
+        2,
+    )
+    assert option_reward(["pack of 12", "powder snow", "xl"], ["cool powder snow", "XL", "pack of 12"]) == (
+        1.0,
+        3,
+    )
     assert option_reward(["goal 1"], []) == (None, 0)
     assert option_reward([], ["goal 1", "goal 2"]) == (0.0, 0)
 
@@ -202,7 +221,9 @@ def test_total_reward_partial_attributes_and_more_options():
 
 
 def test_total_reward_type_zero_zeroes_everything():
-    product = make_product(title="Completely Different Cabinet Knob", query="knob", product_category="Tools › Knobs")
+    product = make_product(
+        title="Completely Different Cabinet Knob", query="knob", product_category="Tools › Knobs"
+    )
     assert reward(product=product).reward == 0.0
 
 
