@@ -28,11 +28,12 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 import gymnasium
+from tqdm import tqdm
+
 from hiper_envs.webshop import pages
 from hiper_envs.webshop.env import WIN_THRESHOLD, WebShopEnv
 from hiper_envs.webshop.reward import option_reward, webshop_reward
 from hiper_envs.webshop.schema import Goal, Product
-from tqdm import tqdm
 
 SUBGOAL_SEARCH = "search for the product"
 SUBGOAL_SEARCH_TITLE = "search for the product by its title"
@@ -68,7 +69,7 @@ def best_options(product: Product, goal: Goal) -> dict[str, str]:
 def achievable_reward(env: WebShopEnv, product: Product) -> float:
     """WebShop reward of buying `product` with its best options for the env's goal."""
     options = best_options(product, env.goal)
-    return webshop_reward(product, env.goal, product.price_with(options), options, env._title_nouns).reward
+    return webshop_reward(product, env.goal, product.price_with(options), options, env.title_nouns).reward
 
 
 class OraclePolicy:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import gymnasium
+
 from hiper_envs.webshop import pages
 from hiper_envs.webshop.catalog import SPLITS, Catalog, get_catalog
 from hiper_envs.webshop.generate import CatalogConfig
@@ -103,7 +104,7 @@ class WebShopEnv(gymnasium.Env[str, str]):
         self.success_reward = success_reward
         self.show_instruction = show_instruction
         self.render_mode = render_mode
-        self.pos_tagger_name, self._title_nouns = get_title_noun_tagger(pos_tagger)
+        self.pos_tagger_name, self.title_nouns = get_title_noun_tagger(pos_tagger)
         self.catalog = self._load_catalog()
         self.goals = self.catalog.goals_for(split)
         if not self.goals:
@@ -185,7 +186,7 @@ class WebShopEnv(gymnasium.Env[str, str]):
     def _score_purchase(self) -> RewardDetails:
         product = self.catalog.by_asin[self.session.asin]
         price = product.price_with(self.session.options)
-        return webshop_reward(product, self.goal, price, self.session.options, self._title_nouns)
+        return webshop_reward(product, self.goal, price, self.session.options, self.title_nouns)
 
     def _observation(self) -> str:
         score = self._details.reward if self._details else 0.0

@@ -30,10 +30,11 @@ import random
 from collections.abc import Iterator
 from typing import Any, Literal
 
+from tqdm import tqdm
+
 from hiper_envs.webshop import vocab
 from hiper_envs.webshop.loader import GOALS_FILE, price_limit
 from hiper_envs.webshop.schema import NO_PRICE_LIMIT, Goal
-from tqdm import tqdm
 
 Verbosity = Literal["short", "long"]
 

@@ -15,6 +15,7 @@ import bm25s
 import numpy as np
 import Stemmer
 from bm25s.tokenization import Tokenizer
+
 from hiper_envs.webshop.schema import Product
 
 SEARCH_RETURN_N = 50

@@ -3,8 +3,9 @@
 import json
 
 import gymnasium
-import hiper_envs  # noqa: F401
 import pytest
+
+import hiper_envs  # noqa: F401
 from hiper_envs.webshop import demos
 
 

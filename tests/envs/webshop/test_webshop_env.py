@@ -5,11 +5,12 @@ import multiprocessing
 import pickle
 
 import gymnasium
-import hiper_envs  # noqa: F401 - registers the ids
 import pytest
-from hiper_envs.webshop.demos import best_options
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import hiper_envs  # noqa: F401 - registers the ids
+from hiper_envs.webshop.demos import best_options
 
 INFO_KEYS = {
     "admissible_actions",

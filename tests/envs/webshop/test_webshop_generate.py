@@ -5,6 +5,7 @@ import itertools
 import json
 
 import pytest
+
 from hiper_envs.webshop import generate, vocab
 from hiper_envs.webshop.catalog import catalog_from_generated, get_catalog
 from hiper_envs.webshop.generate import CatalogConfig, generate_catalog, write_catalog

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+
 from hiper_envs.webshop.loader import PRICE_STEPS, load_data_dir
 from hiper_envs.webshop.schema import WebShopDataError
 

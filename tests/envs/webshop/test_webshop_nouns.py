@@ -4,6 +4,7 @@ import sys
 import types
 
 import pytest
+
 from hiper_envs.webshop import nouns, vocab
 from hiper_envs.webshop.catalog import get_catalog
 

@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+
 from hiper_envs.webshop.nouns import lexicon_title_nouns
 from hiper_envs.webshop.reward import (
     COLOR_SET,

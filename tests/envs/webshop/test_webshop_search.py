@@ -1,6 +1,7 @@
 """BM25 search over the catalog."""
 
 import pytest
+
 from hiper_envs.webshop.catalog import get_catalog
 from hiper_envs.webshop.search import SEARCH_RETURN_N, SearchIndex, product_document
 
