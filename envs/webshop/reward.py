@@ -36,8 +36,9 @@ import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 
-from hiper_envs.webshop.schema import Goal, GoalOptions, Product
 from rapidfuzz import fuzz
+
+from hiper_envs.webshop.schema import Goal, GoalOptions, Product
 
 FUZZY_MATCH_THRESHOLD = 85
 

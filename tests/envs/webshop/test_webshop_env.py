@@ -251,9 +251,9 @@ def test_pickles_as_arguments_and_episode_state(env):
 
 def _make_in_worker(queue):
     import gymnasium
-    import hiper_envs  # noqa: F401, F811
 
-    env = gymnasium.make("hiper/WebShop-v0", num_products=300, split="eval")
+    # The "module:id" form imports hiper_envs (which registers the id) in the fresh process.
+    env = gymnasium.make("hiper_envs:hiper/WebShop-v0", num_products=300, split="eval")
     observation, info = env.reset(seed=0)
     queue.put((observation, info["task"], env.step(f"search[{info['task']}]")[-1]["page"]))
 
