@@ -1,0 +1,263 @@
+"""Qwen2 port vs transformers + torch on this CPU: prefill, decode and checkpoint loading.
+
+    python benchmarks/bench_model.py                 # 10M, 50M and Qwen2.5-0.5B shapes
+    python benchmarks/bench_model.py --models 10m --repeats 5
+
+Each measurement runs in a fresh subprocess (so peak RSS is its own), with random weights and
+the same thread count on both sides. Prefill: one forward pass over ``batch x prompt`` tokens
+returning all logits (jitted ``compute_logits`` vs ``model(input_ids)``). Decode: greedy
+generation of ``new`` tokens after a ``batch x prompt`` prompt, prefill included (jitted
+``sampling.generate`` vs ``model.generate``); tokens/s counts generated tokens. Load: our
+streaming ``load_hf_checkpoint`` of a random checkpoint, peak RSS growth vs the weights' size.
+Timings are the best of ``--repeats`` runs after one warm-up (compilation excluded and reported
+separately); the machine is shared, so the best run is the least disturbed one. Decode runs on
+both parameter layouts: stacked (``lax.scan`` over layers) and unstacked (unrolled layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+MODELS = {
+    # name: (HF config kwargs, prefill batch, decode batch)
+    "10m": (dict(vocab_size=16384, hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True), 8, 8),
+    "50m": (dict(vocab_size=32768, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                 num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True), 8, 8),
+    "0.5b": (dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True), 2, 2),
+}
+PROMPT_TOKENS = 256
+DECODE_PROMPT_TOKENS = 64
+NEW_TOKENS = 32
+
+
+def _rss_mib(field: str = "VmRSS") -> float:
+    """Resident memory of this process in MiB (``RssAnon``: without file-backed pages)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+class _AnonPeak:
+    """Samples anonymous RSS every millisecond in a thread; ``peak`` is the largest seen.
+
+    safetensors reads through mmap, so file pages inflate plain RSS (and ru_maxrss) by the
+    checkpoint size although the kernel can drop them at any time; anonymous memory is what the
+    loader itself holds."""
+
+    def __init__(self) -> None:
+        self.peak = _rss_mib("RssAnon")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss_mib("RssAnon"))
+
+    def __enter__(self) -> "_AnonPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def worker_torch(name: str, mode: str, repeats: int, threads: int) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    kwargs, prefill_batch, decode_batch = MODELS[name]
+    config = transformers.Qwen2Config(**kwargs, rope_theta=1e6, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    rss_model = _rss_mib()
+    gen = torch.Generator().manual_seed(0)
+    if mode == "prefill":
+        tokens = torch.randint(3, config.vocab_size, (prefill_batch, PROMPT_TOKENS), generator=gen)
+
+        def run():
+            with torch.inference_mode():
+                model(input_ids=tokens).logits.sum().item()
+        count = prefill_batch * PROMPT_TOKENS
+    else:
+        tokens = torch.randint(3, config.vocab_size, (decode_batch, DECODE_PROMPT_TOKENS),
+                               generator=gen)
+
+        def run():
+            with torch.inference_mode():
+                out = model.generate(input_ids=tokens, attention_mask=torch.ones_like(tokens),
+                                     max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                     do_sample=False, pad_token_id=0)
+            assert out.shape[1] == DECODE_PROMPT_TOKENS + NEW_TOKENS
+        count = decode_batch * NEW_TOKENS
+    start = time.perf_counter()
+    run()
+    warmup = time.perf_counter() - start
+    best = _best_time(run, repeats)
+    return dict(tokens_per_s=count / best, best_s=best, warmup_s=warmup,
+                model_rss_mib=rss_model, peak_rss_mib=_peak_rss_mib())
+
+
+def worker_jax(name: str, mode: str, repeats: int, threads: int, layout: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from hiper_jax.models import qwen2
+    from hiper_jax.sampling import SamplingConfig, generate
+
+    kwargs, prefill_batch, decode_batch = MODELS[name]
+    config = qwen2.Qwen2Config(**kwargs, rope_theta=1e6)
+    params = qwen2.init_params(jax.random.key(0), config)
+    if layout == "unstacked":
+        params = qwen2.unstack_layers(params)
+    jax.block_until_ready(params)
+    rss_model = _rss_mib()
+    rng = np.random.default_rng(0)
+    if mode == "prefill":
+        tokens = jnp.asarray(rng.integers(3, config.vocab_size, (prefill_batch, PROMPT_TOKENS)),
+                             jnp.int32)
+        run = lambda: qwen2.compute_logits(params, config, tokens).block_until_ready()
+        count = prefill_batch * PROMPT_TOKENS
+    else:
+        tokens = jnp.asarray(rng.integers(3, config.vocab_size,
+                                          (decode_batch, DECODE_PROMPT_TOKENS)), jnp.int32)
+        sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, greedy=True)
+
+        def run():
+            out = generate(params, config, tokens, None, jax.random.key(0), sampling)
+            assert int(out.lengths.min()) == NEW_TOKENS
+        count = decode_batch * NEW_TOKENS
+    start = time.perf_counter()
+    run()
+    warmup = time.perf_counter() - start
+    best = _best_time(run, repeats)
+    return dict(tokens_per_s=count / best, best_s=best, warmup_s=warmup,
+                model_rss_mib=rss_model, peak_rss_mib=_peak_rss_mib())
+
+
+def worker_save(name: str, path: str) -> dict:
+    import jax
+
+    from hiper_jax.models import qwen2
+
+    config = qwen2.Qwen2Config(**MODELS[name][0], rope_theta=1e6)
+    qwen2.save_hf_checkpoint(qwen2.init_params(jax.random.key(0), config), config, path,
+                             progress=False)
+    return dict(param_mib=qwen2.count_params(config) * 4 / 2 ** 20)
+
+
+def worker_load(path: str) -> dict:
+    import jax
+
+    from hiper_jax.models import qwen2
+
+    jax.block_until_ready(jax.numpy.zeros(1))
+    anon_before = _rss_mib("RssAnon")
+    start = time.perf_counter()
+    with _AnonPeak() as anon:
+        config, params = qwen2.load_hf_checkpoint(path, progress=False)
+        jax.block_until_ready(params)
+    seconds = time.perf_counter() - start
+    per_tensor = [x.nbytes / (config.num_hidden_layers if path[0].key == "layers" else 1)
+                  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return dict(load_s=seconds, anon_growth_mib=anon.peak - anon_before,
+                param_mib=qwen2.count_params(config) * 4 / 2 ** 20,
+                largest_mib=max(per_tensor) / 2 ** 20)
+
+
+def _spawn(args: list[str], threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, __file__, "--worker", *args], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        kind, *rest = args.worker
+        if kind == "jax":
+            name, mode, layout = rest
+            print(json.dumps(worker_jax(name, mode, args.repeats, args.threads, layout)))
+        elif kind == "torch":
+            name, mode = rest
+            print(json.dumps(worker_torch(name, mode, args.repeats, args.threads)))
+        elif kind == "save":
+            print(json.dumps(worker_save(*rest)))
+        else:
+            print(json.dumps(worker_load(*rest)))
+        return
+
+    print(f"threads={args.threads} repeats={args.repeats} (best of); prefill {PROMPT_TOKENS} "
+          f"tokens/row; decode {DECODE_PROMPT_TOKENS}-token prompt + {NEW_TOKENS} new, greedy")
+    header = (f"{'model':6} {'mode':8} {'jax layers':10} {'batch':>5} {'jax tok/s':>10} "
+              f"{'torch tok/s':>11} {'ratio':>6} {'jax peak MiB':>12} {'torch peak MiB':>14} "
+              f"{'jax compile s':>13}")
+    print(header)
+    print("-" * len(header))
+    for name in args.models:
+        for mode in ("prefill", "decode"):
+            batch = MODELS[name][1 if mode == "prefill" else 2]
+            repeats = ["--repeats", str(args.repeats)]
+            theirs = _spawn(["torch", name, mode, *repeats], args.threads)
+            layouts = ("stacked",) if mode == "prefill" else ("stacked", "unstacked")
+            for layout in layouts:
+                ours = _spawn(["jax", name, mode, layout, *repeats], args.threads)
+                print(f"{name:6} {mode:8} {layout:10} {batch:5d} {ours['tokens_per_s']:10.1f} "
+                      f"{theirs['tokens_per_s']:11.1f} "
+                      f"{ours['tokens_per_s'] / theirs['tokens_per_s']:5.2f}x "
+                      f"{ours['peak_rss_mib']:12.0f} {theirs['peak_rss_mib']:14.0f} "
+                      f"{ours['warmup_s'] - ours['best_s']:13.1f}", flush=True)
+    if args.skip_load:
+        return
+    print("\ncheckpoint loading (fp32, one device): peak anonymous memory growth while loading")
+    for name in args.models:
+        with tempfile.TemporaryDirectory() as path:
+            _spawn(["save", name, path], args.threads)
+            load = _spawn(["load", path], args.threads)
+        growth = load["anon_growth_mib"]
+        print(f"{name:6} weights {load['param_mib']:8.0f} MiB  peak growth {growth:8.0f} MiB "
+              f"({growth / load['param_mib']:.2f}x)  largest tensor {load['largest_mib']:.0f} MiB"
+              f"  {load['load_s']:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
