@@ -29,6 +29,18 @@ TEST = [
     "torch==2.13.0",
 ]
 
+# --- ALFWorld engine (issue 4): the text-only engine, installed as the [alfworld] extra. ---
+# fast-downward-textworld and jericho build from source (C++ compiler, cmake, make). textworld
+# 1.7 needs tatsu 5.8.3 exactly (newer tatsu fails with "ImportError: ParserConfig").
+ALFWORLD = [
+    "alfworld==0.4.2",
+    "textworld[pddl]==1.7.0",
+    "fast-downward-textworld==20.6.4",
+    "tatsu==5.8.3",
+]
+TEST += ALFWORLD
+# --- end ALFWorld ---
+
 envs_packages = ["hiper_envs"] + [
     "hiper_envs." + name for name in find_packages(where="envs")
 ]
@@ -46,6 +58,7 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         "test": TEST,
+        "alfworld": ALFWORLD,
         "tpu": ["jax[tpu]>=0.8"],
         "gpu": ["jax[cuda12]>=0.8"],
     },
