@@ -6,7 +6,7 @@ down; it never reads hidden state. We use alfworld 0.4.2's expert with its known
 
 - It tracks what it holds by looking for the word "put" in the last command, but the grammar's
   command is "move X to Y": after a put its inventory never empties, so on pick_two it never
-  looks for the second object (it loops until its step limit). `_fixed_policy` maps the
+  looks for the second object (it loops until its step limit). `fixed_policy` maps the
   command back before the expert's state tracking reads it.
 - When it takes an object from a receptacle it opened, it leaves with a "close X" still queued
   and later plays it where X is not (an inadmissible command, which alfworld turns into
@@ -90,7 +90,9 @@ def subgoal_of(facts: Sequence[Any], task_type: str, pddl_params: dict) -> str:
     return _put_phrase(obj, recep)
 
 
-def _fixed_policy(policy_cls: type) -> type:
+def fixed_policy(policy_cls: type) -> type:
+    """alfworld's handcoded task policy class with the fixes above."""
+
     class Policy(policy_cls):
         def update_state_tracking(self, game_state: Any, last_action: str) -> None:
             if last_action.startswith("move "):
@@ -133,7 +135,7 @@ class HandcodedExpert:
 
         class Agent(HandCodedTWAgent):
             def get_task_policy(self, task_param: dict) -> type:
-                return _fixed_policy(super().get_task_policy(task_param))
+                return fixed_policy(super().get_task_policy(task_param))
 
         self._rng = random.Random(seed)
         self._agent = Agent(max_steps=max_steps)

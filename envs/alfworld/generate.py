@@ -326,21 +326,27 @@ class UnsolvableGame(RuntimeError):
 def check_solvable(game_path: str) -> list[str]:
     """Play the engine's own plan for the game; return it, or raise UnsolvableGame."""
     env = make_textworld_env(request_walkthrough=True)
-    env.load(game_path)
-    state = env.reset()
-    if state["won"]:
-        raise UnsolvableGame(f"{game_path}: the goal already holds at reset")
-    plan = list(state["extra.walkthrough"] or [])
-    if not plan:
-        raise UnsolvableGame(f"{game_path}: the planner found no plan")
-    for command in plan:
-        if command not in state["admissible_commands"]:
-            raise UnsolvableGame(f"{game_path}: planned command {command!r} is not admissible")
-        state, _, _ = env.step(command)
-    if not state["won"]:
-        raise UnsolvableGame(f"{game_path}: the plan does not reach the goal")
-    env.close()
-    return plan
+    try:
+        env.load(game_path)
+        state = env.reset()
+        if state["won"]:
+            raise UnsolvableGame(f"{game_path}: the goal already holds at reset")
+        plan = list(state["extra.walkthrough"] or [])
+        if not plan:
+            raise UnsolvableGame(f"{game_path}: the planner found no plan")
+        for command in plan:
+            if command not in state["admissible_commands"]:
+                raise UnsolvableGame(f"{game_path}: planned command {command!r} is not admissible")
+            state, _, _ = env.step(command)
+        if not state["won"]:
+            raise UnsolvableGame(f"{game_path}: the plan does not reach the goal")
+        return plan
+    except UnsolvableGame:
+        raise
+    except Exception as error:  # the engine rejects some impossible problems by failing
+        raise UnsolvableGame(f"{game_path}: the engine failed on it: {error!r}") from error
+    finally:
+        env.close()
 
 
 def _write_json(path: str, data: dict) -> None:
