@@ -30,7 +30,7 @@ import functools
 import importlib
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 _INSTALL_HINT = (
     "The ALFWorld engine is not installed. Install it with `pip install 'hiper_jax[alfworld]'` "
@@ -40,7 +40,7 @@ _INSTALL_HINT = (
 
 _PARSE_CACHE_LIMIT = 50_000
 _SAS_CACHE_GAMES = 32
-_fixes_applied: bool | None = None
+_fixes_applied: frozenset[str] | None = None
 
 
 def require_engine() -> None:
@@ -131,17 +131,23 @@ def _memoise_pddl2sas(pddl2sas: Callable[..., Any]) -> Callable[..., Any]:
     return pddl2sas_memoised
 
 
-def apply_engine_fixes(speedups: bool = True) -> None:
+SPEEDUPS = ("memoise_parses", "share_context", "memoise_translation")
+
+
+def apply_engine_fixes(speedups: bool | Iterable[str] = True) -> None:
     """Install the process-wide engine fixes (see the module docstring); idempotent.
 
-    `speedups=False` installs only the argv fix, leaving the stock engine's speed (the
-    benchmark uses it as the baseline). The patches cannot be undone, so a later call asking
-    for the other setting raises.
+    `speedups`: True for all of `SPEEDUPS`, False for none (the stock engine's speed, the
+    benchmark's baseline), or a subset of their names. The argv fix is always installed. The
+    patches cannot be undone, so a later call asking for other speed-ups raises.
     """
     global _fixes_applied
+    chosen = frozenset(SPEEDUPS if speedups is True else () if speedups is False else speedups)
+    if not chosen <= set(SPEEDUPS):
+        raise ValueError(f"unknown speed-ups {sorted(chosen - set(SPEEDUPS))}; expected some of {SPEEDUPS}")
     if _fixes_applied is not None:
-        if _fixes_applied != speedups:
-            raise RuntimeError(f"engine fixes were already applied with speedups={_fixes_applied}")
+        if _fixes_applied != chosen:
+            raise RuntimeError(f"engine fixes were already applied with speedups={sorted(_fixes_applied)}")
         return
     require_engine()
     import fast_downward
@@ -150,18 +156,20 @@ def apply_engine_fixes(speedups: bool = True) -> None:
     from textworld.envs.pddl import textgen
 
     fixed = _restore_argv(fast_downward.interface.pddl2sas)
-    if speedups:
+    if "memoise_translation" in chosen:
         fixed = _memoise_pddl2sas(fixed)
+    if "memoise_parses" in chosen:
         _memoise_parse(textgen, textgen._Converter)
         _memoise_parse(tw_logic, tw_logic._ModelConverter)
+    if "share_context" in chosen:
         textgen.copy_context = _shallow_copy_context
     fast_downward.pddl2sas = fixed
     fast_downward.interface.pddl2sas = fixed
-    _fixes_applied = speedups
+    _fixes_applied = chosen
 
 
-def engine_speedups_applied() -> bool | None:
-    """True/False once `apply_engine_fixes` ran (with/without speed-ups), else None."""
+def engine_speedups_applied() -> frozenset[str] | None:
+    """The speed-ups installed by `apply_engine_fixes` (empty: none), or None before it ran."""
     return _fixes_applied
 
 
