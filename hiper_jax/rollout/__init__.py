@@ -1,4 +1,4 @@
-"""Rollout: host-process environment pool (and, later, the multi-turn collector)."""
+"""Rollouts: host-process env pools, the multi-turn collector, packing turns into arrays."""
 
 from hiper_jax.rollout.env_pool import EnvPool, GymFactory, StepResult
 

@@ -1,0 +1,1 @@
+"""Plan-Execute agent: prompts, response parsing and token spans."""

@@ -1,0 +1,486 @@
+"""Multi-host start-up, device meshes, and moving batches between hosts and global arrays.
+
+JAX's multi-controller runtime is the distributed engine: every host runs the same program on
+its own slice of the batch, and jitted functions run over one global mesh. This module holds the
+pieces every such program needs, and nothing model-specific (parameter sharding comes from the
+logical axis rules of ``hiper_jax.models.sharding``):
+
+* :func:`initialize` starts ``jax.distributed`` from explicit settings or on a multi-host Cloud
+  TPU slice, and does nothing on one process. Call it first, before any other JAX call.
+* :func:`make_mesh` builds the ``(data, fsdp, tensor)`` mesh (``-1`` = the remaining devices),
+  with a device order that follows the TPU topology and ``Auto`` axis types.
+* :func:`host_share` says which rows of a global batch this host feeds (and which env seeds it
+  uses); :func:`host_local_to_global` / :func:`global_to_host_local` turn host-local NumPy
+  batches into global ``jax.Array`` s sharded over the batch axes and back.
+* :func:`sharded_estimator` runs an advantage estimator under ``jax.shard_map`` with the
+  trajectories split over the batch axes and normalisation statistics reduced across devices.
+
+Batch rows are split over :data:`BATCH_AXES` = ``("data", "fsdp")`` together (data-major), the
+same mapping as the ``batch`` logical axis of the model's rules. Everything here works unchanged
+on a one-device mesh and in a single process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import importlib.util
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils, multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+    """Where this process sits in the job (as :func:`initialize` leaves it)."""
+
+    process_index: int
+    process_count: int
+    local_device_count: int
+    device_count: int
+    platform: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.process_index == 0
+
+
+def process_index() -> int:
+    """This process's index in ``[0, process_count)`` (0 in a single-process run)."""
+    return jax.process_index()
+
+
+def process_count() -> int:
+    """Number of processes (hosts) in the job."""
+    return jax.process_count()
+
+
+def is_main_process() -> bool:
+    """True on process 0, the one that writes logs, plots and metrics files."""
+    return jax.process_index() == 0
+
+
+def process_info() -> ProcessInfo:
+    """The current :class:`ProcessInfo` (initialises the JAX backend if it was not yet)."""
+    return ProcessInfo(
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        local_device_count=jax.local_device_count(),
+        device_count=jax.device_count(),
+        platform=jax.default_backend(),
+    )
+
+
+def _unset(value: Any) -> bool:
+    return value is None or value == ""
+
+
+def _check_coordinator_address(address: str) -> None:
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"distributed.coordinator_address must look like HOST:PORT (e.g. 10.0.0.2:8476), "
+            f"got {address!r}"
+        )
+
+
+def _tpu_cluster_detected() -> Optional[str]:
+    """Names the TPU environment that JAX can set up by itself, or None.
+
+    A Cloud TPU VM has ``libtpu`` installed and TPU chips as ``/dev/accel*`` (v2-v4) or
+    ``/dev/vfio/<n>`` (v5e, v5p, v6e) devices; on GKE the TPU worker list is in the environment.
+    JAX reads the worker list and this host's index from the TPU metadata in both cases.
+    """
+    if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_PROCESS_ADDRESSES"):
+        return "TPU workers listed in the environment (GKE)"
+    if importlib.util.find_spec("libtpu") is None:
+        return None
+    if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
+        return "Cloud TPU VM"
+    return None
+
+
+def initialize(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    *,
+    auto_detect: bool = True,
+    initialization_timeout_s: int = 300,
+) -> ProcessInfo:
+    """Starts the multi-process runtime when the job has several processes; idempotent.
+
+    * With all three of ``coordinator_address``, ``num_processes``, ``process_id``: starts
+      ``jax.distributed`` with them (nothing to start when ``num_processes == 1``).
+    * With none (``None`` or ``""``, the config's "auto"): on a Cloud TPU VM or GKE TPU slice
+      JAX finds the coordinator, process count and index itself; elsewhere this is a single
+      process and nothing is started. ``auto_detect=False`` skips the TPU detection.
+
+    Call it before any other JAX call (``jax.devices()``, creating arrays): JAX refuses to start
+    the distributed runtime once its backend is up. A second call returns the same information,
+    and raises if it asks for a different process layout.
+
+    Returns:
+      :class:`ProcessInfo` of this process.
+    """
+    explicit = {
+        "coordinator_address": coordinator_address,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    given = {name: value for name, value in explicit.items() if not _unset(value)}
+    if given and len(given) < len(explicit):
+        missing = sorted(set(explicit) - set(given))
+        raise ValueError(
+            f"distributed settings are incomplete: {sorted(given)} given but {missing} missing; "
+            "give all three (coordinator_address, num_processes, process_id) or none to "
+            "auto-detect"
+        )
+    if given:
+        _check_coordinator_address(coordinator_address)
+        for name in ("num_processes", "process_id"):
+            if isinstance(explicit[name], bool) or not isinstance(explicit[name], int):
+                raise ValueError(
+                    f"distributed.{name} must be an int, got {explicit[name]!r}"
+                )
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"distributed.process_id must be in [0, num_processes); got process_id="
+                f"{process_id}, num_processes={num_processes}"
+            )
+
+    if jax.distributed.is_initialized():
+        if given and (num_processes, process_id) != (jax.process_count(), jax.process_index()):
+            raise RuntimeError(
+                f"jax.distributed is already running as process {jax.process_index()} of "
+                f"{jax.process_count()}; cannot re-initialise as process {process_id} of "
+                f"{num_processes}"
+            )
+        return process_info()
+
+    if given:
+        if num_processes == 1:
+            return process_info()
+        description = f"process {process_id} of {num_processes}, coordinator {coordinator_address}"
+        kwargs = dict(explicit)
+    else:
+        description = _tpu_cluster_detected() if auto_detect else None
+        if description is None:
+            return process_info()
+        kwargs = {}
+    # JAX aborts the process (no Python exception) when the coordinator cannot be reached, so
+    # say first what this process is waiting for.
+    print(f"[hiper_jax] starting jax.distributed ({description}); waiting up to "
+          f"{initialization_timeout_s} s for all processes", file=sys.stderr, flush=True)
+    try:
+        jax.distributed.initialize(**kwargs, initialization_timeout=initialization_timeout_s)
+    except Exception as error:
+        raise RuntimeError(
+            f"jax.distributed.initialize failed ({description}): {error}. Every process must "
+            "start with the same coordinator address and process count, a distinct process id, "
+            "and call hiper_jax.distributed.initialize() before any other JAX call."
+        ) from error
+    info = process_info()
+    logger.info("jax.distributed ready: %s", info)
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# Meshes
+
+
+def resolve_mesh_shape(
+    num_devices: int, data: int = -1, fsdp: int = 1, tensor: int = 1
+) -> tuple[int, int, int]:
+    """The ``(data, fsdp, tensor)`` sizes for ``num_devices``, with one ``-1`` filled in.
+
+    Raises ValueError naming the field when a size is not a positive int (or -1), when more
+    than one is -1, or when the sizes do not use exactly ``num_devices`` devices.
+    """
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (
+            size < 1 and size != -1
+        ):
+            raise ValueError(f"mesh.{name} must be a positive int or -1 (the rest), got {size!r}")
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got -1 for {free}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    layout = " x ".join(f"{name}={size}" for name, size in sizes.items())
+    if free:
+        if num_devices % fixed:
+            raise ValueError(
+                f"mesh {layout}: the fixed axes use {fixed} devices, which does not divide the "
+                f"{num_devices} available devices, so mesh.{free[0]}=-1 cannot take the rest"
+            )
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(
+            f"mesh {layout} uses {fixed} devices but {num_devices} are available; change "
+            "mesh.data, mesh.fsdp or mesh.tensor, or set one of them to -1 (the rest)"
+        )
+    return int(sizes["data"]), int(sizes["fsdp"]), int(sizes["tensor"])
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+    """Devices arranged as a ``shape`` array in an order that suits the interconnect.
+
+    One TPU slice: ``mesh_utils.create_device_mesh`` maps the axes onto the physical torus
+    (splitting physical axes only when it must). Several slices (``slice_index`` differs):
+    slices are joined along the first axis (``data``) over the data-centre network with
+    ``create_hybrid_device_mesh``, so only data-parallel gradient reductions cross slices.
+    """
+    shape = tuple(int(s) for s in shape)
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if len(slices) > 1:
+        if shape[0] % len(slices):
+            raise ValueError(
+                f"the devices span {len(slices)} TPU slices, so mesh.data={shape[0]} must be a "
+                f"multiple of {len(slices)} (data parallelism is the axis that crosses slices)"
+            )
+        per_slice = (shape[0] // len(slices),) + shape[1:]
+        dcn = (len(slices),) + (1,) * (len(shape) - 1)
+        return mesh_utils.create_hybrid_device_mesh(
+            per_slice, dcn, devices, allow_split_physical_axes=True
+        )
+    try:
+        return mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError):
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+
+
+def make_mesh(
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    devices: Optional[Sequence[Any]] = None,
+) -> Mesh:
+    """The ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices of the job).
+
+    ``-1`` (at most one axis) takes the remaining devices, so the default is pure data
+    parallelism and ``make_mesh(**config.mesh)`` builds the configured mesh. Axis types are
+    ``Auto``: jitted code places arrays by sharding annotations and ``jax.shard_map`` accepts
+    unsharded inputs (the ``jax.make_mesh`` default, ``Explicit``, does not).
+
+    ``make_mesh(devices=jax.devices()[:1])`` is the one-device mesh ``(1, 1, 1)``.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("make_mesh needs at least one device, got an empty device list")
+    shape = resolve_mesh_shape(len(devices), data=data, fsdp=fsdp, tensor=tensor)
+    return Mesh(
+        device_grid(shape, devices),
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+    )
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes that split batch rows: those of :data:`BATCH_AXES` present in ``mesh``."""
+    axes = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+    if not axes:
+        raise ValueError(
+            f"mesh axes {mesh.axis_names} contain none of the batch axes {BATCH_AXES}"
+        )
+    return axes
+
+
+def batch_spec(mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec that splits the leading (row) axis over the batch axes of ``mesh``."""
+    return PartitionSpec(batch_axes(mesh))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """NamedSharding that splits the leading (row) axis over the batch axes of ``mesh``."""
+    return NamedSharding(mesh, batch_spec(mesh))
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+    """How many ways batch rows are split (product of the batch axes' sizes)."""
+    return math.prod(mesh.shape[axis] for axis in batch_axes(mesh))
+
+
+# --------------------------------------------------------------------------------------------
+# Host-local <-> global batches
+
+
+@dataclasses.dataclass(frozen=True)
+class HostShare:
+    """The rows of a global batch that one process feeds (its env pool for one rollout batch).
+
+    Attributes:
+      global_rows: rows of the whole batch.
+      row_indices: the global rows this process feeds, ascending: host-local arrays hold them
+        in this order. One contiguous block with meshes from :func:`make_mesh` on one slice.
+    """
+
+    global_rows: int
+    row_indices: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return len(self.row_indices)
+
+    @property
+    def row_offset(self) -> int:
+        """The first global row this process feeds."""
+        return self.row_indices[0]
+
+    def take(self, global_batch: Any) -> Any:
+        """This process's rows of a pytree of whole-batch host arrays (``[global_rows, ...]``)."""
+        index = np.asarray(self.row_indices)
+        return jax.tree.map(lambda x: np.asarray(x)[index], global_batch)
+
+    def env_seeds(self, base_seed: int) -> np.ndarray:
+        """``[rows]`` int64 seeds, ``base_seed + global row index``: distinct across hosts."""
+        return base_seed + np.asarray(self.row_indices, dtype=np.int64)
+
+
+def host_share(mesh: Mesh, global_rows: int, process: Optional[int] = None) -> HostShare:
+    """Which rows of a ``global_rows`` batch, split over the batch axes, ``process`` feeds.
+
+    Processes whose devices hold the same rows (a ``tensor`` axis that crosses hosts) get the
+    same share and must feed identical data.
+
+    Raises ValueError when ``global_rows`` is not a multiple of the batch shards.
+    """
+    shards = num_batch_shards(mesh)
+    if global_rows < 1 or global_rows % shards:
+        raise ValueError(
+            f"a global batch of {global_rows} rows must be a positive multiple of the "
+            f"{shards} batch shards of mesh {dict(mesh.shape)} (data x fsdp)"
+        )
+    process = jax.process_index() if process is None else process
+    index_map = batch_sharding(mesh).devices_indices_map((global_rows,))
+    rows = sorted({
+        row
+        for device, (index,) in index_map.items()
+        if device.process_index == process
+        for row in range(*index.indices(global_rows))
+    })
+    if not rows:
+        raise ValueError(f"process {process} owns no device of mesh {dict(mesh.shape)}")
+    return HostShare(global_rows=global_rows, row_indices=tuple(rows))
+
+
+def _path_name(path) -> str:
+    return jax.tree_util.keystr(path) or "<batch>"
+
+
+def host_local_to_global(tree: Any, mesh: Mesh, spec: Optional[PartitionSpec] = None) -> Any:
+    """Global ``jax.Array`` s from this host's rows of a batch.
+
+    Args:
+      tree: pytree of arrays whose leading axis is this host's rows in the order of
+        ``host_share(mesh, B).row_indices`` (e.g. ``[B_host, T]``), NumPy or JAX.
+      mesh: the global mesh.
+      spec: placement of the global arrays; default :func:`batch_spec` (rows split over the
+        batch axes, other axes whole).
+
+    Returns:
+      The same pytree of global ``[B, ...]`` arrays; in a single process, simply the batch
+      placed on the mesh.
+    """
+    spec = batch_spec(mesh) if spec is None else spec
+    sharding = NamedSharding(mesh, spec)
+
+    def to_global(path, x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            raise ValueError(f"{_path_name(path)} is a scalar; batch leaves need a row axis")
+        try:
+            return jax.make_array_from_process_local_data(sharding, x)
+        except ValueError as error:
+            raise ValueError(
+                f"{_path_name(path)} (host-local shape {x.shape}) cannot be laid out as {spec} "
+                f"on mesh {dict(mesh.shape)}: {error}"
+            ) from error
+
+    return jax.tree_util.tree_map_with_path(to_global, tree)
+
+
+def global_to_host_local(
+    tree: Any, mesh: Mesh, spec: Optional[PartitionSpec] = None
+) -> Any:
+    """This host's rows of global arrays, as NumPy (the inverse of :func:`host_local_to_global`).
+
+    Arrays laid out differently from ``spec`` (default :func:`batch_spec`) are resharded first.
+    """
+    spec = batch_spec(mesh) if spec is None else spec
+    specs = jax.tree.map(lambda _: spec, tree)
+    local = multihost_utils.global_array_to_host_local_array(tree, mesh, specs)
+    return jax.tree.map(np.asarray, local)
+
+
+def gather_to_all_hosts(tree: Any) -> Any:
+    """Whole global arrays as NumPy on every process (e.g. metrics or plots on process 0).
+
+    Collective: every process must call it. Copies everything to every host, so keep it to
+    small arrays.
+    """
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Estimators under shard_map
+
+
+def sharded_estimator(
+    estimator_fn: Callable[..., Any], mesh: Mesh
+) -> Callable[[Any, Any], Any]:
+    """Wraps an estimator so that it runs under ``jax.shard_map`` with rows split over devices.
+
+    Args:
+      estimator_fn: ``estimator_fn(batch, cfg, axis_name=...) -> outputs``, where every leaf
+        of ``batch`` and of the outputs has the batch (trajectory) axis first, e.g.
+        ``hiper_jax.advantages.get_estimator("hae").fn``; it must reduce any cross-row
+        statistics over ``axis_name`` (HAE and turn-GAE normalisation do).
+      mesh: the mesh; rows are split over its batch axes (``data`` and ``fsdp`` together).
+
+    Returns:
+      ``run(batch, cfg) -> outputs``, jitted (``cfg`` static, so hashable). ``batch`` holds
+      global arrays (:func:`host_local_to_global`) or, in one process, plain arrays; its row
+      count must be a multiple of :func:`num_batch_shards`. The outputs are global arrays
+      split the same way. Estimators that need whole groups of rows (GRPO, RLOO) refuse.
+    """
+    axes = batch_axes(mesh)
+    spec = PartitionSpec(axes)
+    shards = num_batch_shards(mesh)
+
+    @functools.partial(jax.jit, static_argnames="cfg")
+    def run_jit(batch, cfg):
+        per_shard = functools.partial(estimator_fn, cfg=cfg, axis_name=axes)
+        return jax.shard_map(per_shard, mesh=mesh, in_specs=spec, out_specs=spec)(batch)
+
+    def run(batch, cfg):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
+            rows = np.shape(leaf)[0] if np.ndim(leaf) else None
+            if rows is None or rows % shards:
+                raise ValueError(
+                    f"{_path_name(path)} has shape {np.shape(leaf)}; its leading (row) axis must "
+                    f"be a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}"
+                )
+        return run_jit(batch, cfg)
+
+    return run

@@ -1,0 +1,355 @@
+"""Per-chip memory arithmetic for PPO training of a Qwen2-shaped policy on a device mesh.
+
+``python -m hiper_jax.memory_plan`` prints the tables of the README's "Running on Cloud TPU"
+section (a test checks that the README shows exactly what this module computes).
+
+What is counted, per chip (bytes; ``P`` parameters of a tensor after sharding):
+
+* resident all run long: policy params (fp32 master, or bf16), a bf16 compute copy of the
+  policy for sampling, AdamW moments (2 x fp32), the frozen reference policy (bf16), and the
+  critic (its own backbone, value heads, fp32 params and AdamW moments) unless it shares the
+  policy backbone;
+* rollout phase: the KV cache of every env's sequence (``prompt + response`` tokens, bf16), the
+  prefill working set, and the weights FSDP gathers at once;
+* update phase: gradients (policy and critic, in the params' dtype), the activations of one
+  micro-batch with per-layer rematerialisation, and the weights FSDP gathers at once.
+
+Peak = resident + max(rollout, update). Layout: weights and optimizer states are split over
+``fsdp`` along their hidden (embed) dimension and over ``tensor`` along heads, KV heads, MLP
+width or vocab, as the model's sharding rules place them; a mesh axis that does not divide a
+dimension leaves the tensor whole along it. Batch rows (envs, update rows) are split over
+``data x fsdp``. Activation terms (bf16 unless stated):
+
+* remat checkpoints: the residual stream at every layer boundary, ``layers x tokens x hidden``;
+* one layer recomputed and differentiated: norm in/out, q/k/v, attention output, MLP gate/up/
+  product, twice (values and gradients);
+* attention probabilities, float32, ``heads x S x S`` per row, twice (values and gradients), as
+  plain dot-product attention materialises them (``attention="flash"``: 0);
+* logits, float32 ``tokens x vocab``, twice (logits and their gradient), or only
+  ``logits_chunk_tokens`` rows at a time when the loss is computed in chunks;
+* FSDP-gathered weights, bf16: two layers (running and prefetched) and the vocab projection.
+
+Not counted: XLA temporaries beyond these, fragmentation, collective buffers; the ``reserve``
+of :meth:`MemoryPlan.fits` (10% of HBM by default) stands for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Optional
+
+GIB = 2**30
+FP32, BF16 = 4, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a Qwen2-style decoder (HF ``config.json`` names in comments)."""
+
+    name: str
+    hidden: int  # hidden_size
+    layers: int  # num_hidden_layers
+    heads: int  # num_attention_heads
+    kv_heads: int  # num_key_value_heads
+    intermediate: int  # intermediate_size
+    vocab: int  # vocab_size
+    tied_embeddings: bool  # tie_word_embeddings
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def tensors(self, lm_head: bool = True, value_heads: int = 0) -> list["Tensor"]:
+        """Every parameter tensor, stacked over layers (``lm_head=False``: a critic backbone)."""
+        h, n, d, i, v = self.hidden, self.layers, self.head_dim, self.intermediate, self.vocab
+        out = [
+            Tensor("embed_tokens", v * h, fsdp_dim=h, tensor_dim=v),
+            Tensor("input/post_attention_layernorm", 2 * n * h, fsdp_dim=h),
+            Tensor("q_proj", n * h * self.heads * d, fsdp_dim=h, tensor_dim=self.heads),
+            Tensor("q_proj.bias", n * self.heads * d, tensor_dim=self.heads),
+            Tensor("k_proj+v_proj", 2 * n * h * self.kv_heads * d, fsdp_dim=h,
+                   tensor_dim=self.kv_heads),
+            Tensor("k_proj+v_proj.bias", 2 * n * self.kv_heads * d, tensor_dim=self.kv_heads),
+            Tensor("o_proj", n * self.heads * d * h, fsdp_dim=h, tensor_dim=self.heads),
+            Tensor("mlp", 3 * n * h * i, fsdp_dim=h, tensor_dim=i),
+            Tensor("norm", h, fsdp_dim=h),
+        ]
+        if lm_head and not self.tied_embeddings:
+            out.append(Tensor("lm_head", h * v, fsdp_dim=h, tensor_dim=v))
+        if value_heads:
+            out.append(Tensor("value_heads", h * value_heads, fsdp_dim=h))
+            out.append(Tensor("value_heads.bias", value_heads))
+        return out
+
+    @property
+    def param_count(self) -> int:
+        return sum(t.numel for t in self.tensors())
+
+    def kv_bytes_per_token(self, dtype_bytes: int = BF16) -> int:
+        """Keys and values of one token over all layers."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """A parameter tensor for the arithmetic: element count and the sizes of its sharded dims.
+
+    ``fsdp_dim``/``tensor_dim``: size of the dimension split over ``fsdp``/``tensor`` (0: none).
+    """
+
+    name: str
+    numel: int
+    fsdp_dim: int = 0
+    tensor_dim: int = 0
+
+    def per_chip(self, fsdp: int, tensor: int) -> float:
+        """Elements held by one chip."""
+        split = 1
+        if self.fsdp_dim and self.fsdp_dim % fsdp == 0:
+            split *= fsdp
+        if self.tensor_dim and self.tensor_dim % tensor == 0:
+            split *= tensor
+        return self.numel / split
+
+
+QWEN2_5 = {
+    "0.5b": ModelShape("Qwen2.5-0.5B", hidden=896, layers=24, heads=14, kv_heads=2,
+                       intermediate=4864, vocab=151936, tied_embeddings=True),
+    "1.5b": ModelShape("Qwen2.5-1.5B", hidden=1536, layers=28, heads=12, kv_heads=2,
+                       intermediate=8960, vocab=151936, tied_embeddings=True),
+    "7b": ModelShape("Qwen2.5-7B", hidden=3584, layers=28, heads=28, kv_heads=4,
+                     intermediate=18944, vocab=152064, tied_embeddings=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+    """A Cloud TPU slice type: chips (JAX devices), hosts (TPU VM workers), HBM per chip."""
+
+    name: str
+    chips: int
+    hosts: int
+    hbm_gib: float
+
+
+ACCELERATORS = {
+    a.name: a for a in (
+        Accelerator("v4-8", chips=4, hosts=1, hbm_gib=32),
+        Accelerator("v4-16", chips=8, hosts=2, hbm_gib=32),
+        Accelerator("v4-32", chips=16, hosts=4, hbm_gib=32),
+        Accelerator("v5litepod-8", chips=8, hosts=1, hbm_gib=16),
+        Accelerator("v5litepod-16", chips=16, hosts=4, hbm_gib=16),
+        Accelerator("v5litepod-32", chips=32, hosts=8, hbm_gib=16),
+        Accelerator("v5p-8", chips=4, hosts=1, hbm_gib=95),
+        Accelerator("v5p-16", chips=8, hosts=2, hbm_gib=95),
+        Accelerator("v5p-32", chips=16, hosts=4, hbm_gib=95),
+    )
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSetup:
+    """What the run keeps in memory; the defaults are the paper's ALFWorld scale.
+
+    Attributes:
+      num_envs: rollout rows (one per env) of a rollout batch.
+      prompt_tokens, response_tokens: the longest prompt and response (KV cache length).
+      update_rows_per_chip: sequences of ``prompt + response`` tokens per chip per micro-step.
+      prefill_rows_per_chip: rows prefilled at once per chip (None: all the chip's envs).
+      fp32_master: float32 master params and grads (else bf16 params and grads).
+      bf16_compute_copy: keep a bf16 copy of the policy for sampling.
+      reference_policy: keep a frozen bf16 reference policy (KL penalty).
+      separate_critic: the critic has its own backbone (else value heads on the policy).
+      attention: "naive" (float32 probabilities materialised) or "flash" (none kept).
+      logits_chunk_tokens: tokens whose logits exist at once in the loss (None: all).
+    """
+
+    num_envs: int = 128
+    prompt_tokens: int = 2048
+    response_tokens: int = 512
+    update_rows_per_chip: int = 1
+    prefill_rows_per_chip: Optional[int] = None
+    fp32_master: bool = True
+    bf16_compute_copy: bool = True
+    reference_policy: bool = True
+    separate_critic: bool = True
+    attention: str = "naive"
+    logits_chunk_tokens: Optional[int] = None
+
+    def __post_init__(self):
+        if self.attention not in ("naive", "flash"):
+            raise ValueError(f"attention must be 'naive' or 'flash', got {self.attention!r}")
+
+    @property
+    def sequence_tokens(self) -> int:
+        return self.prompt_tokens + self.response_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Per-chip bytes by component; see the module doc for what each term counts."""
+
+    resident: dict[str, float]
+    rollout: dict[str, float]
+    update: dict[str, float]
+
+    @property
+    def peak_bytes(self) -> float:
+        return sum(self.resident.values()) + max(sum(self.rollout.values()),
+                                                 sum(self.update.values()))
+
+    def fits(self, hbm_gib: float, reserve: float = 0.1) -> bool:
+        """Whether the peak leaves ``reserve`` (a fraction of HBM) free."""
+        return self.peak_bytes <= (1.0 - reserve) * hbm_gib * GIB
+
+
+def _sharded_params(tensors: list[Tensor], fsdp: int, tensor: int) -> float:
+    return sum(t.per_chip(fsdp, tensor) for t in tensors)
+
+
+def _divide(size: int, ways: int) -> float:
+    """``size / ways`` when the mesh axis divides the dimension, else ``size`` (replicated)."""
+    return size / ways if size % ways == 0 else float(size)
+
+
+def _layer_activation_bytes(model: ModelShape, tokens: int, tensor: int) -> float:
+    """bf16 values of one layer's intermediate activations for ``tokens`` tokens."""
+    d = model.head_dim
+    q = _divide(model.heads, tensor) * d
+    kv = _divide(model.kv_heads, tensor) * d
+    per_token = 2 * model.hidden + 2 * q + 2 * kv + 3 * _divide(model.intermediate, tensor)
+    return tokens * per_token * BF16
+
+
+def _gathered_weight_bytes(model: ModelShape, fsdp: int, tensor: int) -> float:
+    """bf16 weights that FSDP all-gathers at once: two layers (the one running and the next,
+    prefetched) and the vocab projection, each still split over ``tensor``."""
+    if fsdp == 1:
+        return 0.0
+    layer = [t for t in model.tensors() if t.name not in ("embed_tokens", "norm", "lm_head")]
+    per_layer = _sharded_params(layer, 1, tensor) / model.layers
+    vocab = model.hidden * _divide(model.vocab, tensor)
+    return (2 * per_layer + vocab) * BF16
+
+
+def _attention_bytes(model: ModelShape, rows: int, query: int, keys: int, tensor: int,
+                     setup: TrainingSetup) -> float:
+    if setup.attention == "flash":
+        return 0.0
+    return rows * _divide(model.heads, tensor) * query * keys * FP32
+
+
+def memory_plan(model: ModelShape, data: int, fsdp: int, tensor: int,
+                setup: TrainingSetup = TrainingSetup()) -> MemoryPlan:
+    """Per-chip memory of PPO training ``model`` on a ``(data, fsdp, tensor)`` mesh."""
+    batch_shards = data * fsdp
+    if setup.num_envs % batch_shards:
+        raise ValueError(f"num_envs={setup.num_envs} must be a multiple of data x fsdp = "
+                         f"{batch_shards}")
+    param_bytes = FP32 if setup.fp32_master else BF16
+    policy = _sharded_params(model.tensors(), fsdp, tensor)
+    critic = _sharded_params(
+        model.tensors(lm_head=False, value_heads=3) if setup.separate_critic
+        else model.tensors(value_heads=3)[-2:], fsdp, tensor)
+
+    resident = {"policy params": policy * param_bytes}
+    if setup.bf16_compute_copy and setup.fp32_master:
+        resident["policy bf16 copy"] = policy * BF16
+    resident["policy AdamW"] = policy * 2 * FP32
+    if setup.reference_policy:
+        resident["reference policy"] = policy * BF16
+    resident["critic params + AdamW"] = critic * (param_bytes + 2 * FP32)
+
+    envs_per_chip = setup.num_envs // batch_shards
+    prefill_rows = setup.prefill_rows_per_chip or envs_per_chip
+    prompt = setup.prompt_tokens
+    gathered = _gathered_weight_bytes(model, fsdp, tensor)
+    rollout = {
+        "KV cache": (envs_per_chip * setup.sequence_tokens * 2 * model.layers
+                     * _divide(model.kv_heads, tensor) * model.head_dim * BF16),
+        "prefill activations": (
+            _layer_activation_bytes(model, prefill_rows * prompt, tensor)
+            + _attention_bytes(model, prefill_rows, prompt, prompt, tensor, setup)),
+        "FSDP-gathered weights": gathered,
+    }
+
+    rows = setup.update_rows_per_chip
+    seq = setup.sequence_tokens
+    tokens = rows * seq
+    logit_tokens = min(tokens, setup.logits_chunk_tokens or tokens)
+    update = {
+        "grads": (policy + critic) * param_bytes,
+        "remat checkpoints": model.layers * tokens * model.hidden * BF16,
+        "layer activations": 2 * _layer_activation_bytes(model, tokens, tensor),
+        "attention probs": 2 * _attention_bytes(model, rows, seq, seq, tensor, setup),
+        "logits": 2 * logit_tokens * _divide(model.vocab, tensor) * FP32,
+        "FSDP-gathered weights": gathered,
+    }
+    return MemoryPlan(resident=resident, rollout=rollout, update=update)
+
+
+# README tables: (model, accelerator, mesh (data, fsdp, tensor), setup changes, note).
+README_PLANS = (
+    ("1.5b", "v4-8", (1, 4, 1), {}, ""),
+    ("1.5b", "v5litepod-8", (1, 8, 1), {}, ""),
+    ("1.5b", "v5p-16", (1, 8, 1), {}, ""),
+    ("7b", "v4-8", (1, 4, 1), {}, "too small"),
+    ("7b", "v4-32", (1, 16, 1), {}, ""),
+    ("7b", "v5litepod-32", (1, 32, 1), {"logits_chunk_tokens": 512}, "chunked logits"),
+    ("7b", "v5p-16", (1, 8, 1), {}, "recommended"),
+)
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.1f}"
+
+
+def readme_table() -> str:
+    """The per-chip memory table of the README (Markdown), computed."""
+    header = ("| model | slice | mesh (data, fsdp, tensor) | resident | rollout (of which KV) | "
+              "update | peak | HBM | fits |")
+    lines = [header, "|---|---|---|--:|--:|--:|--:|--:|---|"]
+    for key, accel_name, (data, fsdp, tensor), changes, note in README_PLANS:
+        accel = ACCELERATORS[accel_name]
+        plan = memory_plan(QWEN2_5[key], data, fsdp, tensor, TrainingSetup(**changes))
+        fits = "yes" if plan.fits(accel.hbm_gib) else "no"
+        lines.append(
+            f"| {QWEN2_5[key].name} | {accel_name} ({accel.chips} chips) | "
+            f"({data}, {fsdp}, {tensor}) | {_gib(sum(plan.resident.values()))} | "
+            f"{_gib(sum(plan.rollout.values()))} ({_gib(plan.rollout['KV cache'])}) | "
+            f"{_gib(sum(plan.update.values()))} | "
+            f"{_gib(plan.peak_bytes)} | {accel.hbm_gib:g} | {fits}"
+            + (f" ({note})" if note else "") + " |")
+    return "\n".join(lines)
+
+
+def breakdown(model: ModelShape, data: int, fsdp: int, tensor: int,
+              setup: TrainingSetup = TrainingSetup()) -> str:
+    """Every term of :func:`memory_plan` in GiB per chip, one per line."""
+    plan = memory_plan(model, data, fsdp, tensor, setup)
+    lines = [f"{model.name} ({model.param_count / 1e9:.2f}B params), mesh (data={data}, "
+             f"fsdp={fsdp}, tensor={tensor}), GiB per chip:"]
+    for phase in ("resident", "rollout", "update"):
+        for name, value in getattr(plan, phase).items():
+            lines.append(f"  {phase:8s} {name:24s} {_gib(value):>7s}")
+    lines.append(f"  peak = resident + max(rollout, update) = {_gib(plan.peak_bytes)}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(QWEN2_5), help="print one model's breakdown")
+    parser.add_argument("--mesh", type=int, nargs=3, metavar=("DATA", "FSDP", "TENSOR"),
+                        default=(1, 8, 1))
+    args = parser.parse_args(argv)
+    if args.model:
+        print(breakdown(QWEN2_5[args.model], *args.mesh))
+    else:
+        print(readme_table())
+        print()
+        print(breakdown(QWEN2_5["7b"], 1, 8, 1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Host-side records of multi-turn rollouts: one :class:`TurnRecord` per LLM response + env step."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from hiper_jax.agent.spans import ResponseSpans
+
+
+@dataclasses.dataclass
+class TurnRecord:
+    """Everything the update needs about one turn.
+
+    Attributes:
+      prompt_ids: ``[P]`` int32 prompt tokens (chat-templated).
+      response_ids: ``[R]`` int32 sampled tokens, the stop token included when one was sampled.
+      response_logp: ``[R]`` float32 log-probs of ``response_ids`` under the sampling policy.
+      spans: block masks and value-read positions over the response tokens.
+      switch: the policy said SWITCH.  keep_changed: KEEP with a changed subgoal text.
+      subgoal: the subgoal in force after the turn.  action: the string sent to the env.
+      reward: env reward of the step.  done: terminated.  truncated: cut by the step limit or a
+      worker crash.  invalid: the response format was invalid or the env rejected the action.
+      format_valid: the response had all three blocks and a KEEP/SWITCH word.
+      response_text: the decoded response (for logs).
+    """
+
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    response_logp: np.ndarray
+    spans: ResponseSpans
+    switch: bool
+    keep_changed: bool
+    subgoal: str
+    action: str
+    reward: float
+    done: bool
+    truncated: bool
+    invalid: bool
+    format_valid: bool
+    response_text: str = ""
+
+
+@dataclasses.dataclass
+class Trajectory:
+    """One episode's turns and what is known about its task.
+
+    Attributes:
+      turns: the turns in order.
+      task: the goal sentence / instruction.  task_type: e.g. ALFWorld's task type.
+      won: the episode ended in success.  group_id: rollouts of the same task share it (GRPO).
+      game: the game file or goal id (for evaluation breakdowns).
+    """
+
+    turns: list[TurnRecord]
+    task: str = ""
+    task_type: str = ""
+    won: bool = False
+    group_id: int = 0
+    game: Optional[str] = None
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.turns)

@@ -1,0 +1,179 @@
+"""Training configuration: the base ``ml_collections`` config and its validation.
+
+Config files under ``configs/`` start from :func:`base_config` and override what they need.
+:func:`validate` runs at start-up, before any compilation or environment start, and names the
+field of the first problem it finds: an unknown key, a wrong type, or an impossible value.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+from hiper_jax.hae import KEEP_PENALTY_MODES
+
+ESTIMATOR_NAMES = ("hae", "turn_gae", "grpo", "rloo")
+ENV_NAMES = ("alfworld", "webshop")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the trainer knows, with defaults for a small CPU run."""
+    c = ml_collections.ConfigDict()
+    c.env = dict(
+        name="alfworld",
+        num_envs=8,                 # parallel training episodes per iteration (all hosts)
+        max_turns=50,               # episode step limit
+        success_reward=10.0,
+        games_dir="",               # ALFWorld games / WebShop data; "" = generate into out_dir
+        num_train_games=64,         # generated when games_dir is ""
+        num_eval_games=24,
+        task_types=(),              # () = all of the env's task types
+        env_kwargs={},              # extra keyword arguments for the env constructor
+        envs_per_worker=4,
+        step_timeout_s=60.0,
+    )
+    c.model = dict(
+        checkpoint="",              # HF checkpoint directory (config.json + safetensors)
+        tokenizer="",               # "" = the checkpoint directory
+        param_dtype="float32",
+        compute_dtype="float32",
+        critic="separate",          # "separate" backbone (as published) or "shared"
+    )
+    c.prompt = dict(style="plan_execute", history_turns=2, max_prompt_tokens=2048)
+    c.sampling = dict(
+        temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=512,
+        eval_temperature=0.4, prompt_length_multiple=64,
+    )
+    c.advantage = dict(
+        estimator="hae", gamma=1.0, lam_turn=1.0, lam_seg=0.95, bootstrap_truncated=True,
+        keep_penalty=-0.3, keep_penalty_mode="normalized", invalid_action_penalty=0.1,
+        keep_consistency_penalty=-0.3, normalize=True,
+        rollouts_per_task=1,        # > 1 groups rollouts of one task (needed by grpo/rloo)
+    )
+    c.ppo = dict(
+        actor_lr=1e-6, critic_lr=1e-5, weight_decay=0.0, clip_ratio=0.2, dual_clip=3.0,
+        kl_coef=0.01, kl_estimator="low_var_kl", entropy_coef=0.001, value_clip=0.5,
+        max_grad_norm=1.0, epochs=1, mini_batches=1, micro_batch_rows=8,
+        length_multiple=64,
+    )
+    c.sft = dict(demos="", epochs=1, lr=1e-4, batch_rows=8, max_length=1024)
+    c.train = dict(
+        iterations=150, eval_every=10, eval_episodes=0,  # 0 = every eval game once
+        checkpoint_every=10, keep_checkpoints=3, out_dir="runs/default", seed=0,
+        resume=False, tensorboard=True, wandb_project="",
+    )
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)
+    return c
+
+
+def _fail(field: str, message: str):
+    raise ValueError(f"config field {field}: {message}")
+
+
+def _check_types(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix=""):
+    for key in config.keys():
+        field = f"{prefix}{key}"
+        if key not in reference:
+            known = ", ".join(sorted(reference.keys()))
+            _fail(field, f"unknown key (known keys here: {known})")
+        value, default = config[key], reference[key]
+        if isinstance(default, ml_collections.ConfigDict) and key != "env_kwargs":
+            if not isinstance(value, ml_collections.ConfigDict):
+                _fail(field, f"must be a section, got {type(value).__name__}")
+            _check_types(value, default, prefix=field + ".")
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, (tuple, list)):
+            ok = isinstance(value, (tuple, list))
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            _fail(field, f"expected {type(default).__name__}, got {type(value).__name__} ({value!r})")
+
+
+def _require(condition: bool, field: str, message: str):
+    if not condition:
+        _fail(field, message)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             check_paths: bool = True) -> None:
+    """Raises ValueError naming the first bad field; returns None when the config is usable.
+
+    Args:
+      num_devices: the global device count the mesh must divide (None: not checked).
+      check_paths: check that named input paths (checkpoint, games, demos) exist.
+    """
+    _check_types(config, base_config())
+    env, model, adv, ppo, train, mesh = (config.env, config.model, config.advantage, config.ppo,
+                                         config.train, config.mesh)
+    _require(env.name in ENV_NAMES, "env.name", f"must be one of {ENV_NAMES}, got {env.name!r}")
+    for field in ("num_envs", "max_turns", "num_eval_games", "envs_per_worker"):
+        _require(env[field] >= 1, f"env.{field}", f"must be >= 1, got {env[field]}")
+    _require(env.num_train_games >= 1 or env.games_dir, "env.num_train_games",
+             "must be >= 1 when env.games_dir is empty")
+    for field in ("param_dtype", "compute_dtype"):
+        _require(model[field] in DTYPES, f"model.{field}", f"must be one of {DTYPES}, got {model[field]!r}")
+    _require(model.critic in ("separate", "shared"), "model.critic",
+             f"must be 'separate' or 'shared', got {model.critic!r}")
+    _require(config.prompt.style in ("plan_execute", "flat"), "prompt.style",
+             f"must be 'plan_execute' or 'flat', got {config.prompt.style!r}")
+    _require(config.prompt.max_prompt_tokens >= 16, "prompt.max_prompt_tokens", "must be >= 16")
+    sampling = config.sampling
+    for field in ("temperature", "eval_temperature"):
+        _require(sampling[field] >= 0, f"sampling.{field}", "must be >= 0 (0 = greedy)")
+    _require(0 < sampling.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {sampling.top_p}")
+    _require(sampling.top_k >= 0, "sampling.top_k", "must be >= 0 (0 = off)")
+    _require(sampling.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1")
+    _require(adv.estimator in ESTIMATOR_NAMES, "advantage.estimator",
+             f"must be one of {ESTIMATOR_NAMES}, got {adv.estimator!r}")
+    for field in ("gamma", "lam_turn", "lam_seg"):
+        _require(0 <= adv[field] <= 1, f"advantage.{field}", f"must be in [0, 1], got {adv[field]}")
+    _require(adv.keep_penalty_mode in KEEP_PENALTY_MODES, "advantage.keep_penalty_mode",
+             f"must be one of {KEEP_PENALTY_MODES}, got {adv.keep_penalty_mode!r}")
+    _require(adv.rollouts_per_task >= 1, "advantage.rollouts_per_task", "must be >= 1")
+    if adv.estimator in ("grpo", "rloo"):
+        _require(adv.rollouts_per_task >= 2, "advantage.rollouts_per_task",
+                 f"must be >= 2 for the group-based estimator {adv.estimator!r}")
+    _require(env.num_envs % adv.rollouts_per_task == 0, "env.num_envs",
+             f"must be a multiple of advantage.rollouts_per_task={adv.rollouts_per_task}")
+    _require(ppo.kl_estimator in ("low_var_kl", "kl", "mse"), "ppo.kl_estimator",
+             f"must be low_var_kl, kl or mse, got {ppo.kl_estimator!r}")
+    _require(ppo.dual_clip > 1, "ppo.dual_clip", f"must be > 1, got {ppo.dual_clip}")
+    for field in ("actor_lr", "critic_lr", "clip_ratio", "value_clip", "max_grad_norm"):
+        _require(ppo[field] > 0, f"ppo.{field}", f"must be > 0, got {ppo[field]}")
+    for field in ("epochs", "mini_batches", "micro_batch_rows", "length_multiple"):
+        _require(ppo[field] >= 1, f"ppo.{field}", f"must be >= 1, got {ppo[field]}")
+    for field in ("iterations", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        _require(train[field] >= 0 if field == "iterations" else train[field] >= 1,
+                 f"train.{field}", f"must be positive, got {train[field]}")
+    _require(bool(train.out_dir), "train.out_dir", "must not be empty")
+    sizes = [mesh.data, mesh.fsdp, mesh.tensor]
+    _require(all(s == -1 or s >= 1 for s in sizes), "mesh", f"sizes must be >= 1 or -1, got {sizes}")
+    _require(sizes.count(-1) <= 1, "mesh", f"at most one axis may be -1, got {sizes}")
+    if num_devices is not None:
+        fixed = 1
+        for s in sizes:
+            fixed *= s if s != -1 else 1
+        _require(num_devices % fixed == 0 and (-1 in sizes or fixed == num_devices), "mesh",
+                 f"data x fsdp x tensor = {sizes} does not fit {num_devices} devices")
+    if check_paths:
+        for field, path in (("model.checkpoint", model.checkpoint), ("model.tokenizer", model.tokenizer),
+                            ("env.games_dir", env.games_dir), ("sft.demos", config.sft.demos)):
+            if path:
+                _require(os.path.exists(path), field, f"path does not exist: {path}")
+        _require(bool(model.checkpoint), "model.checkpoint", "must name a HF checkpoint directory")
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A plain JSON-able dict of the config (for saving beside a run)."""
+    return config.to_dict()

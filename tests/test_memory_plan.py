@@ -1,0 +1,118 @@
+"""Memory arithmetic: parameter counts against transformers, a hand-checked plan, README sync."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from hiper_jax.memory_plan import (
+    ACCELERATORS,
+    GIB,
+    QWEN2_5,
+    ModelShape,
+    TrainingSetup,
+    breakdown,
+    memory_plan,
+    readme_table,
+)
+
+TINY = ModelShape("tiny", hidden=8, layers=2, heads=2, kv_heads=1, intermediate=16, vocab=32,
+                  tied_embeddings=True)
+
+
+@pytest.mark.parametrize("model", [TINY, *QWEN2_5.values()], ids=lambda m: m.name)
+def test_param_count_matches_transformers(model):
+    config = transformers.Qwen2Config(
+        hidden_size=model.hidden, num_hidden_layers=model.layers,
+        num_attention_heads=model.heads, num_key_value_heads=model.kv_heads,
+        intermediate_size=model.intermediate, vocab_size=model.vocab,
+        tie_word_embeddings=model.tied_embeddings)
+    with torch.device("meta"):
+        reference = transformers.Qwen2ForCausalLM(config)
+    assert model.param_count == sum(p.numel() for p in reference.parameters())
+
+
+def test_published_sizes_and_kv_bytes():
+    assert QWEN2_5["1.5b"].param_count == 1_543_714_304
+    assert QWEN2_5["7b"].param_count == 7_615_616_512
+    # 2 (K and V) x 28 layers x 4 KV heads x 128 head dim x 2 bytes.
+    assert QWEN2_5["7b"].kv_bytes_per_token() == 57_344
+
+
+def test_plan_by_hand():
+    """TINY on (data=1, fsdp=2, tensor=1): 4 envs, 6 prompt + 2 response tokens, 1 row per chip.
+
+    Params: embed 256, norms 32, q 128 (+16 bias), k+v 128 (+16 bias), o 128, mlp 768, final
+    norm 8 = 1480. fsdp=2 halves every tensor with a hidden dim (biases stay whole):
+    (1480 - 32) / 2 + 32 = 756 per chip. Critic: the same backbone + value heads (8 x 3 split
+    by fsdp, 3 biases) = 756 + 12 + 3 = 771.
+    """
+    setup = TrainingSetup(num_envs=4, prompt_tokens=6, response_tokens=2)
+    plan = memory_plan(TINY, data=1, fsdp=2, tensor=1, setup=setup)
+    assert plan.resident == {
+        "policy params": 756 * 4,
+        "policy bf16 copy": 756 * 2,
+        "policy AdamW": 756 * 8,
+        "reference policy": 756 * 2,
+        "critic params + AdamW": 771 * 12,
+    }
+    # One layer's activations per token: 2 hidden + 2 q (8) + 2 kv (4) + 3 mlp (16) = 88.
+    # FSDP gathers two layers of (1216 / 2) params and the 8 x 32 vocab projection, in bf16.
+    gathered = (2 * 608 + 256) * 2
+    assert plan.rollout == {
+        # envs per chip x tokens x (K, V) x layers x kv heads x head dim x 2 bytes
+        "KV cache": 2 * 8 * 2 * 2 * 1 * 4 * 2,
+        "prefill activations": 2 * 6 * 88 * 2      # 2 rows x 6 prompt tokens
+                               + 2 * 2 * 6 * 6 * 4,  # + fp32 scores: rows x heads x 6 x 6
+        "FSDP-gathered weights": gathered,
+    }
+    assert plan.update == {
+        "grads": (756 + 771) * 4,
+        "remat checkpoints": 2 * 8 * 8 * 2,         # layers x tokens x hidden x 2B
+        "layer activations": 2 * 8 * 88 * 2,
+        "attention probs": 2 * 1 * 2 * 8 * 8 * 4,
+        "logits": 2 * 8 * 32 * 4,
+        "FSDP-gathered weights": gathered,
+    }
+    assert plan.peak_bytes == 21_348 + 15_196
+    assert plan.fits(hbm_gib=36_544 / 0.9 / GIB)
+    assert not plan.fits(hbm_gib=36_543 / 0.9 / GIB)
+
+
+def test_tensor_axis_splits_only_what_it_divides():
+    setup = TrainingSetup(num_envs=4, prompt_tokens=6, response_tokens=2, separate_critic=False,
+                          attention="flash", logits_chunk_tokens=4)
+    plan = memory_plan(TINY, data=1, fsdp=1, tensor=2, setup=setup)
+    # 1 KV head cannot be split over 2: the cache stays whole; the critic is 3 value heads.
+    assert plan.rollout["KV cache"] == 4 * 8 * 2 * 2 * 1 * 4 * 2
+    assert plan.resident["critic params + AdamW"] == 27 * 12
+    assert plan.update["attention probs"] == 0
+    assert plan.update["logits"] == 2 * 4 * 16 * 4
+    # embed/q/o/mlp halve, k/v (1 head) and norms stay whole.
+    split = (256 + 128 + 16 + 128 + 768) / 2 + 128 + 16 + 32 + 8
+    assert plan.resident["policy params"] == split * 4
+
+
+def test_plan_errors():
+    with pytest.raises(ValueError, match=r"num_envs=128 must be a multiple of data x fsdp = 3"):
+        memory_plan(QWEN2_5["7b"], data=3, fsdp=1, tensor=1)
+    with pytest.raises(ValueError, match="attention"):
+        TrainingSetup(attention="ring")
+
+
+def test_fewer_chips_never_need_less_memory():
+    setup = TrainingSetup()
+    peaks = [memory_plan(QWEN2_5["7b"], 1, fsdp, 1, setup).peak_bytes for fsdp in (32, 16, 8, 4)]
+    assert peaks == sorted(peaks)
+
+
+def test_readme_shows_the_computed_table():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert readme_table() in readme, "stale README table: paste `python -m hiper_jax.memory_plan`"
+    assert breakdown(QWEN2_5["7b"], 1, 8, 1) in readme
+    resident_v4_8 = sum(memory_plan(QWEN2_5["7b"], 1, 4, 1).resident.values()) / GIB
+    assert f"resident: {resident_v4_8:.1f} GiB per chip" in readme.replace("\n", " ")
+    assert {"v4-8", "v5litepod-8", "v5p-16"} <= set(ACCELERATORS)
