@@ -8,14 +8,9 @@
 The engine is the `[alfworld]` extra; importing this package does not need it.
 """
 
-import gymnasium
-
 from hiper_envs.alfworld.games import find_games, official_games, read_game_info
 
-ENV_ID = "hiper/ALFWorld-v0"
-
-if ENV_ID not in gymnasium.registry:
-    gymnasium.register(ENV_ID, entry_point="hiper_envs.alfworld.env:AlfWorldEnv")
+ENV_ID = "hiper/ALFWorld-v0"  # registered by `hiper_envs` (envs/__init__.py)
 
 
 def __getattr__(name):
