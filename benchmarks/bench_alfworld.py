@@ -22,7 +22,11 @@ import tempfile
 import time
 
 SIZES = {"small": (8, 4), "large": (30, 20)}  # (max_receptacles, max_distractors)
-VARIANTS = {"stock": [], "parse memo": ["memoise_parses"], "all fixes": ["memoise_parses", "share_context", "memoise_translation"]}
+VARIANTS = {
+    "stock": [],
+    "parse memo": ["memoise_parses"],
+    "all fixes": ["memoise_parses", "share_context", "memoise_translation"],
+}
 
 
 class _EnvFactory:
@@ -74,7 +78,9 @@ def _single_env(games: list[str], steps: int, repeats: int) -> dict:
     }
 
 
-def _pool(games: list[str], speedups: list[str], workers: int, envs_per_worker: int, steps: int, repeats: int) -> dict:
+def _pool(
+    games: list[str], speedups: list[str], workers: int, envs_per_worker: int, steps: int, repeats: int
+) -> dict:
     from hiper_jax.rollout import EnvPool
 
     num_envs = workers * envs_per_worker
@@ -108,7 +114,9 @@ def _run_variant(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--games-per-type", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=30, help="random steps per game (single env) and per env (pool)")
+    parser.add_argument(
+        "--steps", type=int, default=30, help="random steps per game (single env) and per env (pool)"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--envs-per-worker", type=int, default=2)
@@ -127,30 +135,47 @@ def main() -> None:
         for size, (max_receptacles, max_distractors) in SIZES.items():
             config = GeneratorConfig(max_receptacles, max_distractors)
             games = generate_games(
-                os.path.join(tmp, size), args.games_per_type * len(TASK_TYPES), args.seed, config=config, progress=False
+                os.path.join(tmp, size),
+                args.games_per_type * len(TASK_TYPES),
+                args.seed,
+                config=config,
+                progress=False,
             )
             for variant in VARIANTS:
                 command = [sys.executable, __file__, "--variant", variant, "--games-json", json.dumps(games)]
-                command += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("steps", "repeats", "workers", "envs_per_worker")]
+                command += [
+                    f"--{k.replace('_', '-')}={getattr(args, k)}"
+                    for k in ("steps", "repeats", "workers", "envs_per_worker")
+                ]
                 out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
                 rows.append({"size": size, "variant": variant, **json.loads(out.strip().splitlines()[-1])})
 
     pool_label = f"pool steps/s ({args.workers}x{args.envs_per_worker} envs)"
-    header = ["scenes", "engine", "reset s (load)", "reset s (again)", "steps/s (1 env)", pool_label, "pool reset s"]
+    header = [
+        "scenes",
+        "engine",
+        "reset s (load)",
+        "reset s (again)",
+        "steps/s (1 env)",
+        pool_label,
+        "pool reset s",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
-        print(
-            f"| {row['size']} | {row['variant']} | {row['reset_first_s']:.3f} | {row['reset_again_s']:.3f} | "
-            f"{row['single_steps_per_s']:.1f} | {row['pool_steps_per_s']:.1f} | {row['pool_reset_batch_s']:.2f} |"
-        )
+        cells = [row["size"], row["variant"], f"{row['reset_first_s']:.3f}", f"{row['reset_again_s']:.3f}"]
+        cells += [f"{row['single_steps_per_s']:.1f}", f"{row['pool_steps_per_s']:.1f}"]
+        cells += [f"{row['pool_reset_batch_s']:.2f}"]
+        print("| " + " | ".join(cells) + " |")
     for size in SIZES:
         stock = next(r for r in rows if r["size"] == size and r["variant"] == "stock")
         for row in (r for r in rows if r["size"] == size and r["variant"] != "stock"):
+            single = row["single_steps_per_s"] / stock["single_steps_per_s"]
+            pooled = row["pool_steps_per_s"] / stock["pool_steps_per_s"]
+            reset = stock["reset_again_s"] / row["reset_again_s"]
             print(
-                f"{size}, {row['variant']} vs stock: steps/s x{row['single_steps_per_s'] / stock['single_steps_per_s']:.1f} "
-                f"(1 env), x{row['pool_steps_per_s'] / stock['pool_steps_per_s']:.1f} (pool); "
-                f"reset of a seen game x{stock['reset_again_s'] / row['reset_again_s']:.1f} faster"
+                f"{size}, {row['variant']} vs stock: steps/s x{single:.1f} (1 env), x{pooled:.1f} (pool); "
+                f"reset of a seen game x{reset:.1f} faster"
             )
 
 

@@ -30,4 +30,14 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ENV_ID", "AlfWorldEnv", "GeneratorConfig", "TASK_TYPES", "find_games", "generate_games", "official_games", "read_game_info", "write_demos"]
+__all__ = [
+    "ENV_ID",
+    "AlfWorldEnv",
+    "GeneratorConfig",
+    "TASK_TYPES",
+    "find_games",
+    "generate_games",
+    "official_games",
+    "read_game_info",
+    "write_demos",
+]

@@ -24,9 +24,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from typing import Iterable, Sequence
 
 from hiper_envs.alfworld.games import resolve_games
 
@@ -124,7 +124,9 @@ def write_demos(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write ALFWorld expert demonstrations (JSONL).")
-    parser.add_argument("--games", required=True, nargs="+", help="game directories or files, or official:<split>")
+    parser.add_argument(
+        "--games", required=True, nargs="+", help="game directories or files, or official:<split>"
+    )
     parser.add_argument("--out", required=True, help="output .jsonl path")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=DEMO_MAX_STEPS)
@@ -133,7 +135,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     games = args.games[0] if len(args.games) == 1 else args.games
     summary = write_demos(games, args.out, args.seed, args.max_steps, args.include_failed, args.workers)
-    print(f"{summary['won']}/{summary['games']} won; wrote {summary['written']} episodes to {args.out}", file=sys.stderr)
+    print(
+        f"{summary['won']}/{summary['games']} won; wrote {summary['written']} episodes to {args.out}",
+        file=sys.stderr,
+    )
     for gamefile in summary["failed"]:
         print(f"expert lost: {gamefile}", file=sys.stderr)
 

@@ -30,7 +30,8 @@ import functools
 import importlib
 import os
 import sys
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 _INSTALL_HINT = (
     "The ALFWorld engine is not installed. Install it with `pip install 'hiper_jax[alfworld]'` "
@@ -200,7 +201,5 @@ def make_textworld_env(request_facts: bool = False, request_walkthrough: bool = 
     from textworld.envs.wrappers import GenericEnvironment
 
     extras = ["walkthrough"] if request_walkthrough else []
-    infos = textworld.EnvInfos(
-        won=True, admissible_commands=True, facts=request_facts, extras=extras
-    )
+    infos = textworld.EnvInfos(won=True, admissible_commands=True, facts=request_facts, extras=extras)
     return AlfredDemangler(shuffle=False)(GenericEnvironment(infos))

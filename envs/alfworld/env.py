@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import gymnasium
 from gymnasium import spaces
-
 from hiper_envs.alfworld.engine import make_textworld_env
 from hiper_envs.alfworld.expert import HandcodedExpert, subgoal_of
 from hiper_envs.alfworld.games import GameInfo, read_game_info, resolve_games
@@ -141,7 +141,9 @@ class AlfWorldEnv(gymnasium.Env):
         if self.expert:
             feedback_state = self._state if not invalid else {**self._state, "feedback": NOTHING_HAPPENS}
             info["expert_action"] = None if self._done else self._expert.act(feedback_state, last_action)
-            info["expert_subgoal"] = subgoal_of(self._state["facts"], self._game.task_type, self._game.pddl_params)
+            info["expert_subgoal"] = subgoal_of(
+                self._state["facts"], self._game.task_type, self._game.pddl_params
+            )
         return info
 
     def render(self) -> str | None:

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from hiper_envs.alfworld.engine import require_engine
 
@@ -75,7 +76,9 @@ def subgoal_of(facts: Sequence[Any], task_type: str, pddl_params: dict) -> str:
         placed = sum(
             1
             for f in facts
-            if f.name == "inreceptacle" and _entity_class(f.names[0]) == obj and _entity_class(f.names[1]) == recep
+            if f.name == "inreceptacle"
+            and _entity_class(f.names[0]) == obj
+            and _entity_class(f.names[1]) == recep
         )
         if placed == 0:
             return _put_phrase(obj, recep) if held_targets else f"find and take a {obj}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 GAME_FILE = "game.tw-pddl"
 TRAJ_FILE = "traj_data.json"
@@ -36,7 +36,9 @@ def read_game_info(gamefile: str) -> GameInfo:
         with open(traj_path) as f:
             traj = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{traj_path} is missing: every {GAME_FILE} needs a {TRAJ_FILE} beside it") from None
+        raise FileNotFoundError(
+            f"{traj_path} is missing: every {GAME_FILE} needs a {TRAJ_FILE} beside it"
+        ) from None
     for key in ("task_type", "pddl_params"):
         if key not in traj:
             raise ValueError(f"{traj_path} has no {key!r} field")
@@ -73,7 +75,9 @@ def official_data_dir(data_dir: str | None = None) -> str:
     return os.path.expanduser(data_dir)
 
 
-def official_games(split: str, data_dir: str | None = None, task_types: Sequence[str] | None = None) -> list[str]:
+def official_games(
+    split: str, data_dir: str | None = None, task_types: Sequence[str] | None = None
+) -> list[str]:
     """Games of an official split (`train`, `valid_seen`, `valid_unseen`)."""
     if split not in OFFICIAL_SPLITS:
         raise ValueError(f"unknown official split {split!r}; expected one of {OFFICIAL_SPLITS}")

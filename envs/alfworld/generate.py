@@ -37,9 +37,9 @@ import os
 import random
 import sys
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from typing import Iterable, Sequence
 
 from hiper_envs.alfworld import scenes as scn
 from hiper_envs.alfworld.engine import make_textworld_env, require_engine, shipped_path
@@ -78,7 +78,8 @@ _START_LOCATION = "loc|start"
 @dataclasses.dataclass(frozen=True)
 class GeneratorConfig:
     """Scene size. Defaults keep games small for fast play with short prompts: the intro
-    lists at most 8 receptacles and rooms hold the task's objects plus at most 4 others."""
+    lists at most 8 receptacles and rooms hold the task's objects plus at most 4 other object
+    types. A task always gets the receptacles it needs (up to 3), whatever the budget."""
 
     max_receptacles: int = 8
     max_distractors: int = 4
@@ -119,7 +120,9 @@ def _sources(scene: scn.Scene, spec: TaskSpec) -> list[scn.Receptacle]:
     """Receptacles where the target object may start: any that may hold it except the target
     type and the task's appliance (so each task has distinct find, transform and put steps)."""
     excluded = {spec.parent_target, _APPLIANCE.get(spec.task_type)}
-    return [r for r in scene.receptacles if scn.can_contain(r.type, spec.object_target) and r.type not in excluded]
+    return [
+        r for r in scene.receptacles if scn.can_contain(r.type, spec.object_target) and r.type not in excluded
+    ]
 
 
 def _lamp_hosts(scene: scn.Scene, lamp: str) -> list[scn.Receptacle]:
@@ -154,7 +157,7 @@ def _scene_candidates(scene: scn.Scene, task_type: str) -> Iterable[TaskSpec]:
                 yield spec
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def task_candidates(task_type: str, split: str) -> tuple[TaskSpec, ...]:
     """Every task ALFRED's rules allow for `task_type` in the shipped scenes, within `split`."""
     if task_type not in TASK_TYPES:
@@ -187,29 +190,34 @@ class _Layout:
     objects: list[tuple[str, str, scn.Receptacle]]  # (object id, type, receptacle)
 
 
-def _sample_layout(spec: TaskSpec, scene: scn.Scene, rng: random.Random, config: GeneratorConfig) -> _Layout:
+def _sample_layout(
+    spec: TaskSpec, scene: scn.Scene, rng: random.Random, config: GeneratorConfig
+) -> _Layout:
+    """Pick the receptacles and place the objects of one game (see the module docstring)."""
     chosen: dict[str, scn.Receptacle] = {}
 
     def add(receptacle: scn.Receptacle) -> scn.Receptacle:
         chosen[receptacle.id] = receptacle
         return receptacle
 
-    def pick(candidates: Sequence[scn.Receptacle]) -> scn.Receptacle:
-        # Prefer receptacles already in the scene, so required ones do not crowd out others.
+    def pick_source(candidates: Sequence[scn.Receptacle]) -> scn.Receptacle:
+        # Reuse a receptacle already in the scene half the time, and always once the budget is
+        # spent, so the task's own receptacles never exceed max(max_receptacles, 3).
         present = [r for r in candidates if r.id in chosen]
-        return add(rng.choice(present if present and rng.random() < 0.5 else list(candidates)))
+        full = len(chosen) >= config.max_receptacles
+        return add(rng.choice(present if present and (full or rng.random() < 0.5) else list(candidates)))
 
     if spec.parent_target:
         add(rng.choice([r for r in scene.receptacles if r.type == spec.parent_target]))
     appliance = _APPLIANCE.get(spec.task_type)
     if appliance:
         add(rng.choice([r for r in scene.receptacles if r.type == appliance]))
-    objects: list[tuple[str, str, scn.Receptacle]] = []
+    placements: list[tuple[str, scn.Receptacle]] = []  # (object type, receptacle)
     if spec.toggle_target:
-        objects.append((spec.toggle_target, spec.toggle_target, add(rng.choice(_lamp_hosts(scene, spec.toggle_target)))))
+        placements.append((spec.toggle_target, add(rng.choice(_lamp_hosts(scene, spec.toggle_target)))))
     copies = rng.randint(2, 3) if spec.task_type == "pick_two_obj_and_place" else rng.randint(1, 2)
     sources = _sources(scene, spec)
-    objects += [(spec.object_target, spec.object_target, pick(sources)) for _ in range(copies)]
+    placements += [(spec.object_target, pick_source(sources)) for _ in range(copies)]
 
     others = [r for r in scene.receptacles if r.id not in chosen]
     rng.shuffle(others)
@@ -223,29 +231,29 @@ def _sample_layout(spec: TaskSpec, scene: scn.Scene, rng: random.Random, config:
     for type_name in distractor_types:
         if placed == config.max_distractors:
             break
-        hosts = [r for r in chosen.values() if scn.can_contain(r.type, type_name)]
+        hosts = sorted((r for r in chosen.values() if scn.can_contain(r.type, type_name)), key=lambda r: r.id)
         if hosts:
-            objects.append((type_name, type_name, rng.choice(sorted(hosts, key=lambda r: r.id))))
+            placements.append((type_name, rng.choice(hosts)))
             placed += 1
 
     used_ids: set[str] = set()
-    with_ids = []
-    for type_name, _, receptacle in objects:
-        while True:
-            coords = "|".join(f"{rng.uniform(-3, 3):+06.2f}" for _ in range(3))
-            object_id = f"{type_name}|{coords}"
-            if object_id not in used_ids:
-                used_ids.add(object_id)
-                break
-        with_ids.append((object_id, type_name, receptacle))
-    return _Layout(sorted(chosen.values(), key=lambda r: r.id), with_ids)
+    objects = []
+    for type_name, receptacle in placements:
+        object_id = ""
+        while not object_id or object_id in used_ids:
+            object_id = type_name + "|" + "|".join(f"{rng.uniform(-3, 3):+06.2f}" for _ in range(3))
+        used_ids.add(object_id)
+        objects.append((object_id, type_name, receptacle))
+    return _Layout(sorted(chosen.values(), key=lambda r: r.id), objects)
 
 
 def _goal_pddl(spec: TaskSpec) -> str:
     from alfworld.gen import goal_library
 
     template = goal_library.gdict[spec.task_type]["pddl"]
-    goal = template.format(obj=spec.object_target, recep=spec.parent_target, toggle=spec.toggle_target, mrecep="")
+    goal = template.format(
+        obj=spec.object_target, recep=spec.parent_target, toggle=spec.toggle_target, mrecep=""
+    )
     return goal.replace("#", "-")
 
 
@@ -298,9 +306,7 @@ def build_problem(spec: TaskSpec, layout: _Layout, name: str) -> str:
                 facts.append(f"({prop.lower()} {o})")
         if type_name in constants.MOVABLE_RECEPTACLES_SET:
             facts.append(f"(isReceptacleObject {o})")
-    facts += [
-        f"(canContain {rt}Type {ot}Type)" for rt in rtypes for ot in otypes if scn.can_contain(rt, ot)
-    ]
+    facts += [f"(canContain {rt}Type {ot}Type)" for rt in rtypes for ot in otypes if scn.can_contain(rt, ot)]
     declarations = (
         ["agent1 - agent"]
         + [f"{t}Type - otype" for t in otypes]
@@ -356,7 +362,9 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def generate_game(out_dir: str, index: int, seed: int, task_types: Sequence[str], split: str, config: GeneratorConfig) -> str:
+def generate_game(
+    out_dir: str, index: int, seed: int, task_types: Sequence[str], split: str, config: GeneratorConfig
+) -> str:
     """Generate, check and write game `index` of the run `seed`; return its game.tw-pddl path."""
     task_type = task_types[index % len(task_types)]
     candidates = task_candidates(task_type, split)
@@ -404,7 +412,11 @@ def generate_game(out_dir: str, index: int, seed: int, task_types: Sequence[str]
                     "mrecep_target": "",
                     "object_sliced": False,
                 },
-                "scene": {"floor_plan": f"FloorPlan{spec.scene_num}", "scene_num": spec.scene_num, "random_seed": seed},
+                "scene": {
+                    "floor_plan": f"FloorPlan{spec.scene_num}",
+                    "scene_num": spec.scene_num,
+                    "random_seed": seed,
+                },
                 "turk_annotations": {"anns": [{"task_desc": sentence[0].upper() + sentence[1:] + "."}]},
                 "split": split,
                 "generator": {"seed": seed, "index": index, "attempt": attempt, **dataclasses.asdict(config)},
@@ -455,7 +467,9 @@ def generate_games(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output directory (games go to OUT/<split>/...)")
     parser.add_argument("--num-games", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
@@ -466,7 +480,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes generating in parallel")
     args = parser.parse_args(argv)
     config = GeneratorConfig(args.max_receptacles, args.max_distractors)
-    paths = generate_games(args.out, args.num_games, args.seed, args.task_types, args.split, config, args.workers)
+    paths = generate_games(
+        args.out, args.num_games, args.seed, args.task_types, args.split, config, args.workers
+    )
     counts = Counter(path.split(os.sep)[-3].split("-")[0] for path in paths)
     for task_type, count in sorted(counts.items()):
         print(f"{task_type}: {count}")

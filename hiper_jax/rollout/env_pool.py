@@ -31,8 +31,9 @@ import multiprocessing
 import signal
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 EnvFactory = Callable[[], Any]
 
@@ -126,6 +127,7 @@ class _Slot:
     local: int
     done: bool = True  # needs a reset before it can step
     last: StepResult | None = None
+    lost_episode: str | None = None  # its worker was restarted mid-episode; not yet reported
 
 
 class EnvPool:
@@ -155,7 +157,9 @@ class EnvPool:
           context: multiprocessing start method, "spawn" or "forkserver".
         """
         if context not in ("spawn", "forkserver"):
-            raise ValueError(f"context must be 'spawn' or 'forkserver' (fork is unsafe with JAX), got {context!r}")
+            raise ValueError(
+                f"context must be 'spawn' or 'forkserver' (fork is unsafe with JAX), got {context!r}"
+            )
         if callable(factory):
             if num_envs is None:
                 raise ValueError("num_envs is required with a single factory")
@@ -174,7 +178,9 @@ class EnvPool:
         self.start_timeout_s = start_timeout_s
         self.restarts = 0
         self._ctx = multiprocessing.get_context(context)
-        groups = [list(range(i, min(i + envs_per_worker, num_envs))) for i in range(0, num_envs, envs_per_worker)]
+        groups = [
+            list(range(i, min(i + envs_per_worker, num_envs))) for i in range(0, num_envs, envs_per_worker)
+        ]
         self._worker_envs = groups
         self._worker_factories = [[factories[i] for i in group] for group in groups]
         self._slots = [_Slot(w, k) for w, group in enumerate(groups) for k, _ in enumerate(group)]
@@ -197,7 +203,9 @@ class EnvPool:
     def _spawn(self, w: int) -> None:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(
-            target=_worker_main, args=(child, self._worker_factories[w], self.auto_reset), daemon=True,
+            target=_worker_main,
+            args=(child, self._worker_factories[w], self.auto_reset),
+            daemon=True,
             name=f"env-pool-worker-{w}",
         )
         proc.start()
@@ -217,6 +225,9 @@ class EnvPool:
                 try:
                     return conn.recv()
                 except Exception as error:  # noqa: BLE001 - a dying worker leaves a broken pipe
+                    proc.join(timeout=1.0)
+                    if proc.exitcode is not None:
+                        raise WorkerCrashed(f"worker {w} died (exit code {proc.exitcode})") from error
                     raise WorkerCrashed(f"worker {w} sent a broken message: {error!r}") from error
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -225,7 +236,7 @@ class EnvPool:
             if proc.sentinel in ready and not conn.poll():
                 raise WorkerCrashed(f"worker {w} died (exit code {proc.exitcode})")
 
-    def _restart(self, w: int) -> None:
+    def _restart(self, w: int, reason: str) -> None:
         proc = self._procs[w]
         if proc is not None and proc.is_alive():
             proc.kill()
@@ -237,6 +248,8 @@ class EnvPool:
         self._await_ready(w)
         for slot in self._slots:
             if slot.worker == w:
+                if not slot.done:
+                    slot.lost_episode = reason
                 slot.done = True
 
     def _gather(self, requests: dict[int, list], command: str, timeout_s: float) -> dict[int, list | str]:
@@ -295,13 +308,16 @@ class EnvPool:
                 outcome = answer[[s for s, _, _ in requests[slot.worker]].index(slot.local)]
                 out[i] = self._apply_reset(slot, outcome)
             for w in {self._slots[i].worker for i, _, _ in retry}:
-                self._restart(w)
+                self._restart(w, answers[w])
             if not retry or attempt == 1:
                 break
             pending = retry
+        for i in indices:
+            self._slots[i].lost_episode = None  # what happened to these is in the answer
         return [out[i] for i in indices]
 
     def _apply_reset(self, slot: _Slot, outcome: tuple) -> tuple[Any, dict]:
+        slot.lost_episode = None
         if outcome[0] == "error":
             slot.done = True
             return ("", {"env_error": True, "error": outcome[1]})
@@ -326,14 +342,18 @@ class EnvPool:
         answers = self._gather(requests, "step", self.step_timeout_s)
         crashed = [w for w, answer in answers.items() if isinstance(answer, str)]
         for w in crashed:
-            self._restart(w)
+            self._restart(w, answers[w])
         results: list[StepResult] = []
         recovery: list[int] = []
         for i in range(self.num_envs):
             slot = self._slots[i]
             answer = answers.get(slot.worker)
             if slot.worker not in requests or all(local != slot.local for local, _ in requests[slot.worker]):
-                results.append(self._repeat_final(slot))
+                if slot.lost_episode is not None:  # lost in a restart during an earlier reset()
+                    results.append(self._crashed(slot, slot.lost_episode))
+                    recovery.append(i)
+                else:
+                    results.append(self._repeat_final(slot))
             elif isinstance(answer, str):
                 results.append(self._crashed(slot, answer))
                 recovery.append(i)
@@ -361,6 +381,7 @@ class EnvPool:
 
     def _crashed(self, slot: _Slot, error: str) -> StepResult:
         slot.done = True
+        slot.lost_episode = None
         last = slot.last
         info = {**(last.info if last else {}), "env_crashed": True, "error": error}
         result = StepResult(last.observation if last else "", 0.0, False, True, info)
@@ -371,7 +392,9 @@ class EnvPool:
         status, payload, reset_outcome = outcome
         if status == "error":
             last = slot.last
-            final = StepResult(last.observation, 0.0, False, True, {**last.info, "env_error": True, "error": payload})
+            final = StepResult(
+                last.observation, 0.0, False, True, {**last.info, "env_error": True, "error": payload}
+            )
         else:
             final = StepResult(*payload)
         ended = final.terminated or final.truncated
@@ -381,9 +404,17 @@ class EnvPool:
             return final
         obs, info = self._apply_reset(slot, reset_outcome)
         if slot.done:  # the auto-reset itself failed: report the end, the env needs reset()
-            slot.last = StepResult(final.observation, final.reward, final.terminated, final.truncated, {**final.info, "reset_error": info["error"]})
+            slot.last = StepResult(
+                final.observation,
+                final.reward,
+                final.terminated,
+                final.truncated,
+                {**final.info, "reset_error": info["error"]},
+            )
             return slot.last
-        result = StepResult(obs, final.reward, final.terminated, final.truncated, self._with_final(info, final))
+        result = StepResult(
+            obs, final.reward, final.terminated, final.truncated, self._with_final(info, final)
+        )
         slot.last = result
         return result
 
@@ -408,7 +439,7 @@ class EnvPool:
             if conn is not None:
                 conn.close()
 
-    def __enter__(self) -> "EnvPool":
+    def __enter__(self) -> EnvPool:
         return self
 
     def __exit__(self, *exc: Any) -> None:

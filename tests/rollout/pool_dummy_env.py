@@ -36,7 +36,13 @@ class CountingEnv(gymnasium.Env):
         self._t += 1
         won = action == "win"
         truncated = not won and self._t >= self.max_steps
-        return f"{self._episode_seed}:{self._t}", float(won), won, truncated, {"pid": os.getpid(), "action": action}
+        return (
+            f"{self._episode_seed}:{self._t}",
+            float(won),
+            won,
+            truncated,
+            {"pid": os.getpid(), "action": action},
+        )
 
 
 def make_counting_env(max_steps: int = 3) -> CountingEnv:

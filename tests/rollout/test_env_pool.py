@@ -95,6 +95,19 @@ def test_a_killed_worker_is_restarted_and_its_episodes_truncated(pool):
     assert results[2].observation.endswith(":1")
 
 
+def test_an_episode_lost_to_a_restart_during_reset_is_reported_at_the_next_step(pool):
+    envs = pool(num_envs=2, envs_per_worker=2, auto_reset=False)
+    first = envs.reset(seeds=[1, 2])
+    envs.step(["x", "x"])
+    os.kill(first[0][1]["pid"], signal.SIGKILL)
+    [(obs, info)] = envs.reset(seeds=[5], indices=[0])  # retried on the restarted worker
+    assert obs == "5:0" and info["pid"] != first[0][1]["pid"] and envs.restarts == 1
+    reset_env, lost = envs.step(["x", "x"])
+    assert reset_env.observation == "5:1"
+    assert lost.truncated and lost.info["env_crashed"] and lost.observation == "2:1"
+    assert envs.step(["x", "x"])[1] == lost  # then left done, like any ended episode
+
+
 def test_an_env_that_kills_its_process_mid_step_is_reported(pool):
     envs = pool(num_envs=2, envs_per_worker=1, auto_reset=False)
     envs.reset(seeds=[1, 2])
@@ -156,7 +169,13 @@ def test_alfworld_envs_in_a_pool_match_standalone_envs(tmp_path):
     textworld wrapper chain per env: nothing is shared between envs of a process)."""
     from hiper_envs.alfworld import AlfWorldEnv, generate_games
 
-    generate_games(str(tmp_path), 3, seed=5, task_types=["pick_and_place_simple", "pick_two_obj_and_place", "look_at_obj_in_light"], progress=False)
+    generate_games(
+        str(tmp_path),
+        3,
+        seed=5,
+        task_types=["pick_and_place_simple", "pick_two_obj_and_place", "look_at_obj_in_light"],
+        progress=False,
+    )
     games = str(tmp_path / "train")
     seeds = [3, 4, 5, 6]
     options = [{"game": i % 3} for i in range(4)]
@@ -172,7 +191,9 @@ def test_alfworld_envs_in_a_pool_match_standalone_envs(tmp_path):
                 transcript[i] += [r.observation, r.info["admissible_actions"], r.reward]
         return transcript
 
-    with EnvPool(GymFactory("hiper_envs.alfworld:hiper/ALFWorld-v0", games=games), num_envs=4, envs_per_worker=2) as envs:
+    with EnvPool(
+        GymFactory("hiper_envs.alfworld:hiper/ALFWorld-v0", games=games), num_envs=4, envs_per_worker=2
+    ) as envs:
         pooled = play(envs.reset(seeds=seeds, options=options), envs.step)
 
     lone = [AlfWorldEnv(games) for _ in range(4)]

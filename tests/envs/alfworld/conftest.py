@@ -1,7 +1,6 @@
 """Games shared by the ALFWorld tests: generated once per session (a few seconds)."""
 
 import pytest
-
 from hiper_envs.alfworld.generate import TASK_TYPES, generate_games
 
 GAMES_PER_TYPE = 2

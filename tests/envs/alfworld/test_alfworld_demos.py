@@ -4,19 +4,50 @@ import itertools
 import json
 
 import pytest
-
 from hiper_envs.alfworld import demos, read_game_info
 
-SURFACES = {"armchair", "bed", "cart", "coffeetable", "countertop", "desk", "diningtable", "dresser", "ottoman",
-            "shelf", "sidetable", "sofa", "stoveburner", "toilet", "tvstand"}
+SURFACES = {
+    "armchair",
+    "bed",
+    "cart",
+    "coffeetable",
+    "countertop",
+    "desk",
+    "diningtable",
+    "dresser",
+    "ottoman",
+    "shelf",
+    "sidetable",
+    "sofa",
+    "stoveburner",
+    "toilet",
+    "tvstand",
+}
 TURN_KEYS = {"observation", "admissible_actions", "switch", "subgoal", "action", "reward", "done"}
 EXPECTED_SUBGOALS = {
     "pick_and_place_simple": ["find and take the {o}", "put the {o} {p} the {r}"],
     "look_at_obj_in_light": ["find and take the {o}", "look at the {o} under the {t}"],
-    "pick_clean_then_place_in_recep": ["find and take the {o}", "clean the {o} with the sinkbasin", "put the {o} {p} the {r}"],
-    "pick_heat_then_place_in_recep": ["find and take the {o}", "heat the {o} with the microwave", "put the {o} {p} the {r}"],
-    "pick_cool_then_place_in_recep": ["find and take the {o}", "cool the {o} with the fridge", "put the {o} {p} the {r}"],
-    "pick_two_obj_and_place": ["find and take a {o}", "put the {o} {p} the {r}", "find and take another {o}", "put the second {o} {p} the {r}"],
+    "pick_clean_then_place_in_recep": [
+        "find and take the {o}",
+        "clean the {o} with the sinkbasin",
+        "put the {o} {p} the {r}",
+    ],
+    "pick_heat_then_place_in_recep": [
+        "find and take the {o}",
+        "heat the {o} with the microwave",
+        "put the {o} {p} the {r}",
+    ],
+    "pick_cool_then_place_in_recep": [
+        "find and take the {o}",
+        "cool the {o} with the fridge",
+        "put the {o} {p} the {r}",
+    ],
+    "pick_two_obj_and_place": [
+        "find and take a {o}",
+        "put the {o} {p} the {r}",
+        "find and take another {o}",
+        "put the second {o} {p} the {r}",
+    ],
 }
 
 
@@ -24,7 +55,12 @@ EXPECTED_SUBGOALS = {
 def demo_records(train_games, tmp_path_factory):
     out = tmp_path_factory.mktemp("demos") / "demos.jsonl"
     summary = demos.write_demos(train_games, str(out), seed=3, progress=False)
-    assert summary == {"games": len(train_games), "written": len(train_games), "won": len(train_games), "failed": []}
+    assert summary == {
+        "games": len(train_games),
+        "written": len(train_games),
+        "won": len(train_games),
+        "failed": [],
+    }
     with open(out) as f:
         return [json.loads(line) for line in f]
 
@@ -37,7 +73,10 @@ def test_records_follow_the_schema(demo_records, train_games):
         assert record["task_type"] == read_game_info(record["game"]).task_type
         assert record["num_turns"] == len(record["turns"]) > 0
         turns = record["turns"]
-        assert turns[0]["observation"].startswith("-= Welcome") and f"Your task is to: {record['task']}." in turns[0]["observation"]
+        assert (
+            turns[0]["observation"].startswith("-= Welcome")
+            and f"Your task is to: {record['task']}." in turns[0]["observation"]
+        )
         for turn in turns:
             assert set(turn) == TURN_KEYS and turn["action"] in turn["admissible_actions"]
         assert [t["done"] for t in turns] == [False] * (len(turns) - 1) + [True]

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from hiper_envs.alfworld import engine
 
 _TRANSCRIPT_SCRIPT = """
@@ -28,15 +27,19 @@ for gamefile in json.loads(sys.argv[2]):
         for _ in range(25):
             state, score, done = env.step(rng.choice(state["admissible_commands"] + ["bogus"]))
             transcript.append([state["feedback"], state["admissible_commands"], state["won"], score, done])
-cache = engine.parse_cache_sizes()
-print(json.dumps({"transcript": transcript, "parse_cache": cache, "speedups": sorted(engine.engine_speedups_applied())}))
+speedups = sorted(engine.engine_speedups_applied())
+print(json.dumps({"transcript": transcript, "parse_cache": engine.parse_cache_sizes(), "speedups": speedups}))
 """
 
 
 def _play_in_subprocess(mode, games):
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     out = subprocess.run(
-        [sys.executable, "-c", _TRANSCRIPT_SCRIPT, mode, json.dumps(games)], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", _TRANSCRIPT_SCRIPT, mode, json.dumps(games)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout)
 

@@ -6,13 +6,12 @@ import shutil
 
 import gymnasium
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from hiper_envs.alfworld import ENV_ID, AlfWorldEnv
 from hiper_envs.alfworld.engine import make_textworld_env
 from hiper_envs.alfworld.env import NOTHING_HAPPENS
 from hiper_envs.alfworld.games import official_games, read_game_info
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 INFO_KEYS = {"admissible_actions", "won", "task_type", "task", "gamefile", "invalid"}
 
@@ -27,7 +26,9 @@ def test_registered_env_plays_a_game_to_a_win(train_games):
     obs, info = env.reset(seed=0, options={"game": 0})
     gamefile = train_games[0]
     assert set(info) == INFO_KEYS and info["gamefile"] == gamefile
-    assert obs.startswith("-= Welcome to TextWorld, ALFRED! =-") and f"Your task is to: {info['task']}." in obs
+    assert (
+        obs.startswith("-= Welcome to TextWorld, ALFRED! =-") and f"Your task is to: {info['task']}." in obs
+    )
     assert info["task_type"] == read_game_info(gamefile).task_type
     assert info["admissible_actions"] == sorted(info["admissible_actions"]) and not info["won"]
     plan = _walkthrough(gamefile)
@@ -79,7 +80,11 @@ def started_env(train_games):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(action=st.one_of(st.text(max_size=80), st.none(), st.integers(), st.binary(max_size=20), st.lists(st.text(max_size=5))))
+@given(
+    action=st.one_of(
+        st.text(max_size=80), st.none(), st.integers(), st.binary(max_size=20), st.lists(st.text(max_size=5))
+    )
+)
 def test_malformed_actions_never_raise(started_env, action):
     before = started_env._state["admissible_commands"]
     obs, reward, terminated, truncated, info = started_env.step(action)
@@ -125,15 +130,23 @@ def _make_official_fixture(root, train_games):
             (target / "game.tw-pddl").write_text(json.dumps(game))
             with open(os.path.join(trial, "traj_data.json")) as f:
                 traj = json.load(f)
-            traj.update(images=[], plan={"high_pddl": [], "low_actions": []}, task_id="trial_T20190907_000000_000000")
+            traj.update(
+                images=[], plan={"high_pddl": [], "low_actions": []}, task_id="trial_T20190907_000000_000000"
+            )
             (target / "traj_data.json").write_text(json.dumps(traj))
             (target / "initial_state.pddl").write_text(game["pddl_problem"])
     unsolvable = base / "valid_seen" / "pick_and_place_simple-Apple-None-Fridge-1" / "trial_T1"
     shutil.copytree(os.path.dirname(train_games[5]), unsolvable)
     game = json.loads((unsolvable / "game.tw-pddl").read_text())
     (unsolvable / "game.tw-pddl").write_text(json.dumps({**game, "solvable": False}))
-    shutil.copytree(os.path.dirname(train_games[6]), base / "valid_seen" / "pick_and_place_with_movable_recep-X-Cup-Y-2" / "trial_T2")
-    shutil.copytree(os.path.dirname(train_games[7]), base / "valid_seen" / "pick_heat_then_place_in_recep-AppleSliced-None-Y-3" / "trial_T3")
+    shutil.copytree(
+        os.path.dirname(train_games[6]),
+        base / "valid_seen" / "pick_and_place_with_movable_recep-X-Cup-Y-2" / "trial_T2",
+    )
+    shutil.copytree(
+        os.path.dirname(train_games[7]),
+        base / "valid_seen" / "pick_heat_then_place_in_recep-AppleSliced-None-Y-3" / "trial_T3",
+    )
     return layout
 
 
@@ -142,11 +155,17 @@ def test_official_data_layout(tmp_path, monkeypatch, train_games):
     monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path))
     for split, games in layout.items():
         found = official_games(split)
-        assert len(found) == len(games) and all(f.startswith(str(tmp_path / "json_2.1.1" / split)) for f in found)
+        assert len(found) == len(games) and all(
+            f.startswith(str(tmp_path / "json_2.1.1" / split)) for f in found
+        )
     env = gymnasium.make(ENV_ID, games="official:valid_unseen")
     for index in range(2):
         _, info = env.reset(options={"game": index})
-        source = next(g for g in layout["valid_unseen"] if os.path.basename(os.path.dirname(os.path.dirname(g))) in info["gamefile"])
+        source = next(
+            g
+            for g in layout["valid_unseen"]
+            if os.path.basename(os.path.dirname(os.path.dirname(g))) in info["gamefile"]
+        )
         for action in _walkthrough(source):
             _, reward, terminated, _, info = env.step(action)
         assert terminated and reward == 10.0 and info["won"]

@@ -5,7 +5,6 @@ import random
 from typing import NamedTuple
 
 import pytest
-
 from hiper_envs.alfworld import AlfWorldEnv
 from hiper_envs.alfworld.demos import play_expert_episode
 from hiper_envs.alfworld.expert import fixed_policy, subgoal_of
@@ -41,7 +40,12 @@ def _policies(task_type):
     """alfworld's handcoded policy for a box-to-armchair task, stock and fixed."""
     from alfworld.agents.expert import HandCodedTWAgent
 
-    params = {"object_target": "box", "parent_target": "armchair", "toggle_target": "", "task_type": task_type}
+    params = {
+        "object_target": "box",
+        "parent_target": "armchair",
+        "toggle_target": "",
+        "task_type": task_type,
+    }
     stock_cls = HandCodedTWAgent().get_task_policy(params)
     return stock_cls(params, max_steps=100), fixed_policy(stock_cls)(params, max_steps=100)
 
@@ -50,7 +54,9 @@ def test_a_move_command_counts_as_putting_the_object_down():
     stock, fixed = _policies("pick_two_obj_and_place")
     for policy in (stock, fixed):
         policy.inventory = ["box 1"]
-        policy.update_state_tracking({"feedback": "You move the box 1 to the armchair 1."}, "move box 1 to armchair 1")
+        policy.update_state_tracking(
+            {"feedback": "You move the box 1 to the armchair 1."}, "move box 1 to armchair 1"
+        )
     assert fixed.inventory == [] and fixed.object_blacklist == ["box 1"]
     assert stock.inventory == ["box 1"]  # alfworld 0.4.2's bug, which the fix removes
 
@@ -60,7 +66,9 @@ def test_a_queued_close_is_dropped_when_the_expert_moves_on():
     for policy in (stock, fixed):
         policy.curr_recep = "cabinet 2"
         policy.action_backlog = ["close cabinet 2"]
-        policy.update_state_tracking({"feedback": "You arrive at microwave 1. The microwave 1 is closed."}, "go to microwave 1")
+        policy.update_state_tracking(
+            {"feedback": "You arrive at microwave 1. The microwave 1 is closed."}, "go to microwave 1"
+        )
     assert fixed.action_backlog == [] and stock.action_backlog == ["close cabinet 2"]
 
 
@@ -82,16 +90,28 @@ def test_subgoals_follow_the_task_steps():
     heat = {"object_target": "Apple", "parent_target": "CounterTop", "toggle_target": ""}
     holding = [Fact("holds", ("agent1 ", "apple 1"))]
     assert subgoal_of([], "pick_heat_then_place_in_recep", heat) == "find and take the apple"
-    assert subgoal_of([Fact("holds", ("agent1 ", "mug 1"))], "pick_heat_then_place_in_recep", heat) == "find and take the apple"
+    assert (
+        subgoal_of([Fact("holds", ("agent1 ", "mug 1"))], "pick_heat_then_place_in_recep", heat)
+        == "find and take the apple"
+    )
     assert subgoal_of(holding, "pick_heat_then_place_in_recep", heat) == "heat the apple with the microwave"
-    assert subgoal_of(holding + [Fact("ishot", ("apple 1",))], "pick_heat_then_place_in_recep", heat) == "put the apple on the countertop"
+    assert (
+        subgoal_of(holding + [Fact("ishot", ("apple 1",))], "pick_heat_then_place_in_recep", heat)
+        == "put the apple on the countertop"
+    )
     cool = {**heat, "parent_target": "Fridge"}
-    assert subgoal_of(holding + [Fact("ishot", ("apple 1",))], "pick_cool_then_place_in_recep", cool) == "cool the apple with the fridge"
+    assert (
+        subgoal_of(holding + [Fact("ishot", ("apple 1",))], "pick_cool_then_place_in_recep", cool)
+        == "cool the apple with the fridge"
+    )
     assert subgoal_of(holding, "pick_and_place_simple", cool) == "put the apple in the fridge"
     assert subgoal_of(holding, "pick_clean_then_place_in_recep", heat) == "clean the apple with the sinkbasin"
     lamp = {"object_target": "Book", "parent_target": "", "toggle_target": "DeskLamp"}
     assert subgoal_of([], "look_at_obj_in_light", lamp) == "find and take the book"
-    assert subgoal_of([Fact("holds", ("agent1 ", "book 2"))], "look_at_obj_in_light", lamp) == "look at the book under the desklamp"
+    assert (
+        subgoal_of([Fact("holds", ("agent1 ", "book 2"))], "look_at_obj_in_light", lamp)
+        == "look at the book under the desklamp"
+    )
     two = {"object_target": "Box", "parent_target": "ArmChair", "toggle_target": ""}
     in_place = [Fact("inreceptacle", ("box 1", "armchair 1"))]
     box = [Fact("holds", ("agent1 ", "box 2"))]
