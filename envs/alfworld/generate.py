@@ -190,9 +190,7 @@ class _Layout:
     objects: list[tuple[str, str, scn.Receptacle]]  # (object id, type, receptacle)
 
 
-def _sample_layout(
-    spec: TaskSpec, scene: scn.Scene, rng: random.Random, config: GeneratorConfig
-) -> _Layout:
+def _sample_layout(spec: TaskSpec, scene: scn.Scene, rng: random.Random, config: GeneratorConfig) -> _Layout:
     """Pick the receptacles and place the objects of one game (see the module docstring)."""
     chosen: dict[str, scn.Receptacle] = {}
 

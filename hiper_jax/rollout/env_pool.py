@@ -21,7 +21,10 @@ Failures never hang the caller or lose other envs' results. A worker that dies (
 or does not answer within the timeout is killed and restarted with fresh envs; each of its
 envs being stepped gets a truncated result with `info["env_crashed"] = True` and
 `info["error"]` (and, with auto-reset, a fresh episode as above). An exception raised inside
-an env is caught in the worker and reported the same way for that env alone.
+an env is caught in the worker and reported the same way for that env alone. An env whose reset
+fails (its exception, or its worker crashing twice) answers `("", info)` with the error and
+stays done, its step results repeating that, until a `reset` succeeds; a worker that cannot be
+restarted is retried at the next call that needs it.
 """
 
 from __future__ import annotations
@@ -177,6 +180,7 @@ class EnvPool:
         self.reset_timeout_s = reset_timeout_s
         self.start_timeout_s = start_timeout_s
         self.restarts = 0
+        self._broken: dict[int, str] = {}  # workers whose restart failed: the reason
         self._ctx = multiprocessing.get_context(context)
         groups = [
             list(range(i, min(i + envs_per_worker, num_envs))) for i in range(0, num_envs, envs_per_worker)
@@ -221,7 +225,11 @@ class EnvPool:
         """The next message from worker `w`, or WorkerCrashed if it dies or misses the deadline."""
         conn, proc = self._conns[w], self._procs[w]
         while True:
-            if conn.poll():
+            try:
+                readable = conn.poll()
+            except OSError as error:  # closed: an earlier restart of this worker failed
+                raise WorkerCrashed(f"worker {w} is not running: {error!r}") from error
+            if readable:
                 try:
                     return conn.recv()
                 except Exception as error:  # noqa: BLE001 - a dying worker leaves a broken pipe
@@ -234,6 +242,7 @@ class EnvPool:
                 raise WorkerCrashed(f"worker {w} did not answer in time")
             ready = wait([conn, proc.sentinel], timeout=remaining)
             if proc.sentinel in ready and not conn.poll():
+                proc.join(timeout=1.0)
                 raise WorkerCrashed(f"worker {w} died (exit code {proc.exitcode})")
 
     def _restart(self, w: int, reason: str) -> None:
@@ -244,8 +253,12 @@ class EnvPool:
             proc.join(timeout=10)
         self._conns[w].close()
         self.restarts += 1
-        self._spawn(w)
-        self._await_ready(w)
+        try:
+            self._spawn(w)
+            self._await_ready(w)
+            self._broken.pop(w, None)
+        except Exception as error:  # noqa: BLE001 - reported per env; the next call retries
+            reason = self._broken[w] = f"{reason}; restarting the worker failed: {error}"
         for slot in self._slots:
             if slot.worker == w:
                 if not slot.done:
@@ -254,14 +267,18 @@ class EnvPool:
 
     def _gather(self, requests: dict[int, list], command: str, timeout_s: float) -> dict[int, list | str]:
         """Send each worker its requests, collect answers; a crashed worker maps to its error."""
+        answers: dict[int, list | str] = {w: self._broken[w] for w in requests if w in self._broken}
         for w, payload in requests.items():
+            if w in answers:
+                continue
             try:
                 self._conns[w].send((command, payload))
             except (BrokenPipeError, OSError):
                 pass  # reported as a crash when its answer does not come
         deadline = time.monotonic() + timeout_s
-        answers: dict[int, list | str] = {}
         for w in requests:
+            if w in answers:
+                continue
             try:
                 answers[w] = self._receive(w, deadline)
             except WorkerCrashed as crash:
@@ -313,7 +330,11 @@ class EnvPool:
                 break
             pending = retry
         for i in indices:
-            self._slots[i].lost_episode = None  # what happened to these is in the answer
+            slot = self._slots[i]
+            slot.lost_episode = None  # what happened to these is in the answer
+            if slot.done:  # the reset failed: later steps repeat the failure until reset() works
+                obs, info = out[i]
+                slot.last = StepResult(obs, 0.0, False, True, info)
         return [out[i] for i in indices]
 
     def _apply_reset(self, slot: _Slot, outcome: tuple) -> tuple[Any, dict]:
@@ -363,9 +384,12 @@ class EnvPool:
         if recovery and self.auto_reset:
             for i, (obs, info) in zip(recovery, self.reset(indices=recovery)):
                 final = results[i]
+                if self._slots[i].done:  # the fresh reset failed too: the env waits for reset()
+                    final.info["reset_error"] = info["error"]
+                    self._slots[i].last = final
+                    continue
                 results[i] = StepResult(obs, 0.0, False, True, self._with_final(info, final, crashed=True))
-                if not self._slots[i].done:
-                    self._slots[i].last = results[i]
+                self._slots[i].last = results[i]
         return results
 
     @staticmethod

@@ -47,3 +47,15 @@ class CountingEnv(gymnasium.Env):
 
 def make_counting_env(max_steps: int = 3) -> CountingEnv:
     return CountingEnv(max_steps)
+
+
+class FactoryFailingWhileFileExists:
+    """Builds CountingEnvs, but raises while `path` exists (a worker that cannot restart)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self) -> CountingEnv:
+        if os.path.exists(self.path):
+            raise OSError(f"{self.path} blocks start-up")
+        return CountingEnv(max_steps=10)

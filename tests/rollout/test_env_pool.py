@@ -6,7 +6,7 @@ import signal
 import time
 
 import pytest
-from pool_dummy_env import CountingEnv, make_counting_env
+from pool_dummy_env import CountingEnv, FactoryFailingWhileFileExists, make_counting_env
 
 from hiper_jax.rollout import EnvPool, GymFactory, StepResult
 
@@ -141,6 +141,22 @@ def test_an_exception_in_one_env_is_reported_without_a_restart(pool):
     assert envs.restarts == 0
 
 
+class _FailingReset:
+    def __call__(self):
+        env = CountingEnv()
+        env.reset = lambda **kwargs: (_ for _ in ()).throw(RuntimeError("no games left"))
+        return env
+
+
+def test_a_failed_reset_leaves_that_env_done_without_blocking_the_others(pool):
+    envs = pool(factory=[CountingEnv, _FailingReset()], num_envs=2, envs_per_worker=1)
+    (ok, _), (failed_obs, failed_info) = envs.reset(seeds=[1, 2])
+    assert ok == "1:0" and failed_obs == "" and "no games left" in failed_info["error"]
+    played, failed = envs.step(["x", "x"])
+    assert played.observation == "1:1"
+    assert failed.truncated and "no games left" in failed.info["error"]
+
+
 def test_bad_calls_raise_clear_errors(pool):
     with pytest.raises(ValueError, match="fork"):
         EnvPool(CountingEnv, num_envs=1, context="fork")
@@ -153,6 +169,23 @@ def test_bad_calls_raise_clear_errors(pool):
     envs.close()
     with pytest.raises(RuntimeError, match="closed"):
         envs.reset()
+
+
+def test_a_worker_that_cannot_restart_is_reported_not_raised(pool, tmp_path):
+    blocker = tmp_path / "blocker"
+    envs = pool(factory=FactoryFailingWhileFileExists(str(blocker)), num_envs=2, envs_per_worker=1)
+    first = envs.reset(seeds=[1, 2])
+    blocker.touch()
+    os.kill(first[0][1]["pid"], signal.SIGKILL)
+    crashed, fine = envs.step(["x", "x"])
+    assert crashed.truncated and crashed.info["env_crashed"] and crashed.observation == "1:0"
+    assert "restarting the worker failed" in crashed.info["reset_error"]
+    assert fine.observation == "2:1"
+    again, fine = envs.step(["x", "x"])
+    assert again == crashed and fine.observation == "2:2"  # left done; the others play on
+    blocker.unlink()
+    assert envs.reset(seeds=[7], indices=[0])[0][0] == "7:0"
+    assert [r.observation for r in envs.step(["x", "x"])] == ["7:1", "2:3"]
 
 
 def _broken_factory():
