@@ -1,0 +1,233 @@
+"""The jitted PPO update: log-prob/value passes, and one update over a batch of turn rows.
+
+A batch is token-level (one row per turn, ``[N, L]``, see :mod:`hiper_jax.rollout.packing`).
+``tokens[n, j]`` is scored by the logits at ``j - 1``; every ``[N, L]`` token array here is
+aligned to the scored token, with position 0 (never a response token) left at 0.
+
+The update runs ``epochs x mini_batches`` optimizer steps inside one jitted function (nested
+``lax.scan``); each mini-batch accumulates gradients over micro-batches of ``micro_batch_rows``
+rows. Token means are taken over the whole mini-batch, so accumulation is exact. Actor and
+critic have their own AdamW with global-norm clipping. A step whose loss or gradient is not
+finite is skipped: parameters and optimizer states stay as they were, and the metrics say so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hiper_jax.models import qwen2
+from hiper_jax.models.value_heads import critic_values
+from hiper_jax.train.losses import clipped_value_loss, kl_penalty, ppo_dual_clip_loss
+
+Array = jax.Array
+Params = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """Static settings of the update (a change recompiles)."""
+
+    clip_ratio: float = 0.2
+    dual_clip: float = 3.0
+    kl_coef: float = 0.01
+    kl_estimator: str = "low_var_kl"
+    entropy_coef: float = 0.001
+    value_clip: float = 0.5
+    epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_rows: int = 8
+    temperature: float = 1.0
+    value_heads: tuple[str, ...] = ("low", "high", "term")
+    remat: bool = False
+
+
+class TrainState(NamedTuple):
+    """Everything the update changes."""
+
+    actor: Params
+    critic: Params
+    actor_opt: optax.OptState
+    critic_opt: optax.OptState
+    step: Array  # number of optimizer steps taken (skipped ones included)
+
+
+class PPOBatch(NamedTuple):
+    """Device arrays of one update; ``[N, L]`` token arrays aligned to scored tokens.
+
+    ``value_*`` are ``[N, 3]`` (heads low, high, term): the hidden-state position each head
+    reads, its target return, its value at rollout time, and whether the head is trained on
+    that row.
+    """
+
+    tokens: Array          # [N, L] int32
+    valid: Array           # [N, L] bool, real tokens (prompt and response)
+    loss_mask: Array       # [N, L] bool, response tokens inside the three blocks
+    advantages: Array      # [N, L] float32
+    old_logp: Array        # [N, L] float32
+    ref_logp: Array        # [N, L] float32
+    value_read: Array      # [N, 3] int32
+    value_targets: Array   # [N, 3] float32
+    old_values: Array      # [N, 3] float32
+    value_mask: Array      # [N, 3] bool
+
+
+def make_optimizer(learning_rate: float, weight_decay: float, max_grad_norm: float) -> optax.GradientTransformation:
+    """AdamW after global-norm clipping."""
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm),
+                       optax.adamw(learning_rate, weight_decay=weight_decay))
+
+
+def init_train_state(actor: Params, critic: Params, actor_tx, critic_tx) -> TrainState:
+    return TrainState(actor, critic, actor_tx.init(actor), critic_tx.init(critic),
+                      jnp.zeros((), jnp.int32))
+
+
+def _segment_ids(valid: Array) -> Array:
+    return valid.astype(jnp.int32)
+
+
+def _scored(stat: Array) -> Array:
+    """``[N, L - 1]`` stats of targets ``tokens[:, 1:]`` -> ``[N, L]`` aligned to scored tokens."""
+    return jnp.pad(stat, ((0, 0), (1, 0)))
+
+
+def policy_token_stats(actor: Params, config: qwen2.Qwen2Config, tokens: Array, valid: Array,
+                       temperature: float = 1.0, remat: bool = False):
+    """Log-probs and entropies of every scored token, ``[N, L]`` each, plus hidden ``[N, L, E]``."""
+    hidden, _ = qwen2.forward(actor, config, tokens, segment_ids=_segment_ids(valid), remat=remat)
+    stats = qwen2.token_logprobs(actor, config, hidden[:, :-1], tokens[:, 1:], temperature=temperature)
+    return _scored(stats.logprobs), _scored(stats.entropy), hidden
+
+
+def read_values(critic: Params, config: qwen2.Qwen2Config, tokens: Array, valid: Array,
+                value_read: Array, policy_hidden: Optional[Array] = None, remat: bool = False) -> Array:
+    """Critic values ``[N, 3]`` at each head's read position ``value_read [N, 3]``."""
+    values = critic_values(critic, config, tokens, segment_ids=_segment_ids(valid),
+                           policy_hidden=policy_hidden, remat=remat)
+    return jnp.take_along_axis(values, value_read[:, None, :], axis=1)[:, 0, :]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "temperature"))
+def logprob_pass(params: Params, config: qwen2.Qwen2Config, tokens: Array, valid: Array,
+                 temperature: float = 1.0) -> Array:
+    """Jitted log-probs ``[N, L]`` of every scored token (old or reference policy)."""
+    logp, _, _ = policy_token_stats(params, config, tokens, valid, temperature)
+    return logp
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def value_pass(critic: Params, actor: Params, config: qwen2.Qwen2Config, tokens: Array,
+               valid: Array, value_read: Array) -> Array:
+    """Jitted critic values ``[N, 3]`` at the read positions (uses the actor's hidden states
+    when the critic shares its backbone)."""
+    hidden = None
+    if "backbone" not in critic:
+        hidden, _ = qwen2.forward(actor, config, tokens, segment_ids=_segment_ids(valid))
+    return read_values(critic, config, tokens, valid, value_read, policy_hidden=hidden)
+
+
+def _loss(params, batch: PPOBatch, counts: dict, config: qwen2.Qwen2Config, ppo: PPOConfig):
+    """Loss of one micro-batch, scaled so that summing micro-batches gives mini-batch means."""
+    actor, critic = params
+    logp, entropy, hidden = policy_token_stats(actor, config, batch.tokens, batch.valid,
+                                               ppo.temperature, ppo.remat)
+    mask = batch.loss_mask
+    share = jnp.sum(mask) / jnp.maximum(counts["tokens"], 1.0)
+    pg = ppo_dual_clip_loss(logp, batch.old_logp, batch.advantages, mask,
+                            clip_ratio=ppo.clip_ratio, dual_clip=ppo.dual_clip)
+    kl = jnp.sum(jnp.where(mask, kl_penalty(logp, batch.ref_logp, ppo.kl_estimator), 0.0))
+    ent = jnp.sum(jnp.where(mask, entropy, 0.0))
+    denominator = jnp.maximum(counts["tokens"], 1.0)
+    actor_loss = pg.loss * share + (ppo.kl_coef * kl - ppo.entropy_coef * ent) / denominator
+
+    policy_hidden = None if "backbone" in critic else hidden
+    values = read_values(critic, config, batch.tokens, batch.valid, batch.value_read,
+                         policy_hidden=policy_hidden, remat=ppo.remat)
+    value_loss = jnp.zeros((), jnp.float32)
+    for head, name in enumerate(("low", "high", "term")):
+        if name not in ppo.value_heads:
+            continue
+        head_mask = batch.value_mask[:, head]
+        head_share = jnp.sum(head_mask) / jnp.maximum(counts[name], 1.0)
+        value_loss += head_share * clipped_value_loss(
+            values[:, head], batch.old_values[:, head], batch.value_targets[:, head], head_mask,
+            clip=ppo.value_clip)
+    metrics = {
+        "pg_loss": pg.loss * share, "kl": kl / denominator, "entropy": ent / denominator,
+        "clip_fraction": pg.clip_fraction * share, "dual_clip_fraction": pg.dual_clip_fraction * share,
+        "approx_kl": pg.approx_kl * share, "value_loss": value_loss,
+    }
+    return actor_loss + value_loss, metrics
+
+
+def _split(batch: PPOBatch, parts: int) -> PPOBatch:
+    """``[N, ...]`` -> ``[parts, N / parts, ...]``, part p taking rows p, p + parts, ..."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((-1, parts) + x.shape[1:]), 0, 1), batch)
+
+
+def _counts(batch: PPOBatch) -> dict:
+    counts = {"tokens": jnp.sum(batch.loss_mask).astype(jnp.float32)}
+    for head, name in enumerate(("low", "high", "term")):
+        counts[name] = jnp.sum(batch.value_mask[:, head]).astype(jnp.float32)
+    return counts
+
+
+def _all_finite(tree) -> Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "ppo", "actor_tx", "critic_tx"), donate_argnums=(0,))
+def ppo_update(state: TrainState, batch: PPOBatch, key: Array, *, config: qwen2.Qwen2Config,
+               ppo: PPOConfig, actor_tx, critic_tx) -> tuple[TrainState, dict]:
+    """``epochs x mini_batches`` PPO steps on ``batch``; returns the new state and mean metrics.
+
+    N must be divisible by ``mini_batches * micro_batch_rows``.
+    """
+    num_rows = batch.tokens.shape[0]
+    rows_per_mini = num_rows // ppo.mini_batches
+    if num_rows % (ppo.mini_batches * ppo.micro_batch_rows):
+        raise ValueError(f"N={num_rows} rows do not split into {ppo.mini_batches} mini-batches of "
+                         f"micro-batches of {ppo.micro_batch_rows} rows")
+    micro_per_mini = rows_per_mini // ppo.micro_batch_rows
+    grad_fn = jax.value_and_grad(_loss, has_aux=True)
+
+    def mini_step(state: TrainState, mini: PPOBatch):
+        counts = _counts(mini)
+        micros = _split(mini, micro_per_mini)
+
+        def micro_step(grads, micro):
+            (loss, metrics), g = grad_fn((state.actor, state.critic), micro, counts, config, ppo)
+            grads = jax.tree.map(jnp.add, grads, g)
+            return grads, (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, (state.actor, state.critic))
+        grads, (losses, metrics) = jax.lax.scan(micro_step, zeros, micros)
+        metrics = jax.tree.map(jnp.sum, metrics)
+        loss = jnp.sum(losses)
+        actor_updates, actor_opt = actor_tx.update(grads[0], state.actor_opt, state.actor)
+        critic_updates, critic_opt = critic_tx.update(grads[1], state.critic_opt, state.critic)
+        candidate = TrainState(optax.apply_updates(state.actor, actor_updates),
+                               optax.apply_updates(state.critic, critic_updates),
+                               actor_opt, critic_opt, state.step + 1)
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        kept = TrainState(state.actor, state.critic, state.actor_opt, state.critic_opt, state.step + 1)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, kept)
+        metrics.update(loss=loss, actor_grad_norm=optax.tree.norm(grads[0]),
+                       critic_grad_norm=optax.tree.norm(grads[1]),
+                       skipped=(~finite).astype(jnp.float32))
+        return new_state, metrics
+
+    def epoch(state: TrainState, epoch_key: Array):
+        order = jax.random.permutation(epoch_key, num_rows)
+        shuffled = jax.tree.map(lambda x: x[order], batch)
+        minis = jax.tree.map(lambda x: x.reshape((ppo.mini_batches, rows_per_mini) + x.shape[1:]), shuffled)
+        return jax.lax.scan(mini_step, state, minis)
+
+    state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, ppo.epochs))
+    return state, jax.tree.map(jnp.mean, metrics)
