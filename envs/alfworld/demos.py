@@ -25,9 +25,9 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from typing import Any
 
 from hiper_envs.alfworld.games import resolve_games
 
