@@ -27,6 +27,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from typing import Any
 
 from hiper_envs.alfworld.games import resolve_games
 
@@ -34,11 +35,19 @@ SWITCH, KEEP = "SWITCH", "KEEP"
 DEMO_MAX_STEPS = 100
 
 
-def play_expert_episode(gamefile: str, seed: int = 0, max_steps: int = DEMO_MAX_STEPS) -> dict:
-    """Play the expert on one game and return the demonstration record (schema above)."""
+def play_expert_episode(
+    gamefile: str, seed: int = 0, max_steps: int = DEMO_MAX_STEPS, env: Any = None
+) -> dict:
+    """Play the expert on one game and return the demonstration record (schema above).
+
+    `env`: an `AlfWorldEnv(..., expert=True)` to reuse (one engine for many games); by
+    default a fresh one is made and closed.
+    """
     from hiper_envs.alfworld.env import AlfWorldEnv
 
-    env = AlfWorldEnv([gamefile], max_steps=max_steps, expert=True)
+    own_env = env is None
+    if own_env:
+        env = AlfWorldEnv([gamefile], max_steps=max_steps, expert=True)
     try:
         observation, info = env.reset(seed=seed, options={"gamefile": gamefile})
         record = {"env": "alfworld", "game": gamefile, "task_type": info["task_type"], "task": info["task"]}
@@ -65,12 +74,20 @@ def play_expert_episode(gamefile: str, seed: int = 0, max_steps: int = DEMO_MAX_
             observation = next_observation
         return {**record, "won": bool(info["won"]), "num_turns": len(turns), "turns": turns}
     finally:
+        if own_env:
+            env.close()
+
+
+def _play_games(args: tuple[Sequence[tuple[int, str]], int, int]) -> list[dict]:
+    """Episodes for `(index, gamefile)` pairs, on one engine (episode i uses seed `seed + i`)."""
+    from hiper_envs.alfworld.env import AlfWorldEnv
+
+    indexed, seed, max_steps = args
+    env = AlfWorldEnv([gamefile for _, gamefile in indexed], max_steps=max_steps, expert=True)
+    try:
+        return [play_expert_episode(gamefile, seed + index, max_steps, env) for index, gamefile in indexed]
+    finally:
         env.close()
-
-
-def _play_chunk(args: tuple[Sequence[tuple[int, str]], int, int]) -> list[dict]:
-    chunk, seed, max_steps = args
-    return [play_expert_episode(gamefile, seed + index, max_steps) for index, gamefile in chunk]
 
 
 def iter_demos(
@@ -78,14 +95,14 @@ def iter_demos(
 ) -> Iterable[dict]:
     """Demonstrations for `gamefiles`, in order (episode i uses seed `seed + i`)."""
     indexed = list(enumerate(gamefiles))
-    if workers <= 1:
-        for index, gamefile in indexed:
-            yield play_expert_episode(gamefile, seed + index, max_steps)
-        return
     chunk_size = 8
     chunks = [(indexed[i : i + chunk_size], seed, max_steps) for i in range(0, len(indexed), chunk_size)]
+    if workers <= 1:
+        for chunk in chunks:
+            yield from _play_games(chunk)
+        return
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        for records in pool.map(_play_chunk, chunks):
+        for records in pool.map(_play_games, chunks):
             yield from records
 
 

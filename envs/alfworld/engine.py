@@ -203,3 +203,19 @@ def make_textworld_env(request_facts: bool = False, request_walkthrough: bool = 
     extras = ["walkthrough"] if request_walkthrough else []
     infos = textworld.EnvInfos(won=True, admissible_commands=True, facts=request_facts, extras=extras)
     return AlfredDemangler(shuffle=False)(GenericEnvironment(infos))
+
+
+def close_textworld_env(env: Any) -> None:
+    """Close an env from `make_textworld_env` and free the planner state it holds.
+
+    Every engine loads a private copy of fast-downward's library (about 1.3 MB resident);
+    textworld never unloads it, and unloading it (`dlclose`) makes the process crash at exit,
+    so it stays mapped: reuse an engine across games (`load` switches the game) rather than
+    building one per game. The env must not be used afterwards.
+    """
+    inner = env.unwrapped  # the PddlEnv once a game was loaded
+    library = getattr(inner, "downward_lib", None)
+    if library is not None:
+        library.cleanup()
+        inner.downward_lib = None
+    env.close()

@@ -26,7 +26,7 @@ from typing import Any
 
 import gymnasium
 from gymnasium import spaces
-from hiper_envs.alfworld.engine import make_textworld_env
+from hiper_envs.alfworld.engine import close_textworld_env, make_textworld_env
 from hiper_envs.alfworld.expert import HandcodedExpert, subgoal_of
 from hiper_envs.alfworld.games import GameInfo, read_game_info, resolve_games
 
@@ -95,6 +95,7 @@ class AlfWorldEnv(gymnasium.Env):
         if self._engine is None:
             self._engine = make_textworld_env(request_facts=self.expert)
         if gamefile != self._loaded:
+            self._loaded = None
             self._game = read_game_info(gamefile)
             self._engine.load(gamefile)
             self._loaded = gamefile
@@ -151,6 +152,7 @@ class AlfWorldEnv(gymnasium.Env):
 
     def close(self) -> None:
         if self._engine is not None:
-            self._engine.close()
+            close_textworld_env(self._engine)
             self._engine = None
             self._loaded = None
+            self._state = None

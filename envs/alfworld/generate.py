@@ -42,7 +42,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 from hiper_envs.alfworld import scenes as scn
-from hiper_envs.alfworld.engine import make_textworld_env, require_engine, shipped_path
+from hiper_envs.alfworld.engine import close_textworld_env, make_textworld_env, require_engine, shipped_path
 
 TASK_TYPES = (
     "pick_and_place_simple",
@@ -327,9 +327,14 @@ class UnsolvableGame(RuntimeError):
     pass
 
 
+_checker: list = []  # this process's engine for solvability checks, reused across games
+
+
 def check_solvable(game_path: str) -> list[str]:
     """Play the engine's own plan for the game; return it, or raise UnsolvableGame."""
-    env = make_textworld_env(request_walkthrough=True)
+    if not _checker:
+        _checker.append(make_textworld_env(request_walkthrough=True))
+    env = _checker[0]
     try:
         env.load(game_path)
         state = env.reset()
@@ -348,9 +353,8 @@ def check_solvable(game_path: str) -> list[str]:
     except UnsolvableGame:
         raise
     except Exception as error:  # the engine rejects some impossible problems by failing
+        close_textworld_env(_checker.pop())  # its state is unknown now: start afresh next time
         raise UnsolvableGame(f"{game_path}: the engine failed on it: {error!r}") from error
-    finally:
-        env.close()
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -6,6 +6,8 @@ import json
 import pytest
 from hiper_envs.alfworld import demos, read_game_info
 
+from hiper_jax.agent.demos import read_demos
+
 SURFACES = {
     "armchair",
     "bed",
@@ -109,3 +111,4 @@ def test_cli(train_games, games_root, tmp_path, capsys):
     lines = out.read_text().splitlines()
     assert len(lines) == 6 and all(json.loads(line)["won"] for line in lines)
     assert "6/6 won" in capsys.readouterr().err
+    assert len(read_demos(str(out))) == 6  # the reader of the warm-start code accepts them
