@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.ppo = dict(
         actor_lr=1e-6, critic_lr=1e-5, weight_decay=0.0, clip_ratio=0.2, dual_clip=3.0,
         kl_coef=0.01, kl_estimator="low_var_kl", entropy_coef=0.001, value_clip=0.5,
-        max_grad_norm=1.0, epochs=1, mini_batches=1, micro_batch_rows=8,
+        max_grad_norm=1.0, epochs=1, mini_batch_rows=32, micro_batch_rows=8,
         length_multiple=64,
     )
     c.sft = dict(demos="", epochs=1, lr=1e-4, batch_rows=8, max_length=1024)
@@ -151,11 +151,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _require(ppo.dual_clip > 1, "ppo.dual_clip", f"must be > 1, got {ppo.dual_clip}")
     for field in ("actor_lr", "critic_lr", "clip_ratio", "value_clip", "max_grad_norm"):
         _require(ppo[field] > 0, f"ppo.{field}", f"must be > 0, got {ppo[field]}")
-    for field in ("epochs", "mini_batches", "micro_batch_rows", "length_multiple"):
+    for field in ("epochs", "mini_batch_rows", "micro_batch_rows", "length_multiple"):
         _require(ppo[field] >= 1, f"ppo.{field}", f"must be >= 1, got {ppo[field]}")
     for field in ("iterations", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _require(train[field] >= 0 if field == "iterations" else train[field] >= 1,
                  f"train.{field}", f"must be positive, got {train[field]}")
+    _require(ppo.mini_batch_rows % ppo.micro_batch_rows == 0, "ppo.mini_batch_rows",
+             f"must be a multiple of ppo.micro_batch_rows={ppo.micro_batch_rows}")
     _require(bool(train.out_dir), "train.out_dir", "must not be empty")
     sizes = [mesh.data, mesh.fsdp, mesh.tensor]
     _require(all(s == -1 or s >= 1 for s in sizes), "mesh", f"sizes must be >= 1 or -1, got {sizes}")

@@ -4,11 +4,13 @@ A batch is token-level (one row per turn, ``[N, L]``, see :mod:`hiper_jax.rollou
 ``tokens[n, j]`` is scored by the logits at ``j - 1``; every ``[N, L]`` token array here is
 aligned to the scored token, with position 0 (never a response token) left at 0.
 
-The update runs ``epochs x mini_batches`` optimizer steps inside one jitted function (nested
-``lax.scan``); each mini-batch accumulates gradients over micro-batches of ``micro_batch_rows``
-rows. Token means are taken over the whole mini-batch, so accumulation is exact. Actor and
-critic have their own AdamW with global-norm clipping. A step whose loss or gradient is not
-finite is skipped: parameters and optimizer states stay as they were, and the metrics say so.
+One optimizer step (:func:`ppo_step`) is one jitted function over a mini-batch of a fixed number
+of rows; it accumulates gradients over micro-batches with ``lax.scan``. Token means are taken
+over the whole mini-batch, so accumulation is exact. :func:`ppo_update` runs the epochs over
+shuffled mini-batches from the host, so a batch of any size reuses one compiled step per token
+length. Actor and critic have their own AdamW with global-norm clipping. A step whose loss or
+gradient is not finite is skipped: parameters and optimizer states stay as they were, and the
+metrics say so.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hiper_jax.models import qwen2
@@ -40,7 +43,7 @@ class PPOConfig:
     entropy_coef: float = 0.001
     value_clip: float = 0.5
     epochs: int = 1
-    mini_batches: int = 1
+    mini_batch_rows: int = 64
     micro_batch_rows: int = 8
     temperature: float = 1.0
     value_heads: tuple[str, ...] = ("low", "high", "term")
@@ -183,51 +186,74 @@ def _all_finite(tree) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "ppo", "actor_tx", "critic_tx"), donate_argnums=(0,))
-def ppo_update(state: TrainState, batch: PPOBatch, key: Array, *, config: qwen2.Qwen2Config,
-               ppo: PPOConfig, actor_tx, critic_tx) -> tuple[TrainState, dict]:
-    """``epochs x mini_batches`` PPO steps on ``batch``; returns the new state and mean metrics.
-
-    N must be divisible by ``mini_batches * micro_batch_rows``.
-    """
-    num_rows = batch.tokens.shape[0]
-    rows_per_mini = num_rows // ppo.mini_batches
-    if num_rows % (ppo.mini_batches * ppo.micro_batch_rows):
-        raise ValueError(f"N={num_rows} rows do not split into {ppo.mini_batches} mini-batches of "
-                         f"micro-batches of {ppo.micro_batch_rows} rows")
-    micro_per_mini = rows_per_mini // ppo.micro_batch_rows
+def ppo_step(state: TrainState, mini: PPOBatch, *, config: qwen2.Qwen2Config, ppo: PPOConfig,
+             actor_tx, critic_tx) -> tuple[TrainState, dict]:
+    """One optimizer step on a mini-batch of ``ppo.mini_batch_rows`` rows, accumulating
+    gradients over micro-batches of ``ppo.micro_batch_rows`` rows (token means are over the whole
+    mini-batch, so the result does not depend on the micro-batch size)."""
+    num_rows = mini.tokens.shape[0]
+    if num_rows % ppo.micro_batch_rows:
+        raise ValueError(f"a mini-batch of {num_rows} rows does not split into micro-batches of "
+                         f"{ppo.micro_batch_rows} rows")
     grad_fn = jax.value_and_grad(_loss, has_aux=True)
+    counts = _counts(mini)
 
-    def mini_step(state: TrainState, mini: PPOBatch):
-        counts = _counts(mini)
-        micros = _split(mini, micro_per_mini)
+    def micro_step(grads, micro):
+        (loss, metrics), g = grad_fn((state.actor, state.critic), micro, counts, config, ppo)
+        return jax.tree.map(jnp.add, grads, g), (loss, metrics)
 
-        def micro_step(grads, micro):
-            (loss, metrics), g = grad_fn((state.actor, state.critic), micro, counts, config, ppo)
-            grads = jax.tree.map(jnp.add, grads, g)
-            return grads, (loss, metrics)
+    zeros = jax.tree.map(jnp.zeros_like, (state.actor, state.critic))
+    grads, (losses, metrics) = jax.lax.scan(micro_step, zeros, _split(mini, num_rows // ppo.micro_batch_rows))
+    metrics = jax.tree.map(jnp.sum, metrics)
+    loss = jnp.sum(losses)
+    actor_updates, actor_opt = actor_tx.update(grads[0], state.actor_opt, state.actor)
+    critic_updates, critic_opt = critic_tx.update(grads[1], state.critic_opt, state.critic)
+    candidate = TrainState(optax.apply_updates(state.actor, actor_updates),
+                           optax.apply_updates(state.critic, critic_updates),
+                           actor_opt, critic_opt, state.step + 1)
+    kept = state._replace(step=state.step + 1)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, kept)
+    metrics.update(loss=loss, actor_grad_norm=optax.tree.norm(grads[0]),
+                   critic_grad_norm=optax.tree.norm(grads[1]), skipped=(~finite).astype(jnp.float32))
+    return new_state, metrics
 
-        zeros = jax.tree.map(jnp.zeros_like, (state.actor, state.critic))
-        grads, (losses, metrics) = jax.lax.scan(micro_step, zeros, micros)
-        metrics = jax.tree.map(jnp.sum, metrics)
-        loss = jnp.sum(losses)
-        actor_updates, actor_opt = actor_tx.update(grads[0], state.actor_opt, state.actor)
-        critic_updates, critic_opt = critic_tx.update(grads[1], state.critic_opt, state.critic)
-        candidate = TrainState(optax.apply_updates(state.actor, actor_updates),
-                               optax.apply_updates(state.critic, critic_updates),
-                               actor_opt, critic_opt, state.step + 1)
-        finite = jnp.isfinite(loss) & _all_finite(grads)
-        kept = TrainState(state.actor, state.critic, state.actor_opt, state.critic_opt, state.step + 1)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, kept)
-        metrics.update(loss=loss, actor_grad_norm=optax.tree.norm(grads[0]),
-                       critic_grad_norm=optax.tree.norm(grads[1]),
-                       skipped=(~finite).astype(jnp.float32))
-        return new_state, metrics
 
-    def epoch(state: TrainState, epoch_key: Array):
-        order = jax.random.permutation(epoch_key, num_rows)
-        shuffled = jax.tree.map(lambda x: x[order], batch)
-        minis = jax.tree.map(lambda x: x.reshape((ppo.mini_batches, rows_per_mini) + x.shape[1:]), shuffled)
-        return jax.lax.scan(mini_step, state, minis)
+def mini_batches(batch: PPOBatch, rows: int, rng: np.random.Generator) -> list[PPOBatch]:
+    """Shuffles the rows that carry a loss and cuts them into mini-batches of ``rows`` rows;
+    the last one is padded with rows that carry none."""
+    carries = np.flatnonzero(np.asarray(batch.loss_mask).any(1) | np.asarray(batch.value_mask).any(1))
+    order = rng.permutation(carries)
+    empty = np.flatnonzero(~np.isin(np.arange(np.shape(batch.tokens)[0]), carries))
+    out = []
+    for start in range(0, max(len(order), 1), rows):
+        chosen = order[start: start + rows]
+        index = np.concatenate([chosen, np.resize(empty if empty.size else order, rows - len(chosen))])
+        part = jax.tree.map(lambda x: np.asarray(x)[index], batch)
+        if len(chosen) < rows:  # padding rows: no loss, no value loss
+            keep = np.arange(rows) < len(chosen)
+            part = part._replace(loss_mask=part.loss_mask & keep[:, None],
+                                 value_mask=part.value_mask & keep[:, None])
+        out.append(part)
+    return out
 
-    state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, ppo.epochs))
-    return state, jax.tree.map(jnp.mean, metrics)
+
+def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
+               config: qwen2.Qwen2Config, ppo: PPOConfig, actor_tx, critic_tx,
+               place=None) -> tuple[TrainState, dict]:
+    """``ppo.epochs`` passes over ``batch`` in shuffled mini-batches of ``ppo.mini_batch_rows``
+    rows, one :func:`ppo_step` each; returns the new state and the metrics averaged over steps.
+
+    Every step has the same shape, so the update compiles once per token length. ``place``
+    puts a host mini-batch on devices (default ``jax.device_put``).
+    """
+    place = place or jax.device_put
+    history = []
+    for _ in range(ppo.epochs):
+        for mini in mini_batches(batch, ppo.mini_batch_rows, rng):
+            state, metrics = ppo_step(state, place(mini), config=config, ppo=ppo,
+                                      actor_tx=actor_tx, critic_tx=critic_tx)
+            history.append(metrics)
+    means = {k: float(np.mean([float(m[k]) for m in history])) for k in history[0]}
+    means["steps"] = len(history)
+    return state, means

@@ -14,6 +14,8 @@ from hiper_jax.train.ppo import (
     init_train_state,
     logprob_pass,
     make_optimizer,
+    mini_batches,
+    ppo_step,
     ppo_update,
     value_pass,
 )
@@ -42,7 +44,7 @@ def make_batch(actor, critic, num_rows=8, length=16, seed=0, passes=True):
 
 
 # One static update config for most tests: each distinct config compiles the update (~10 s).
-PPO = PPOConfig(kl_coef=0.0, entropy_coef=0.0, micro_batch_rows=2, mini_batches=2)
+PPO = PPOConfig(kl_coef=0.0, entropy_coef=0.0, micro_batch_rows=2, mini_batch_rows=4)
 
 
 # Optimizers are static arguments of the update: new objects would recompile it.
@@ -57,7 +59,7 @@ def setup(shared=False):
 
 
 def run(state, batch, ppo, actor_tx, critic_tx, seed=0):
-    return ppo_update(state, batch, jax.random.key(seed), config=CONFIG, ppo=ppo,
+    return ppo_update(state, batch, np.random.default_rng(seed), config=CONFIG, ppo=ppo,
                       actor_tx=actor_tx, critic_tx=critic_tx)
 
 
@@ -73,7 +75,7 @@ def test_zero_advantages_and_kl_leave_the_policy_unchanged():
     state, metrics = run(init_train_state(actor, critic, actor_tx, critic_tx), batch, PPO, actor_tx, critic_tx)
     assert max_diff(state.actor, before[0]) == 0.0
     assert max_diff(state.critic, before[1]) > 0  # the value loss still trains the critic
-    assert float(metrics["pg_loss"]) == 0.0 and float(metrics["skipped"]) == 0.0
+    assert metrics["pg_loss"] == 0.0 and metrics["skipped"] == 0.0 and metrics["steps"] == 2
 
 
 def test_gradient_accumulation_is_exact():
@@ -85,12 +87,12 @@ def test_gradient_accumulation_is_exact():
     for micro in (4, 2):
         state = init_train_state(jax.tree.map(jnp.copy, actor), jax.tree.map(jnp.copy, critic),
                                  actor_tx, critic_tx)
-        ppo = PPOConfig(micro_batch_rows=micro, mini_batches=2)
+        ppo = PPOConfig(micro_batch_rows=micro, mini_batch_rows=4)
         outs.append(run(state, batch, ppo, actor_tx, critic_tx))
     for state, metrics in outs[1:]:
         assert max_diff(state.actor, outs[0][0].actor) < 1e-5
         assert max_diff(state.critic, outs[0][0].critic) < 1e-5
-        assert float(metrics["loss"]) == pytest.approx(float(outs[0][1]["loss"]), rel=1e-4, abs=1e-6)
+        assert metrics["loss"] == pytest.approx(outs[0][1]["loss"], rel=1e-4, abs=1e-6)
 
 
 def test_update_moves_log_probs_the_way_advantages_point():
@@ -112,7 +114,7 @@ def test_non_finite_step_is_skipped():
     before = jax.tree.map(jnp.copy, (actor, critic))
     state, metrics = run(init_train_state(actor, critic, actor_tx, critic_tx),
                          batch._replace(advantages=advantages), PPO, actor_tx, critic_tx)
-    assert float(metrics["skipped"]) == 1.0 and int(state.step) == 2
+    assert metrics["skipped"] == 1.0 and int(state.step) == 2
     assert max_diff(state.actor, before[0]) == 0.0 and max_diff(state.critic, before[1]) == 0.0
 
 
@@ -124,7 +126,7 @@ def test_shared_critic_trains_through_the_policy_backbone():
     before = jax.tree.map(jnp.copy, actor)
     state, metrics = run(init_train_state(actor, critic, actor_tx, critic_tx), batch, PPO,
                          actor_tx, critic_tx)
-    assert float(metrics["value_loss"]) > 0
+    assert metrics["value_loss"] > 0
     assert max_diff(state.actor, before) > 0  # value gradients reach the shared backbone
 
 
@@ -132,4 +134,21 @@ def test_rows_must_split_into_micro_batches():
     actor, critic, actor_tx, critic_tx = setup()
     batch = make_batch(actor, critic, num_rows=6, passes=False)
     with pytest.raises(ValueError, match="micro-batches"):
-        run(init_train_state(actor, critic, actor_tx, critic_tx), batch, PPO, actor_tx, critic_tx)
+        ppo_step(init_train_state(actor, critic, actor_tx, critic_tx), batch, config=CONFIG,
+                 ppo=PPOConfig(micro_batch_rows=4), actor_tx=actor_tx, critic_tx=critic_tx)
+
+
+def test_mini_batches_cover_every_loss_row_once_and_pad_the_last():
+    actor, critic, _, _ = setup()
+    batch = make_batch(actor, critic, num_rows=8, passes=False)
+    loss_mask = np.asarray(batch.loss_mask).copy()
+    loss_mask[5:] = False
+    value_mask = np.asarray(batch.value_mask).copy()
+    value_mask[5:] = False
+    batch = batch._replace(loss_mask=loss_mask, value_mask=value_mask)
+    parts = mini_batches(batch, 4, np.random.default_rng(0))
+    assert len(parts) == 2 and all(p.tokens.shape == (4, 16) for p in parts)
+    assert sum(int(p.loss_mask.any(1).sum()) for p in parts) == 5
+    assert int(parts[1].value_mask.any(1).sum()) == 1
+    seen = sorted(map(tuple, np.concatenate([p.tokens[p.loss_mask.any(1)] for p in parts])))
+    assert seen == sorted(map(tuple, np.asarray(batch.tokens)[:5]))
