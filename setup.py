@@ -16,6 +16,8 @@ RUNTIME = [
     "numpy>=1.26",
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    # TensorBoard event files without TensorFlow (numpy, protobuf only).
+    "tensorboardX>=2.6",
 ]
 
 TEST = [

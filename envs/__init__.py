@@ -9,3 +9,7 @@ if "hiper/WebShop-v0" not in _gymnasium.registry:
 # --- ALFWorld: registered lazily (the entry point imports the env module on first make) ---
 if "hiper/ALFWorld-v0" not in _gymnasium.registry:
     _gymnasium.register(id="hiper/ALFWorld-v0", entry_point="hiper_envs.alfworld.env:AlfWorldEnv")
+
+# --- ChooseWord: a tiny sanity-check task for the RL loop ---
+if "hiper/ChooseWord-v0" not in _gymnasium.registry:
+    _gymnasium.register(id="hiper/ChooseWord-v0", entry_point="hiper_envs.choose_word:ChooseWordEnv")

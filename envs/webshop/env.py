@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 import gymnasium
 
+from hiper_envs.spaces import TextSpace
+
 from hiper_envs.webshop import pages
 from hiper_envs.webshop.catalog import SPLITS, Catalog, get_catalog
 from hiper_envs.webshop.generate import CatalogConfig
@@ -35,23 +37,6 @@ from hiper_envs.webshop.reward import RewardDetails, webshop_reward
 from hiper_envs.webshop.schema import Goal
 
 WIN_THRESHOLD = 1.0 - 1e-9
-
-
-class TextSpace(gymnasium.spaces.Space[str]):
-    """Any string (pages hold arbitrary product text, actions are free text)."""
-
-    def __init__(self) -> None:
-        super().__init__(shape=None, dtype=None)
-
-    def contains(self, x: Any) -> bool:
-        return isinstance(x, str)
-
-    def sample(self, mask: Any = None, probability: Any = None) -> str:
-        return ""
-
-    @property
-    def is_np_flattenable(self) -> bool:
-        return False
 
 
 class WebShopEnv(gymnasium.Env[str, str]):

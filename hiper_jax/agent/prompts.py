@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 ENV_INTROS = {
     "alfworld": "You are an agent in a text household world. Finish the task with the fewest actions.",
     "webshop": "You are an agent shopping in a text web store. Buy the product that matches the instruction.",
+    "choose_word": "You are an agent in a text game.",
 }
 STYLES = ("plan_execute", "flat")
 PLAN_EXECUTE_FORMAT = (

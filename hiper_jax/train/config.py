@@ -15,7 +15,7 @@ import ml_collections
 from hiper_jax.hae import KEEP_PENALTY_MODES
 
 ESTIMATOR_NAMES = ("hae", "turn_gae", "grpo", "rloo")
-ENV_NAMES = ("alfworld", "webshop")
+ENV_NAMES = ("alfworld", "webshop", "choose_word")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -67,6 +67,63 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)
+    return c
+
+
+def published_hiper_config(env_name: str, checkpoint: str) -> ml_collections.ConfigDict:
+    """The published HiPER setting (128 envs, gamma 1, lam_turn 1, lam_seg 0.95, normalised keep
+    penalty -0.3 on ALFWorld / -3.5 on WebShop, keep-consistency -0.3, invalid-action penalty
+    0.1, bootstrap on truncation for ALFWorld only, normalised advantages, temperature 1.0,
+    prompts <= 2048 and responses <= 512 tokens, 150 iterations, actor/critic lr 1e-6/1e-5)
+    for a Qwen2.5 checkpoint on an accelerator mesh (bf16 compute, fp32 master weights, FSDP)."""
+    c = base_config()
+    alfworld = env_name == "alfworld"
+    c.env.name = env_name
+    c.env.num_envs = 128
+    c.env.max_turns = 50 if alfworld else 15
+    c.env.num_train_games = 3600 if alfworld else 1
+    c.env.num_eval_games = 140 if alfworld else 500
+    c.env.envs_per_worker = 8
+    if not alfworld:
+        c.env.env_kwargs = {"num_products": 100_000}
+    c.model.checkpoint = checkpoint
+    c.model.param_dtype = "float32"
+    c.model.compute_dtype = "bfloat16"
+    c.model.critic = "separate"
+    c.prompt.history_turns = 2
+    c.prompt.max_prompt_tokens = 2048
+    c.sampling.temperature = 1.0
+    c.sampling.eval_temperature = 0.4
+    c.sampling.max_new_tokens = 512
+    c.sampling.prompt_length_multiple = 256
+    c.advantage.estimator = "hae"
+    c.advantage.gamma = 1.0
+    c.advantage.lam_turn = 1.0
+    c.advantage.lam_seg = 0.95
+    c.advantage.keep_penalty = -0.3 if alfworld else -3.5
+    c.advantage.keep_penalty_mode = "normalized"
+    c.advantage.keep_consistency_penalty = -0.3
+    c.advantage.invalid_action_penalty = 0.1
+    c.advantage.bootstrap_truncated = alfworld
+    c.advantage.normalize = True
+    c.ppo.actor_lr = 1e-6
+    c.ppo.critic_lr = 1e-5
+    c.ppo.clip_ratio = 0.2
+    c.ppo.dual_clip = 3.0
+    c.ppo.kl_coef = 0.01
+    c.ppo.kl_estimator = "low_var_kl"
+    c.ppo.entropy_coef = 0.001
+    c.ppo.value_clip = 0.5
+    c.ppo.max_grad_norm = 1.0
+    c.ppo.mini_batch_rows = 256
+    c.ppo.micro_batch_rows = 16
+    c.ppo.length_multiple = 256
+    c.train.iterations = 150
+    c.train.eval_every = 10
+    c.train.checkpoint_every = 5
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
     return c
 
 

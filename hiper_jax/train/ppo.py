@@ -80,8 +80,10 @@ class PPOBatch(NamedTuple):
     value_mask: Array      # [N, 3] bool
 
 
+@functools.lru_cache(maxsize=None)
 def make_optimizer(learning_rate: float, weight_decay: float, max_grad_norm: float) -> optax.GradientTransformation:
-    """AdamW after global-norm clipping."""
+    """AdamW after global-norm clipping. The same settings return the same object, so jitted
+    steps that take it as a static argument compile once."""
     return optax.chain(optax.clip_by_global_norm(max_grad_norm),
                        optax.adamw(learning_rate, weight_decay=weight_decay))
 
@@ -149,10 +151,11 @@ def _loss(params, batch: PPOBatch, counts: dict, config: qwen2.Qwen2Config, ppo:
     denominator = jnp.maximum(counts["tokens"], 1.0)
     actor_loss = pg.loss * share + (ppo.kl_coef * kl - ppo.entropy_coef * ent) / denominator
 
-    policy_hidden = None if "backbone" in critic else hidden
-    values = read_values(critic, config, batch.tokens, batch.valid, batch.value_read,
-                         policy_hidden=policy_hidden, remat=ppo.remat)
     value_loss = jnp.zeros((), jnp.float32)
+    if ppo.value_heads:  # critic-free estimators (grpo, rloo) skip the critic entirely
+        policy_hidden = None if "backbone" in critic else hidden
+        values = read_values(critic, config, batch.tokens, batch.valid, batch.value_read,
+                             policy_hidden=policy_hidden, remat=ppo.remat)
     for head, name in enumerate(("low", "high", "term")):
         if name not in ppo.value_heads:
             continue

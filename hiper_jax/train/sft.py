@@ -124,7 +124,8 @@ def train_sft(params, config: qwen2.Qwen2Config, examples: Sequence[SFTExample],
     rng = np.random.default_rng(sft.seed)
     steps_per_epoch = math.ceil(len(examples) / sft.batch_rows)
     total = steps_per_epoch * sft.epochs
-    schedule = optax.warmup_cosine_decay_schedule(0.0, sft.lr, min(sft.warmup_steps, total), max(total, 1))
+    warmup = min(sft.warmup_steps, max(total - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, sft.lr, warmup, max(total, warmup + 1))
     tx = optax.chain(optax.clip_by_global_norm(sft.max_grad_norm),
                      optax.adamw(schedule, weight_decay=sft.weight_decay))
     opt_state = tx.init(params)
@@ -134,10 +135,12 @@ def train_sft(params, config: qwen2.Qwen2Config, examples: Sequence[SFTExample],
     try:
         for epoch in range(sft.epochs):
             for batch in batches(examples, sft.batch_rows, pad_id, sft.length_multiple, rng):
+                start = time.perf_counter()
                 params, opt_state, metrics = sft_step(params, opt_state, jax.device_put(batch),
                                                       config=config, tx=tx)
                 record = {k: float(v) for k, v in metrics.items()}
-                record.update(step=len(history) + 1, epoch=epoch)
+                record.update(step=len(history) + 1, epoch=epoch, step_s=time.perf_counter() - start,
+                              tokens=int(batch.valid.sum()))
                 history.append(record)
                 if log:
                     log.write(json.dumps(record) + "\n")

@@ -1,0 +1,43 @@
+"""ALFWorld on a 2-core CPU: the tiny embedded model, small generated games, a few iterations.
+
+    python -m hiper_jax.train --config configs/alfworld_tiny.py [--config.train.iterations=8]
+"""
+
+from hiper_jax.tiny import TINY_ALFWORLD
+from hiper_jax.train.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.env.name = "alfworld"
+    c.env.num_envs = 16
+    c.env.max_turns = 30
+    c.env.num_train_games = 120
+    c.env.num_eval_games = 24
+    c.env.envs_per_worker = 4
+    c.model.checkpoint = TINY_ALFWORLD
+    c.model.critic = "separate"
+    c.prompt.history_turns = 2
+    c.prompt.max_prompt_tokens = 512
+    c.sampling.max_new_tokens = 48
+    c.sampling.prompt_length_multiple = 128
+    c.advantage.estimator = "hae"
+    c.advantage.gamma = 0.95
+    c.advantage.lam_turn = 0.95
+    c.advantage.lam_seg = 0.95
+    c.advantage.keep_penalty = -0.3
+    c.advantage.keep_penalty_mode = "normalized"
+    c.advantage.keep_consistency_penalty = -0.3
+    c.advantage.invalid_action_penalty = 0.1
+    c.advantage.bootstrap_truncated = True
+    c.ppo.actor_lr = 2e-5
+    c.ppo.critic_lr = 1e-3
+    c.ppo.mini_batch_rows = 64
+    c.ppo.micro_batch_rows = 16
+    c.ppo.length_multiple = 128
+    c.ppo.epochs = 1
+    c.train.iterations = 6
+    c.train.eval_every = 6
+    c.train.checkpoint_every = 2
+    c.train.out_dir = "runs/alfworld_tiny"
+    return c

@@ -1,0 +1,416 @@
+"""The training loop: collect -> log-probs and values -> advantages -> PPO update -> metrics.
+
+Everything random is derived from ``(train.seed, iteration)``: the rollout key, the task order
+and the mini-batch shuffles. A checkpoint therefore only needs the train state and the
+iteration, and a resumed run continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from hiper_jax import distributed
+from hiper_jax.advantages import TurnBatch, get_estimator
+from hiper_jax.agent.prompts import PromptConfig
+from hiper_jax.agent.spans import TokenBytes
+from hiper_jax.hae import HAEConfig, assign_token_advantages
+from hiper_jax.models import qwen2
+from hiper_jax.models.value_heads import CriticConfig, init_critic
+from hiper_jax.rollout.collector import Collector, EnvSpec
+from hiper_jax.rollout.metrics import rollout_metrics
+from hiper_jax.rollout.packing import pack_tokens, pack_turns
+from hiper_jax.rollout.policies import LLMPolicy
+from hiper_jax.train import config as config_lib
+from hiper_jax.train.logger import MetricsLogger
+from hiper_jax.train.plots import plot_run
+from hiper_jax.train.ppo import (
+    PPOBatch,
+    PPOConfig,
+    TrainState,
+    init_train_state,
+    logprob_pass,
+    make_optimizer,
+    ppo_update,
+    value_pass,
+)
+
+HEADS = ("low", "high", "term")
+
+
+# --- environments and tasks ------------------------------------------------------------------
+
+
+def prepare_env_data(config: ml_collections.ConfigDict, out_dir: str, progress: bool = True) -> dict:
+    """Finds or makes the env data; returns ``{"train": EnvSpec, "eval": EnvSpec,
+    "num_train_tasks": int, "num_eval_tasks": int}``.
+
+    ALFWorld: ``env.games_dir`` with ``train/`` and ``eval/`` folders of games (for the official
+    data, link ``json_2.1.1/train`` and ``valid_unseen`` there) or, when empty, games generated
+    into ``out_dir/games``.
+    WebShop: ``env.env_kwargs`` go to the env (``data_dir`` for the official data, else a
+    generated catalog); the task count is read from a catalog built here. ChooseWord: the
+    sanity-check task (``env_kwargs.num_tasks`` tasks, the same in both splits).
+    """
+    env = config.env
+    common = dict(env.env_kwargs.to_dict() if hasattr(env.env_kwargs, "to_dict") else env.env_kwargs)
+    common["success_reward"] = env.success_reward
+    if env.name == "alfworld":
+        from hiper_envs.alfworld.games import find_games
+        from hiper_envs.alfworld.generate import TASK_TYPES, generate_games
+
+        games_dir = env.games_dir or os.path.join(out_dir, "games")
+        task_types = tuple(env.task_types) or TASK_TYPES
+        for split, count in (("train", env.num_train_games), ("eval", env.num_eval_games)):
+            split_dir = os.path.join(games_dir, split)
+            if env.games_dir:
+                if not os.path.isdir(split_dir):
+                    raise FileNotFoundError(f"env.games_dir has no {split}/ folder: {split_dir}")
+                continue
+            existing = find_games(split_dir) if os.path.isdir(split_dir) else []
+            if len(existing) != count and distributed.is_main_process():
+                generate_games(games_dir, count, seed=config.train.seed, task_types=task_types,
+                               split=split, workers=2, progress=progress)
+        specs = {split: EnvSpec("hiper_envs:hiper/ALFWorld-v0",
+                                dict(common, games=os.path.join(games_dir, split)), "game")
+                 for split in ("train", "eval")}
+        counts = {split: len(find_games(os.path.join(games_dir, split))) for split in ("train", "eval")}
+    elif env.name == "choose_word":
+        spec = EnvSpec("hiper_envs:hiper/ChooseWord-v0", common, "task")
+        specs = {"train": spec, "eval": spec}
+        num_tasks = int(common.get("num_tasks", 8))
+        counts = {"train": num_tasks, "eval": num_tasks}
+    else:
+        from hiper_envs.webshop.env import WebShopEnv
+
+        specs, counts = {}, {}
+        for split in ("train", "eval"):
+            specs[split] = EnvSpec("hiper_envs:hiper/WebShop-v0", dict(common, split=split), "goal_index")
+            counts[split] = len(WebShopEnv(**dict(common, split=split)).goals)
+    return {"train": specs["train"], "eval": specs["eval"],
+            "num_train_tasks": counts["train"], "num_eval_tasks": counts["eval"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSchedule:
+    """Which tasks iteration i trains on: epochs over a seeded permutation of the tasks, each
+    task played ``rollouts_per_task`` times (same group id)."""
+
+    num_tasks: int
+    num_envs: int
+    rollouts_per_task: int
+    seed: int
+
+    def tasks(self, iteration: int) -> tuple[list[int], list[int]]:
+        per_iteration = self.num_envs // self.rollouts_per_task
+        start = iteration * per_iteration
+        chosen = []
+        while len(chosen) < per_iteration:
+            epoch, offset = divmod(start + len(chosen), self.num_tasks)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_tasks)
+            chosen.append(int(order[offset]))
+        tasks = [t for t in chosen for _ in range(self.rollouts_per_task)]
+        groups = [k for k in range(per_iteration) for _ in range(self.rollouts_per_task)]
+        return tasks, groups
+
+
+# --- batches --------------------------------------------------------------------------------
+
+
+def _chunked(fn, batch_arrays: tuple, rows: int):
+    """Applies a jitted row-wise ``fn`` in chunks of ``rows`` rows (one compiled shape)."""
+    num_rows = batch_arrays[0].shape[0]
+    outs = [np.asarray(fn(*(a[i: i + rows] for a in batch_arrays))) for i in range(0, num_rows, rows)]
+    return np.concatenate(outs, axis=0)
+
+
+def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: qwen2.Qwen2Config,
+                    cfg: ml_collections.ConfigDict, hae_cfg: HAEConfig, pad_id: int):
+    """Packs trajectories, runs the log-prob and value passes, computes advantages; returns
+    ``(PPOBatch, turn arrays, estimator output, stats)``."""
+    spec = get_estimator(cfg.advantage.estimator)
+    rows = cfg.ppo.mini_batch_rows
+    turns = pack_turns(trajectories, cfg.env.max_turns)
+    tokens = pack_tokens(trajectories, pad_id, row_multiple=rows, length_multiple=cfg.ppo.length_multiple)
+    temperature = cfg.sampling.temperature or 1.0
+    old_logp = _chunked(lambda t, v: logprob_pass(state.actor, model_config, t, v, temperature),
+                        (tokens.tokens, tokens.valid), rows)
+    ref_logp = _chunked(lambda t, v: logprob_pass(ref_params, model_config, t, v, temperature),
+                        (tokens.tokens, tokens.valid), rows)
+    reads = np.stack([tokens.v_low_read, tokens.v_high_read, tokens.v_term_read], axis=1)
+    if spec.value_heads:
+        values = _chunked(lambda t, v, r: value_pass(state.critic, state.actor, model_config, t, v, r),
+                          (tokens.tokens, tokens.valid, reads), rows)
+    else:
+        values = np.zeros(reads.shape, np.float32)
+    valid_rows = tokens.row_valid
+    values_bt = np.zeros(turns.mask.shape + (3,), np.float32)
+    values_bt[tokens.traj_index[valid_rows], tokens.turn_index[valid_rows]] = values[valid_rows]
+    turn_batch = TurnBatch(
+        rewards=turns.rewards, values_low=values_bt[..., 0], values_high=values_bt[..., 1],
+        switch=turns.switch, dones=turns.dones, mask=turns.mask, values_term=values_bt[..., 2],
+        invalid=turns.invalid, keep_changed=turns.keep_changed, group_ids=turns.group_ids)
+    out = spec.fn(turn_batch, hae_cfg)
+    advantages = np.asarray(assign_token_advantages(out, tokens.traj_index, tokens.turn_index,
+                                                    tokens.action_mask, tokens.subgoal_mask,
+                                                    tokens.switch_mask))
+    blocks = tokens.action_mask | tokens.subgoal_mask | tokens.switch_mask
+    b, t = tokens.traj_index, tokens.turn_index
+    targets = np.stack([np.asarray(out.ret_low)[b, t], np.asarray(out.ret_high)[b, t],
+                        np.asarray(out.ret_term)[b, t]], axis=1).astype(np.float32)
+    boundary = np.asarray(out.boundary)[b, t]
+    value_mask = np.stack([valid_rows & ("low" in spec.value_heads),
+                           valid_rows & boundary & ("high" in spec.value_heads),
+                           valid_rows & ("term" in spec.value_heads)], axis=1)
+    batch = PPOBatch(tokens=tokens.tokens, valid=tokens.valid, loss_mask=blocks & tokens.response_mask,
+                     advantages=advantages.astype(np.float32), old_logp=old_logp, ref_logp=ref_logp,
+                     value_read=reads.astype(np.int32), value_targets=targets,
+                     old_values=values.astype(np.float32), value_mask=value_mask)
+    adv_tokens = advantages[batch.loss_mask]
+    stats = {"batch_rows": float(valid_rows.sum()), "batch_tokens": float(tokens.valid.sum()),
+             "token_length": float(tokens.tokens.shape[1]),
+             "advantage_mean": float(adv_tokens.mean()) if adv_tokens.size else 0.0,
+             "advantage_std": float(adv_tokens.std()) if adv_tokens.size else 0.0,
+             "value_mean": float(values[valid_rows, 0].mean()) if valid_rows.any() else 0.0}
+    return batch, turns, out, stats
+
+
+# --- the trainer ------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Sets up a run from a validated config and runs it (see the module docstring).
+
+    Args:
+      config: the run's ``ml_collections`` config (validated here before anything starts).
+      progress: show progress bars.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, progress: bool = True):
+        config_lib.validate(config, num_devices=None)
+        self.config = config
+        self.progress = progress
+        cfg = config
+        distributed.initialize(cfg.distributed.coordinator_address or None,
+                               cfg.distributed.num_processes or None,
+                               cfg.distributed.process_id if cfg.distributed.process_id >= 0 else None)
+        config_lib.validate(config, num_devices=jax.device_count())
+        self.is_main = distributed.is_main_process()
+        self.out_dir = cfg.train.out_dir
+        os.makedirs(self.out_dir, exist_ok=True)
+        if self.is_main:
+            with open(os.path.join(self.out_dir, "config.json"), "w", encoding="utf-8") as handle:
+                json.dump(config_lib.to_dict(cfg), handle, indent=2, default=str)
+        self.mesh = distributed.make_mesh(**cfg.mesh)
+        self.estimator = get_estimator(cfg.advantage.estimator)
+        self.hae_cfg = HAEConfig(
+            gamma=cfg.advantage.gamma, lam_turn=cfg.advantage.lam_turn, lam_seg=cfg.advantage.lam_seg,
+            bootstrap_truncated=cfg.advantage.bootstrap_truncated,
+            keep_penalty=cfg.advantage.keep_penalty, keep_penalty_mode=cfg.advantage.keep_penalty_mode,
+            invalid_action_penalty=cfg.advantage.invalid_action_penalty,
+            keep_consistency_penalty=cfg.advantage.keep_consistency_penalty,
+            normalize=cfg.advantage.normalize)
+        self.ppo = PPOConfig(
+            clip_ratio=cfg.ppo.clip_ratio, dual_clip=cfg.ppo.dual_clip, kl_coef=cfg.ppo.kl_coef,
+            kl_estimator=cfg.ppo.kl_estimator, entropy_coef=cfg.ppo.entropy_coef,
+            value_clip=cfg.ppo.value_clip, epochs=cfg.ppo.epochs, mini_batch_rows=cfg.ppo.mini_batch_rows,
+            micro_batch_rows=cfg.ppo.micro_batch_rows, temperature=cfg.sampling.temperature or 1.0,
+            value_heads=self.estimator.value_heads)
+        self._load_model()
+        self.data = prepare_env_data(cfg, self.out_dir, progress=progress)
+        self.schedule = TaskSchedule(self.data["num_train_tasks"], cfg.env.num_envs,
+                                     cfg.advantage.rollouts_per_task, cfg.train.seed)
+        self.prompt_cfg = PromptConfig(env=cfg.env.name, style=cfg.prompt.style,
+                                       history_turns=cfg.prompt.history_turns,
+                                       max_prompt_tokens=cfg.prompt.max_prompt_tokens,
+                                       max_steps=cfg.env.max_turns)
+        self._checkpoints = None
+        self._stop_requested = False
+
+    # set-up -----------------------------------------------------------------------------------
+
+    def _load_model(self) -> None:
+        from transformers import AutoTokenizer
+
+        cfg = self.config
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.checkpoint)
+        self.model_config, actor = qwen2.load_hf_checkpoint(
+            cfg.model.checkpoint, dtype=jnp.dtype(cfg.model.param_dtype),
+            compute_dtype=jnp.dtype(cfg.model.compute_dtype), mesh=self.mesh, progress=False)
+        self.ref_params = jax.tree.map(jnp.copy, actor)
+        critic = init_critic(jax.random.key(cfg.train.seed), self.model_config, actor,
+                             CriticConfig(shared_backbone=cfg.model.critic == "shared"))
+        self.actor_tx = make_optimizer(cfg.ppo.actor_lr, cfg.ppo.weight_decay, cfg.ppo.max_grad_norm)
+        self.critic_tx = make_optimizer(cfg.ppo.critic_lr, cfg.ppo.weight_decay, cfg.ppo.max_grad_norm)
+        self.state = init_train_state(actor, critic, self.actor_tx, self.critic_tx)
+        self.token_bytes = TokenBytes(self.tokenizer, vocab_size=self.model_config.vocab_size)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        stops = {self.tokenizer.eos_token_id}
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            stops.add(im_end)
+        self.stop_ids = tuple(sorted(s for s in stops if s is not None))
+
+    def _sampling(self, temperature: float):
+        from hiper_jax.sampling import SamplingConfig
+
+        cfg = self.config.sampling
+        greedy = temperature == 0
+        return SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature if not greedy else 1.0,
+                              top_k=cfg.top_k, top_p=cfg.top_p, greedy=greedy,
+                              stop_token_ids=self.stop_ids, pad_token_id=self.pad_id)
+
+    def _policy(self, temperature: float) -> LLMPolicy:
+        params = qwen2.unstack_layers(self.state.actor, jnp.dtype(self.config.model.compute_dtype))
+        return LLMPolicy(params, self.model_config, self._sampling(temperature), self.pad_id,
+                         length_multiple=self.config.sampling.prompt_length_multiple,
+                         rows=math.ceil(self.config.env.num_envs / 2))
+
+    def _collector(self, split: str) -> Collector:
+        cfg = self.config.env
+        return Collector(self.data[split], cfg.num_envs, self.prompt_cfg, self.tokenizer,
+                         self.token_bytes, cfg.max_turns, groups=2 if cfg.num_envs >= 2 else 1,
+                         envs_per_worker=cfg.envs_per_worker, step_timeout_s=cfg.step_timeout_s)
+
+    # checkpoints --------------------------------------------------------------------------------
+
+    def _checkpoint_manager(self):
+        import orbax.checkpoint as ocp
+
+        if self._checkpoints is None:
+            self._checkpoints = ocp.CheckpointManager(
+                os.path.abspath(os.path.join(self.out_dir, "checkpoints")),
+                options=ocp.CheckpointManagerOptions(max_to_keep=self.config.train.keep_checkpoints,
+                                                     create=True))
+        return self._checkpoints
+
+    def save(self, iteration: int) -> None:
+        """Checkpoints the train state after ``iteration`` iterations."""
+        import orbax.checkpoint as ocp
+
+        manager = self._checkpoint_manager()
+        meta = {"iteration": iteration, "seed": self.config.train.seed,
+                "task_cursor": iteration * (self.config.env.num_envs // self.config.advantage.rollouts_per_task)}
+        manager.save(iteration, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        manager.wait_until_finished()
+
+    def restore(self) -> int:
+        """Restores the latest checkpoint if there is one; returns the iteration to start at."""
+        import orbax.checkpoint as ocp
+
+        manager = self._checkpoint_manager()
+        step = manager.latest_step()
+        if step is None:
+            return 0
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        self.state = restored["state"]
+        return int(restored["meta"]["iteration"])
+
+    # the loop ----------------------------------------------------------------------------------
+
+    def evaluate(self, iteration: int, collector: Collector) -> dict[str, float]:
+        """Plays every eval task once (``train.eval_episodes`` of them when > 0) at the eval
+        temperature; returns ``eval/...`` metrics."""
+        cfg = self.config
+        num_tasks = self.data["num_eval_tasks"]
+        if cfg.train.eval_episodes:
+            num_tasks = min(num_tasks, cfg.train.eval_episodes)
+        policy = self._policy(cfg.sampling.eval_temperature)
+        trajectories = []
+        key = jax.random.fold_in(jax.random.key(cfg.train.seed + 1), iteration)
+        for start in range(0, num_tasks, cfg.env.num_envs):
+            tasks = [(start + k) % num_tasks for k in range(cfg.env.num_envs)]
+            batch, _ = collector.run(policy, tasks, jax.random.fold_in(key, start))
+            trajectories.extend(batch[: num_tasks - start])
+        return {f"eval/{k}": v for k, v in rollout_metrics(trajectories).items()}
+
+    def train_iteration(self, iteration: int, collector: Collector) -> dict[str, Any]:
+        """One collect + update iteration; returns its metrics."""
+        cfg = self.config
+        start = time.perf_counter()
+        tasks, groups = self.schedule.tasks(iteration)
+        key = jax.random.fold_in(jax.random.key(cfg.train.seed), iteration)
+        trajectories, rollout = collector.run(self._policy(cfg.sampling.temperature), tasks, key, groups)
+        rollout_s = time.perf_counter() - start
+        batch, _, _, batch_stats = build_ppo_batch(trajectories, self.state, self.ref_params,
+                                                   self.model_config, cfg, self.hae_cfg, self.pad_id)
+        update_start = time.perf_counter()
+        self.state, update = ppo_update(self.state, batch, np.random.default_rng([cfg.train.seed, iteration]),
+                                        config=self.model_config, ppo=self.ppo,
+                                        actor_tx=self.actor_tx, critic_tx=self.critic_tx)
+        record = {f"train/{k}": v for k, v in rollout_metrics(trajectories).items()}
+        record.update({f"update/{k}": v for k, v in update.items()})
+        record.update({f"batch/{k}": v for k, v in batch_stats.items()})
+        record.update({"time/rollout_s": rollout_s, "time/update_s": time.perf_counter() - update_start,
+                       "time/iteration_s": time.perf_counter() - start,
+                       "time/device_busy_fraction": rollout.device_busy_fraction,
+                       "env_turns": float(rollout.turns)})
+        if update["skipped"] > 0:
+            tqdm.write(f"iteration {iteration}: {update['skipped']:.0%} of the update steps had a "
+                       "non-finite loss or gradient and were skipped")
+        return record
+
+    def _on_sigterm(self, signum, frame) -> None:
+        del signum, frame
+        self._stop_requested = True
+
+    def run(self) -> list[dict]:
+        """Trains for ``train.iterations`` iterations (resuming if asked); returns the metrics."""
+        cfg = self.config
+        start_iteration = self.restore() if cfg.train.resume else 0
+        logger = MetricsLogger(self.out_dir, enabled=self.is_main, tensorboard=cfg.train.tensorboard,
+                               wandb_project=cfg.train.wandb_project,
+                               resume_from=start_iteration if cfg.train.resume else None,
+                               config=config_lib.to_dict(cfg))
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        train_collector = self._collector("train")
+        eval_collector = self._collector("eval")
+        env_turns = sum(r.get("env_turns", 0.0) for r in logger.history())
+        try:
+            bar = tqdm(range(start_iteration, cfg.train.iterations), desc="HiPER training",
+                       initial=start_iteration, total=cfg.train.iterations, disable=not self.progress)
+            for iteration in bar:
+                record = {"iteration": iteration}
+                if iteration % cfg.train.eval_every == 0:
+                    record.update(self.evaluate(iteration, eval_collector))
+                record.update(self.train_iteration(iteration, train_collector))
+                env_turns += record["env_turns"]
+                record["env_turns_total"] = env_turns
+                logger.log(record)
+                bar.set_postfix(success=f"{record['train/success']:.2f}",
+                                eval=f"{record.get('eval/success', float('nan')):.2f}")
+                done = iteration + 1
+                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.iterations or self._stop_requested:
+                    self.save(done)
+                if self._stop_requested:
+                    tqdm.write(f"SIGTERM: checkpoint written after iteration {done}; resume with "
+                               "--config.train.resume=True")
+                    return logger.history()
+            if start_iteration < cfg.train.iterations or not any("eval/success" in r for r in logger.history()):
+                final = {"iteration": cfg.train.iterations}
+                final.update(self.evaluate(cfg.train.iterations, eval_collector))
+                logger.log(final)
+            history = logger.history()
+            if self.is_main:
+                plot_run(history, os.path.join(self.out_dir, "plots"),
+                         title=f"{cfg.env.name} / {cfg.advantage.estimator}")
+            return history
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            train_collector.close()
+            eval_collector.close()
+            logger.close()
