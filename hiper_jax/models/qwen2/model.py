@@ -249,14 +249,23 @@ def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 def _attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     """Grouped-query attention: ``q [B, L, H, D]``, ``k, v [B, KV, S, D]``, ``mask [B, L, S]``
-    -> ``[B, L, H, D]``. Scores and softmax in float32."""
+    -> ``[B, L, H, D]``. Scores and softmax in float32.
+
+    The queries of a KV group are laid out as one ``[G * L, D]`` matrix per (batch, KV head), so
+    both products are plain batched matmuls (1.3x-2x faster on XLA CPU than contracting a
+    5-D layout, measured at B=16, L=256 and at 0.5B shapes).
+    """
     batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("blkgd,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
+    kv_heads, span = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    q = q.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(batch, kv_heads, groups * length, head_dim)
+    scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(batch, kv_heads, groups, length, span)
     scores = jnp.where(mask[:, None, None], scores * head_dim ** -0.5, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgls,bksd->blkgd", probs, v)
+    out = jnp.einsum("bkms,bksd->bkmd", probs.reshape(batch, kv_heads, groups * length, span), v)
+    out = out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, length, heads, head_dim)
 
 
