@@ -269,20 +269,33 @@ def _attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     return out.reshape(batch, length, heads, head_dim)
 
 
+def _dense(x: Array, kernel: Array, preferred_element_type=None) -> Array:
+    """``x [..., I] @ kernel [I, *O]`` -> ``[..., *O]`` as one 2-D matmul.
+
+    XLA CPU differentiates 3-D einsums such as ``ble,em->blm`` 3x-4x slower than the same
+    product on flattened rows; the flattening is free and shards like the batch axis.
+    """
+    lead, width = x.shape[:-1], x.shape[-1]
+    out_shape = kernel.shape[1:]
+    flat = jnp.matmul(x.reshape(-1, width), kernel.reshape(width, -1),
+                      preferred_element_type=preferred_element_type)
+    return flat.reshape(lead + out_shape)
+
+
 def _mlp(x: Array, p: Params) -> Array:
     """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
     dtype = x.dtype
-    gate = jnp.einsum("ble,em->blm", x, p["gate_proj"]["kernel"].astype(dtype))
-    up = jnp.einsum("ble,em->blm", x, p["up_proj"]["kernel"].astype(dtype))
+    gate = _dense(x, p["gate_proj"]["kernel"].astype(dtype))
+    up = _dense(x, p["up_proj"]["kernel"].astype(dtype))
     hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    return jnp.einsum("blm,me->ble", hidden, p["down_proj"]["kernel"].astype(dtype))
+    return _dense(hidden, p["down_proj"]["kernel"].astype(dtype))
 
 
 def _qkv(x: Array, p: Params, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
     """Projections with RoPE: ``q [B, L, H, D]``, head-major ``k, v [B, KV, L, D]``."""
     def project(name: str) -> Array:
         kernel, bias = p[name]["kernel"].astype(x.dtype), p[name]["bias"].astype(x.dtype)
-        return jnp.einsum("ble,ehd->blhd", x, kernel) + bias
+        return _dense(x, kernel) + bias
 
     q = _apply_rope(project("q_proj"), cos, sin)
     k = _apply_rope(project("k_proj"), cos, sin).swapaxes(1, 2)
@@ -350,8 +363,8 @@ def forward(params: Params, config: Qwen2Config, tokens: Array, *,
             k = cache_k[layer_index].astype(dtype)
             v = cache_v[layer_index].astype(dtype)
         attn = _attention(q, k, v, mask)
-        attn = jnp.einsum("blhd,hde->ble", attn,
-                          p["self_attn"]["o_proj"]["kernel"].astype(dtype))
+        o_kernel = p["self_attn"]["o_proj"]["kernel"].astype(dtype)
+        attn = _dense(attn.reshape(attn.shape[:2] + (-1,)), o_kernel.reshape(-1, o_kernel.shape[-1]))
         x = x + attn
         mlp_in = _rms_norm(x, p["post_attention_layernorm"]["scale"], config.rms_norm_eps)
         x = sharding.constrain(x + _mlp(mlp_in, p["mlp"]), ("batch", "length", "embed"))
@@ -377,10 +390,10 @@ def lm_head(params: Params, config: Qwen2Config, hidden: Array) -> Array:
     """Logits ``[..., V]`` in float32 from hidden states ``[..., E]`` (tied or untied head)."""
     hidden = hidden.astype(jnp.dtype(config.compute_dtype))
     if config.tie_word_embeddings:
-        weight = params["embed_tokens"]["embedding"].astype(hidden.dtype)
-        return jnp.einsum("...e,ve->...v", hidden, weight, preferred_element_type=jnp.float32)
-    weight = params["lm_head"]["kernel"].astype(hidden.dtype)
-    return jnp.einsum("...e,ev->...v", hidden, weight, preferred_element_type=jnp.float32)
+        weight = params["embed_tokens"]["embedding"].astype(hidden.dtype).T
+    else:
+        weight = params["lm_head"]["kernel"].astype(hidden.dtype)
+    return _dense(hidden, weight, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
