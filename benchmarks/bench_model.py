@@ -13,7 +13,9 @@ streaming ``load_hf_checkpoint`` of a random checkpoint, peak memory growth vs t
 Timings are the best of ``--rounds`` interleaved processes per side, each timing ``--repeats``
 runs after one warm-up (compilation excluded and reported separately); the machine is shared,
 so the best run is the least disturbed one. Decode runs on both parameter layouts: stacked
-(``lax.scan`` over layers) and unstacked (unrolled layers).
+(``lax.scan`` over layers) and unstacked (unrolled layers). Torch runs in float32; the JAX
+bfloat16 rows (bf16 weights and compute, as the sampler runs on TPU) are for information, not
+part of the like-for-like comparison.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def worker_torch(name: str, mode: str, repeats: int, threads: int) -> dict:
     return _measure(run, count, repeats)
 
 
-def worker_jax(name: str, mode: str, repeats: int, threads: int, layout: str) -> dict:
+def worker_jax(name: str, mode: str, repeats: int, threads: int, layout: str,
+               dtype: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -136,7 +139,7 @@ def worker_jax(name: str, mode: str, repeats: int, threads: int, layout: str) ->
     from hiper_jax.sampling import SamplingConfig, generate
 
     kwargs, prefill_batch, decode_batch = MODELS[name]
-    config = qwen2.Qwen2Config(**kwargs, rope_theta=1e6)
+    config = qwen2.Qwen2Config(**kwargs, rope_theta=1e6, param_dtype=dtype, compute_dtype=dtype)
     params = qwen2.init_params(jax.random.key(0), config)
     if layout == "unstacked":
         params = qwen2.unstack_layers(params)
@@ -214,8 +217,8 @@ def main() -> None:
     if args.worker:
         kind, *rest = args.worker
         if kind == "jax":
-            name, mode, layout = rest
-            print(json.dumps(worker_jax(name, mode, args.repeats, args.threads, layout)))
+            name, mode, layout, dtype = rest
+            print(json.dumps(worker_jax(name, mode, args.repeats, args.threads, layout, dtype)))
         elif kind == "torch":
             name, mode = rest
             print(json.dumps(worker_torch(name, mode, args.repeats, args.threads)))
@@ -228,29 +231,32 @@ def main() -> None:
     print(f"threads={args.threads}, best of {args.rounds} rounds x {args.repeats} runs; "
           f"prefill {PROMPT_TOKENS} "
           f"tokens/row; decode {DECODE_PROMPT_TOKENS}-token prompt + {NEW_TOKENS} new, greedy")
-    header = (f"{'model':6} {'mode':8} {'jax layers':10} {'batch':>5} {'jax tok/s':>10} "
-              f"{'torch tok/s':>11} {'ratio':>6} {'jax peak MiB':>12} {'torch peak MiB':>14} "
-              f"{'jax compile s':>13}")
+    header = (f"{'model':6} {'mode':8} {'jax layers':10} {'jax dtype':9} {'batch':>5} "
+              f"{'jax tok/s':>10} {'torch tok/s':>11} {'ratio':>6} {'jax peak MiB':>12} "
+              f"{'torch peak MiB':>14} {'jax compile s':>13}")
     print(header)
     print("-" * len(header))
     for name in args.models:
         for mode in ("prefill", "decode"):
             batch = MODELS[name][1 if mode == "prefill" else 2]
             repeats = ["--repeats", str(args.repeats)]
-            layouts = ("stacked",) if mode == "prefill" else ("stacked", "unstacked")
+            variants = [("stacked", "float32"), ("stacked", "bfloat16")] if mode == "prefill" \
+                else [("stacked", "float32"), ("unstacked", "float32"), ("unstacked", "bfloat16")]
             # Interleaved rounds: each side gets several chances at a quiet moment.
-            best: dict[str, dict] = {}
+            best: dict = {}
             for _ in range(args.rounds):
                 runs = {"torch": ["torch", name, mode, *repeats]}
-                runs.update({layout: ["jax", name, mode, layout, *repeats] for layout in layouts})
+                runs.update({variant: ["jax", name, mode, *variant, *repeats]
+                             for variant in variants})
                 for side, worker_args in runs.items():
                     result = _spawn(worker_args, args.threads)
                     if side not in best or result["tokens_per_s"] > best[side]["tokens_per_s"]:
                         best[side] = result
             theirs = best["torch"]
-            for layout in layouts:
-                ours = best[layout]
-                print(f"{name:6} {mode:8} {layout:10} {batch:5d} {ours['tokens_per_s']:10.1f} "
+            for layout, dtype in variants:
+                ours = best[(layout, dtype)]
+                print(f"{name:6} {mode:8} {layout:10} {dtype:9} {batch:5d} "
+                      f"{ours['tokens_per_s']:10.1f} "
                       f"{theirs['tokens_per_s']:11.1f} "
                       f"{ours['tokens_per_s'] / theirs['tokens_per_s']:5.2f}x "
                       f"{ours['peak_anon_mib']:12.0f} {theirs['peak_anon_mib']:14.0f} "

@@ -83,8 +83,8 @@ def param_specs(config: Qwen2Config) -> dict[str, Any]:
                 "q_proj": proj(h, "heads"),
                 "k_proj": proj(kv, "kv_heads"),
                 "v_proj": proj(kv, "kv_heads"),
-                "o_proj": {"kernel": ParamSpec((n, h, d, e), ("layers", "heads", "head_dim", "embed"),
-                                               "normal")},
+                "o_proj": {"kernel": ParamSpec(
+                    (n, h, d, e), ("layers", "heads", "head_dim", "embed"), "normal")},
             },
             "post_attention_layernorm": {"scale": ParamSpec((n, e), ("layers", "embed"), "ones")},
             "mlp": {
@@ -345,9 +345,11 @@ def forward(params: Params, config: Qwen2Config, tokens: Array, *,
             cache_v = lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], start)
             k = cache_k[layer_index].astype(dtype)
             v = cache_v[layer_index].astype(dtype)
-        attn = _attention(q, k, v, mask)
-        attn = jnp.einsum("blhd,hde->ble", attn,
-                          p["self_attn"]["o_proj"]["kernel"].astype(dtype))
+        # Flattened to [B, L, H * D] first: contracting (h, d) as two axes makes XLA transpose
+        # the whole o_proj kernel on every call instead of the small activation.
+        attn = _attention(q, k, v, mask).reshape(batch, length, -1)
+        o_kernel = p["self_attn"]["o_proj"]["kernel"]
+        attn = attn @ o_kernel.reshape(-1, o_kernel.shape[-1]).astype(dtype)
         x = x + attn
         mlp_in = _rms_norm(x, p["post_attention_layernorm"]["scale"], config.rms_norm_eps)
         x = sharding.constrain(x + _mlp(mlp_in, p["mlp"]), ("batch", "length", "embed"))
