@@ -22,6 +22,16 @@ def model(tmp_path_factory):
     return hf, config, params
 
 
+@pytest.fixture(scope="module")
+def greedy(model):
+    """Greedy continuations of PROMPTS (12 tokens, no stop ids) and the padded prompts."""
+    _, config, params = model
+    tokens, mask = pad_prompts(PROMPTS, PAD, length_multiple=8)
+    out = generate(params, config, tokens, mask, jax.random.key(0),
+                   SamplingConfig(max_new_tokens=12, greedy=True, pad_token_id=PAD))
+    return tokens, mask, out
+
+
 def _hf_greedy(hf, tokens, mask, max_new_tokens, stop_ids):
     with torch.no_grad():
         out = hf.generate(input_ids=torch.as_tensor(tokens, dtype=torch.long),
@@ -31,11 +41,9 @@ def _hf_greedy(hf, tokens, mask, max_new_tokens, stop_ids):
     return out[:, tokens.shape[1]:].numpy()
 
 
-def test_greedy_equals_transformers_generate(model):
+def test_greedy_equals_transformers_generate(model, greedy):
     hf, config, params = model
-    tokens, mask = pad_prompts(PROMPTS, PAD, length_multiple=8)
-    free = generate(params, config, tokens, mask, jax.random.key(0),
-                    SamplingConfig(max_new_tokens=12, greedy=True, pad_token_id=PAD))
+    tokens, mask, free = greedy
     np.testing.assert_array_equal(np.asarray(free.tokens),
                                   _hf_greedy(hf, tokens, mask, 12, ()))
     np.testing.assert_array_equal(np.asarray(free.lengths), [12, 12, 12])
@@ -89,15 +97,13 @@ def test_generation_is_deterministic_given_a_key(model):
     assert not np.array_equal(first.tokens, other.tokens)
 
 
-def test_top_k_one_and_tiny_top_p_are_greedy(model):
+def test_top_k_one_and_tiny_top_p_are_greedy(model, greedy):
     _, config, params = model
-    tokens, mask = pad_prompts(PROMPTS, PAD, length_multiple=8)
-    greedy = generate(params, config, tokens, mask, jax.random.key(0),
-                      SamplingConfig(max_new_tokens=5, greedy=True))
-    for sampling in (SamplingConfig(max_new_tokens=5, top_k=1),
-                     SamplingConfig(max_new_tokens=5, top_p=1e-6, temperature=2.0)):
+    tokens, mask, expected = greedy
+    for sampling in (SamplingConfig(max_new_tokens=12, top_k=1),
+                     SamplingConfig(max_new_tokens=12, top_p=1e-6, temperature=2.0)):
         out = generate(params, config, tokens, mask, jax.random.key(3), sampling)
-        np.testing.assert_array_equal(out.tokens, greedy.tokens)
+        np.testing.assert_array_equal(out.tokens, expected.tokens)
         np.testing.assert_allclose(out.logprobs, 0.0, atol=1e-6)
 
 

@@ -100,7 +100,8 @@ def _rewrite_weights(path, edit):
 def test_missing_tensor_is_named(hf_dir, tmp_path):
     path = _copy(hf_dir[1], tmp_path / "c")
     _rewrite_weights(path, lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
-    with pytest.raises(qwen2.CheckpointError, match=r"missing.*model\.layers\.1\.self_attn\.k_proj\.bias"):
+    with pytest.raises(qwen2.CheckpointError,
+                       match=r"missing.*model\.layers\.1\.self_attn\.k_proj\.bias"):
         qwen2.load_hf_checkpoint(path, progress=False)
 
 

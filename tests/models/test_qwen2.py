@@ -67,7 +67,8 @@ def test_packed_row_equals_separate_sequences(gqa7_reference):
     segments = np.array([[1] * 6 + [2] * 5 + [0] * 2])
     logits = np.asarray(qwen2.compute_logits(params, config, jnp.asarray(packed),
                                              segment_ids=jnp.asarray(segments)))
-    alone = [np.asarray(qwen2.compute_logits(params, config, jnp.asarray(x))) for x in (first, second)]
+    alone = [np.asarray(qwen2.compute_logits(params, config, jnp.asarray(x)))
+             for x in (first, second)]
     np.testing.assert_allclose(logits[:, :6], alone[0], atol=TOLERANCE, rtol=0)
     np.testing.assert_allclose(logits[:, 6:11], alone[1], atol=TOLERANCE, rtol=0)
 

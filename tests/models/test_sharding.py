@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hiper_jax.models import qwen2, sharding, value_heads
+from hiper_jax.models import qwen2, sharding
 from hiper_jax.sampling import SamplingConfig, generate
 
 CONFIG = qwen2.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64,
@@ -54,7 +54,7 @@ def test_sharded_forward_and_generate_equal_single_device():
     tokens = jax.random.randint(jax.random.key(1), (8, 12), 0, CONFIG.vocab_size)
     mask = jnp.ones_like(tokens).at[:, :3].set(0)
     expected = qwen2.compute_logits(params, CONFIG, tokens, segment_ids=mask)
-    sampling = SamplingConfig(max_new_tokens=6, greedy=True)
+    sampling = SamplingConfig(max_new_tokens=4, greedy=True)
     expected_out = generate(params, CONFIG, tokens, mask, jax.random.key(2), sampling)
 
     mesh = _mesh()
@@ -65,9 +65,6 @@ def test_sharded_forward_and_generate_equal_single_device():
     with jax.set_mesh(mesh):
         logits = qwen2.compute_logits(sharded, CONFIG, tokens_s, segment_ids=mask_s)
         out = generate(sharded, CONFIG, tokens_s, mask_s, jax.random.key(2), sampling)
-        critic = value_heads.init_critic(jax.random.key(3), CONFIG, sharded)
-        values = value_heads.critic_values(critic, CONFIG, tokens_s, segment_ids=mask_s)
     assert logits.sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_allclose(logits, expected, atol=1e-5)
     np.testing.assert_array_equal(out.tokens, expected_out.tokens)
-    assert values.shape == (8, 12, 3)

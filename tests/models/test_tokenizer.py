@@ -30,7 +30,8 @@ def test_chat_templated_plan_execute_response_round_trips(tokenizer):
     assert tokenizer.decode(ids) == text
     assert ids.count(151644) == 3 and ids.count(151645) == 3
 
-    prompt = tokenizer.apply_chat_template(MESSAGES[:-1], add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(MESSAGES[:-1], add_generation_prompt=True,
+                                           tokenize=False)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert ids[:len(prompt_ids)] == prompt_ids
     response_ids = ids[len(prompt_ids):]

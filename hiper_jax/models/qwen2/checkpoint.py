@@ -54,7 +54,8 @@ def _tensor_map(config: Qwen2Config) -> dict[str, _Tensor]:
     h, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     same = lambda x: x
     table: dict[str, _Tensor] = {
-        "model.embed_tokens.weight": _Tensor(("embed_tokens", "embedding"), None, (v, e), same, same),
+        "model.embed_tokens.weight": _Tensor(("embed_tokens", "embedding"), None, (v, e), same,
+                                             same),
         "model.norm.weight": _Tensor(("norm", "scale"), None, (e,), same, same),
     }
     if not config.tie_word_embeddings:

@@ -72,7 +72,8 @@ class Qwen2Config:
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
-            object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_attention_heads, 1))
+            default_head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+            object.__setattr__(self, "head_dim", default_head_dim)
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         for name in ("param_dtype", "compute_dtype"):
@@ -177,9 +178,11 @@ def _parse_hf_dict(raw: Mapping[str, Any], origin: str) -> dict[str, Any]:
                           "sliding-window attention is not implemented")
     layer_types = raw.get("layer_types")
     if layer_types and any(t != "full_attention" for t in layer_types):
-        raise unsupported("layer_types", layer_types, "only 'full_attention' layers are implemented")
+        raise unsupported("layer_types", layer_types,
+                          "only 'full_attention' layers are implemented")
     if raw.get("attention_dropout", 0.0):
-        raise unsupported("attention_dropout", raw["attention_dropout"], "dropout is not implemented")
+        raise unsupported("attention_dropout", raw["attention_dropout"],
+                          "dropout is not implemented")
     if raw.get("quantization_config") is not None:
         raise unsupported("quantization_config", raw["quantization_config"],
                           "load the unquantized checkpoint")
@@ -196,8 +199,8 @@ def _parse_hf_dict(raw: Mapping[str, Any], origin: str) -> dict[str, Any]:
         "eos_token_id", "hidden_act", "use_sliding_window", "layer_types", "attention_dropout",
         "rope_theta", "rope_parameters", "rope_scaling", "quantization_config",
     }
-    unknown = sorted(k for k, v in raw.items()
-                     if k not in known and k not in _IGNORED_HF_KEYS and v not in (None, False, {}, []))
+    unknown = sorted(k for k, v in raw.items() if k not in known and k not in _IGNORED_HF_KEYS
+                     and v not in (None, False, {}, []))
     if unknown:
         warnings.warn(f"{origin}: ignoring config fields the Qwen2 architecture does not use: "
                       f"{', '.join(unknown)}", stacklevel=3)
@@ -236,7 +239,8 @@ def _parse_rope(raw: Mapping[str, Any], unsupported) -> float:
                               "only default RoPE is implemented")
         extra = {k: v for k, v in params.items() if k not in ("rope_type", "rope_theta")}
         if extra:
-            raise unsupported("rope_parameters", extra, "only rope_type and rope_theta are understood")
+            raise unsupported("rope_parameters", extra,
+                              "only rope_type and rope_theta are understood")
         if "rope_theta" in params:
             return float(params["rope_theta"])
     return float(raw.get("rope_theta", 10000.0))

@@ -83,8 +83,8 @@ def param_specs(config: Qwen2Config) -> dict[str, Any]:
                 "q_proj": proj(h, "heads"),
                 "k_proj": proj(kv, "kv_heads"),
                 "v_proj": proj(kv, "kv_heads"),
-                "o_proj": {"kernel": ParamSpec((n, h, d, e), ("layers", "heads", "head_dim", "embed"),
-                                               "normal")},
+                "o_proj": {"kernel": ParamSpec(
+                    (n, h, d, e), ("layers", "heads", "head_dim", "embed"), "normal")},
             },
             "post_attention_layernorm": {"scale": ParamSpec((n, e), ("layers", "embed"), "ones")},
             "mlp": {
@@ -155,24 +155,29 @@ def count_params(config: Qwen2Config) -> int:
 def init_params(key: Array, config: Qwen2Config, mesh: Optional[Mesh] = None,
                 rules: sharding.AxisRules = sharding.DEFAULT_RULES) -> Params:
     """Random parameters (normal(0, initializer_range) weights, zero biases, unit norms) in
-    ``config.param_dtype``; created directly on their shardings when a mesh is given."""
+    ``config.param_dtype``; created directly on their shardings when a mesh is given.
+
+    One parameter at a time, so peak memory is the model plus one parameter's temporaries.
+    """
     specs = param_specs(config)
     leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
-    dtype = jnp.dtype(config.param_dtype)
+    targets = ([None] * len(leaves) if mesh is None
+               else jax.tree.leaves(param_shardings(config, mesh, rules)))
+    keys = jax.random.split(key, len(leaves))
+    arrays = [_leaf_initializer(spec, config.initializer_range, config.param_dtype, target)(k)
+              for k, spec, target in zip(keys, leaves, targets)]
+    return jax.tree.unflatten(treedef, arrays)
 
-    def create(key: Array) -> Params:
-        keys = jax.random.split(key, len(leaves))
-        arrays = []
-        for k, spec in zip(keys, leaves):
-            if spec.init == "normal":
-                arrays.append(config.initializer_range
-                              * jax.random.normal(k, spec.shape, jnp.float32).astype(dtype))
-            else:
-                arrays.append(jnp.full(spec.shape, 1.0 if spec.init == "ones" else 0.0, dtype))
-        return jax.tree.unflatten(treedef, arrays)
 
-    out_shardings = None if mesh is None else param_shardings(config, mesh, rules)
-    return jax.jit(create, out_shardings=out_shardings)(key)
+@functools.lru_cache(maxsize=None)
+def _leaf_initializer(spec: ParamSpec, scale: float, dtype: str, target: Any):
+    """A jitted ``key -> array`` for one parameter (cached: layers share shapes)."""
+    def create(key: Array) -> Array:
+        if spec.init == "normal":
+            return (scale * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
+        return jnp.full(spec.shape, 1.0 if spec.init == "ones" else 0.0, dtype)
+
+    return jax.jit(create, out_shardings=target)
 
 
 class KVCache(NamedTuple):
@@ -362,6 +367,8 @@ def forward(params: Params, config: Qwen2Config, tokens: Array, *,
             cache_v = lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], start)
             k = cache_k[layer_index].astype(dtype)
             v = cache_v[layer_index].astype(dtype)
+        # Flattened to [B, L, H * D] first: contracting (h, d) as two axes makes XLA transpose
+        # the whole o_proj kernel on every call instead of the small activation.
         attn = _attention(q, k, v, mask)
         o_kernel = p["self_attn"]["o_proj"]["kernel"].astype(dtype)
         attn = _dense(attn.reshape(attn.shape[:2] + (-1,)), o_kernel.reshape(-1, o_kernel.shape[-1]))
