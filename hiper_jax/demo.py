@@ -1,7 +1,7 @@
 """HAE demo: advantages of a hand-made Plan-Execute trajectory, printed and plotted.
 
-Run with ``python -m hiper_jax.demo [--out DIR]``. This is the project's main job until the
-training loop exists.
+Run with ``python -m hiper_jax.demo [--out DIR]``: a one-second look at what HAE computes,
+without a model or an environment (the training main job is ``bash scripts/main.sh``).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
                     keep_penalty_mode="normalized")
     batch = example_batch(gamma=args.gamma)
     out = compute_hae(cfg=cfg, **batch)
-    print("hiper_jax main job (HAE demo: the training loop is not in this release yet)")
+    print("HAE demo: advantages of a hand-made Plan-Execute episode")
     print(f"config: {cfg}\n")
     header = f"{'turn':>4} {'switch':>6}  {'subgoal':<32} {'action':<28} {'r':>5} {'A_low':>7} {'A_high':>7} {'A_term':>7}"
     print(header)

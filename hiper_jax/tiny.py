@@ -67,25 +67,29 @@ def webshop_texts(num_goals: int = 200) -> list[str]:
                                   PromptConfig(env="webshop", style="flat", max_steps=15)])
 
 
-def build(out_dir: str, work_dir: str, num_games: int = 240, vocab_size: int = 1024,
-          epochs: int = 8, lr: float = 3e-3, seed: int = 0, hidden_size: int = 96,
-          num_layers: int = 3, intermediate_size: int = 256) -> dict:
+def build(out_dir: str, work_dir: str, num_games: int = 600, vocab_size: int = 1024,
+          epochs: int = 6, lr: float = 3e-3, seed: int = 0, hidden_size: int = 96,
+          num_layers: int = 3, intermediate_size: int = 256, max_receptacles: int = 4,
+          max_distractors: int = 1, max_steps: int = 30,
+          task_types: tuple[str, ...] = ("pick_and_place_simple", "look_at_obj_in_light")) -> dict:
     """Makes the tiny checkpoint in ``out_dir`` (see the module docstring); returns a summary."""
     from transformers import AutoTokenizer
 
     from hiper_envs.alfworld.demos import write_demos
-    from hiper_envs.alfworld.generate import generate_games
+    from hiper_envs.alfworld.generate import GeneratorConfig, generate_games
     from hiper_jax.train.sft import SFTConfig, make_examples, train_sft
 
     start = time.perf_counter()
     games = os.path.join(work_dir, "games")
     demos_path = os.path.join(work_dir, "demos.jsonl")
     if not os.path.exists(demos_path):
-        generate_games(games, num_games, seed=seed + 1000, workers=2)
+        scenes = GeneratorConfig(max_receptacles=max_receptacles, max_distractors=max_distractors)
+        generate_games(games, num_games, seed=seed + 1000, task_types=task_types, config=scenes,
+                       workers=2)
         write_demos(os.path.join(games, "train"), demos_path, workers=2)
     demos = read_demos(demos_path)
-    alfworld_cfg = PromptConfig(env="alfworld", history_turns=2, max_prompt_tokens=1024, max_steps=50)
-    texts = training_texts(demos, [alfworld_cfg, PromptConfig(env="alfworld", style="flat", max_steps=50)])
+    alfworld_cfg = PromptConfig(env="alfworld", history_turns=2, max_prompt_tokens=512, max_steps=max_steps)
+    texts = training_texts(demos, [alfworld_cfg, PromptConfig(env="alfworld", style="flat", max_steps=max_steps)])
     texts += webshop_texts()
     tokenizer = train_byte_level_bpe(texts, vocab_size=vocab_size)
     os.makedirs(out_dir, exist_ok=True)
@@ -107,7 +111,10 @@ def build(out_dir: str, work_dir: str, num_games: int = 240, vocab_size: int = 1
         "sft_tokens_per_epoch": int(sum(len(e.prompt_ids) + len(e.response_ids) for e in examples)),
         "epochs": epochs, "final_nll": history[-1]["nll"], "minutes": (time.perf_counter() - start) / 60,
         "recipe": f"python -m hiper_jax.tiny --out {out_dir} --num-games {num_games} --epochs {epochs} "
-                  f"--lr {lr} --seed {seed}",
+                  f"--lr {lr} --seed {seed} --hidden-size {hidden_size} --num-layers {num_layers} "
+                  f"--intermediate-size {intermediate_size} --max-receptacles {max_receptacles} "
+                  f"--max-distractors {max_distractors} --max-steps {max_steps} "
+                  f"--task-types {' '.join(task_types)}",
     }
     with open(os.path.join(out_dir, "build_summary.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2)
@@ -118,19 +125,26 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Make the tiny embedded checkpoint.")
     parser.add_argument("--out", default=TINY_ALFWORLD)
     parser.add_argument("--work-dir", default="", help="games and demos (default: a temp dir)")
-    parser.add_argument("--num-games", type=int, default=240)
+    parser.add_argument("--num-games", type=int, default=600)
     parser.add_argument("--vocab-size", type=int, default=1024)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hidden-size", type=int, default=96)
     parser.add_argument("--num-layers", type=int, default=3)
     parser.add_argument("--intermediate-size", type=int, default=256)
+    parser.add_argument("--max-receptacles", type=int, default=4)
+    parser.add_argument("--max-distractors", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=30, help="the episode step limit prompts show")
+    parser.add_argument("--task-types", nargs="+", default=["pick_and_place_simple", "look_at_obj_in_light"],
+                        help="ALFWorld task types of the demonstrations (a model this small does not "
+                             "learn all six)")
     args = parser.parse_args(argv)
     work = args.work_dir or tempfile.mkdtemp(prefix="hiper_tiny_")
     try:
         summary = build(args.out, work, args.num_games, args.vocab_size, args.epochs, args.lr, args.seed,
-                        args.hidden_size, args.num_layers, args.intermediate_size)
+                        args.hidden_size, args.num_layers, args.intermediate_size,
+                        args.max_receptacles, args.max_distractors, args.max_steps, tuple(args.task_types))
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The HAE demo (the main job until the trainer lands) runs and writes its plot."""
+"""The HAE demo runs, prints its table and writes its plot."""
 
 from hiper_jax import demo
 

@@ -31,6 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
         num_train_games=64,         # generated when games_dir is ""
         num_eval_games=24,
         task_types=(),              # () = all of the env's task types
+        max_receptacles=8,          # ALFWorld generated scenes: receptacles listed at most
+        max_distractors=4,          # ALFWorld generated scenes: other object types at most
         env_kwargs={},              # extra keyword arguments for the env constructor
         envs_per_worker=4,
         step_timeout_s=60.0,

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,7 +28,7 @@ from hiper_jax.agent.prompts import PromptConfig
 from hiper_jax.agent.spans import TokenBytes
 from hiper_jax.hae import HAEConfig, assign_token_advantages
 from hiper_jax.models import qwen2
-from hiper_jax.models.value_heads import CriticConfig, init_critic
+from hiper_jax.models.value_heads import CriticConfig, critic_param_shardings, init_critic
 from hiper_jax.rollout.collector import Collector, EnvSpec
 from hiper_jax.rollout.metrics import rollout_metrics
 from hiper_jax.rollout.packing import pack_tokens, pack_turns
@@ -68,7 +69,7 @@ def prepare_env_data(config: ml_collections.ConfigDict, out_dir: str, progress: 
     common["success_reward"] = env.success_reward
     if env.name == "alfworld":
         from hiper_envs.alfworld.games import find_games
-        from hiper_envs.alfworld.generate import TASK_TYPES, generate_games
+        from hiper_envs.alfworld.generate import TASK_TYPES, GeneratorConfig, generate_games
 
         games_dir = env.games_dir or os.path.join(out_dir, "games")
         task_types = tuple(env.task_types) or TASK_TYPES
@@ -80,8 +81,10 @@ def prepare_env_data(config: ml_collections.ConfigDict, out_dir: str, progress: 
                 continue
             existing = find_games(split_dir) if os.path.isdir(split_dir) else []
             if len(existing) != count and distributed.is_main_process():
+                scenes = GeneratorConfig(max_receptacles=env.max_receptacles,
+                                         max_distractors=env.max_distractors)
                 generate_games(games_dir, count, seed=config.train.seed, task_types=task_types,
-                               split=split, workers=2, progress=progress)
+                               split=split, config=scenes, workers=2, progress=progress)
         specs = {split: EnvSpec("hiper_envs:hiper/ALFWorld-v0",
                                 dict(common, games=os.path.join(games_dir, split)), "game")
                  for split in ("train", "eval")}
@@ -126,6 +129,19 @@ class TaskSchedule:
 
 
 # --- batches --------------------------------------------------------------------------------
+
+
+def _onto_mesh(tree, mesh):
+    """Leaves not yet spread over ``mesh`` (optimizer counters, step) replicated onto it, so one
+    jitted step sees every argument on the same devices."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    devices = set(mesh.devices.flat)
+
+    def place(x):
+        if isinstance(x, jax.Array) and x.sharding.device_set == devices:
+            return x
+        return jax.device_put(x, replicated)
+    return jax.tree.map(place, tree)
 
 
 def _chunked(fn, batch_arrays: tuple, rows: int):
@@ -249,11 +265,12 @@ class Trainer:
             cfg.model.checkpoint, dtype=jnp.dtype(cfg.model.param_dtype),
             compute_dtype=jnp.dtype(cfg.model.compute_dtype), mesh=self.mesh, progress=False)
         self.ref_params = jax.tree.map(jnp.copy, actor)
-        critic = init_critic(jax.random.key(cfg.train.seed), self.model_config, actor,
-                             CriticConfig(shared_backbone=cfg.model.critic == "shared"))
+        critic_config = CriticConfig(shared_backbone=cfg.model.critic == "shared")
+        critic = init_critic(jax.random.key(cfg.train.seed), self.model_config, actor, critic_config)
+        critic = jax.device_put(critic, critic_param_shardings(self.model_config, critic_config, self.mesh))
         self.actor_tx = make_optimizer(cfg.ppo.actor_lr, cfg.ppo.weight_decay, cfg.ppo.max_grad_norm)
         self.critic_tx = make_optimizer(cfg.ppo.critic_lr, cfg.ppo.weight_decay, cfg.ppo.max_grad_norm)
-        self.state = init_train_state(actor, critic, self.actor_tx, self.critic_tx)
+        self.state = _onto_mesh(init_train_state(actor, critic, self.actor_tx, self.critic_tx), self.mesh)
         self.token_bytes = TokenBytes(self.tokenizer, vocab_size=self.model_config.vocab_size)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         stops = {self.tokenizer.eos_token_id}
