@@ -64,6 +64,7 @@ setup(
     packages=find_packages(include=["hiper_jax", "hiper_jax.*"]) + envs_packages,
     package_dir={"hiper_envs": "envs"},
     include_package_data=True,
+    package_data={"hiper_jax": ["assets/tiny_alfworld/*"]},
     install_requires=RUNTIME,
     extras_require={
         "test": TEST,

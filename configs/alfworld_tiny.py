@@ -15,6 +15,10 @@ def get_config():
     c.env.num_train_games = 120
     c.env.num_eval_games = 24
     c.env.envs_per_worker = 4
+    # The task types and scene size the shipped warm start was trained on (hiper_jax.tiny).
+    c.env.task_types = ("pick_and_place_simple", "look_at_obj_in_light")
+    c.env.max_receptacles = 4
+    c.env.max_distractors = 1
     c.model.checkpoint = TINY_ALFWORLD
     c.model.critic = "separate"
     c.prompt.history_turns = 2
