@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from hiper_jax.models import qwen2
 from hiper_jax.models.value_heads import critic_values
@@ -89,8 +90,23 @@ def make_optimizer(learning_rate: float, weight_decay: float, max_grad_norm: flo
 
 
 def init_train_state(actor: Params, critic: Params, actor_tx, critic_tx) -> TrainState:
-    return TrainState(actor, critic, actor_tx.init(actor), critic_tx.init(critic),
-                      jnp.zeros((), jnp.int32))
+    """Fresh optimizer states and step for ``actor`` and ``critic``. When the params live on a
+    mesh (``NamedSharding``), the leaves ``tx.init`` and the step create on the default device
+    (counters) are replicated onto that mesh, so one jitted step sees every argument on the
+    same devices."""
+    state = TrainState(actor, critic, actor_tx.init(actor), critic_tx.init(critic),
+                       jnp.zeros((), jnp.int32))
+    sharding = jax.tree.leaves(actor)[0].sharding
+    if not isinstance(sharding, NamedSharding):
+        return state
+    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+    devices = set(sharding.mesh.devices.flat)
+
+    def place(x):
+        if isinstance(x, jax.Array) and x.sharding.device_set == devices:
+            return x
+        return jax.device_put(x, replicated)
+    return jax.tree.map(place, state)
 
 
 def _segment_ids(valid: Array) -> Array:

@@ -17,7 +17,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
@@ -129,19 +128,6 @@ class TaskSchedule:
 
 
 # --- batches --------------------------------------------------------------------------------
-
-
-def _onto_mesh(tree, mesh):
-    """Leaves not yet spread over ``mesh`` (optimizer counters, step) replicated onto it, so one
-    jitted step sees every argument on the same devices."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    devices = set(mesh.devices.flat)
-
-    def place(x):
-        if isinstance(x, jax.Array) and x.sharding.device_set == devices:
-            return x
-        return jax.device_put(x, replicated)
-    return jax.tree.map(place, tree)
 
 
 def _chunked(fn, batch_arrays: tuple, rows: int):
@@ -270,7 +256,7 @@ class Trainer:
         critic = jax.device_put(critic, critic_param_shardings(self.model_config, critic_config, self.mesh))
         self.actor_tx = make_optimizer(cfg.ppo.actor_lr, cfg.ppo.weight_decay, cfg.ppo.max_grad_norm)
         self.critic_tx = make_optimizer(cfg.ppo.critic_lr, cfg.ppo.weight_decay, cfg.ppo.max_grad_norm)
-        self.state = _onto_mesh(init_train_state(actor, critic, self.actor_tx, self.critic_tx), self.mesh)
+        self.state = init_train_state(actor, critic, self.actor_tx, self.critic_tx)
         self.token_bytes = TokenBytes(self.tokenizer, vocab_size=self.model_config.vocab_size)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         stops = {self.tokenizer.eos_token_id}
