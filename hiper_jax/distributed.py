@@ -29,6 +29,7 @@ import importlib.util
 import logging
 import math
 import os
+import pickle
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -440,6 +441,45 @@ def gather_to_all_hosts(tree: Any) -> Any:
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's picklable ``obj``, in process order, on every process (collective).
+
+    Used for rollouts: each host plays its own envs and every host then holds all trajectories.
+    """
+    if jax.process_count() == 1:
+        return [obj]
+    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [pickle.loads(gathered[p, : sizes[p]].tobytes()) for p in range(len(sizes))]
+
+
+def global_from_host_copy(tree: Any, mesh: Mesh, spec: Optional[PartitionSpec] = None) -> Any:
+    """Global arrays laid out as ``spec`` (default :func:`batch_spec`) from a whole batch that
+    every process holds identically (each process places only its devices' shards)."""
+    sharding = NamedSharding(mesh, batch_spec(mesh) if spec is None else spec)
+
+    def place(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(place, tree)
+
+
+def local_copy(tree: Any, device: Optional[Any] = None) -> Any:
+    """A copy of (possibly cross-host) global arrays on one device of this process
+    (default: its first); in a single process, the tree itself.
+
+    Collective across processes (an all-gather of the whole tree).
+    """
+    if jax.process_count() == 1:
+        return tree
+    full = multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_put(full, device or jax.local_devices()[0])
 
 
 # --------------------------------------------------------------------------------------------

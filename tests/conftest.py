@@ -67,3 +67,11 @@ def tiny_tokenizer():
     from hiper_jax.tokenization import train_byte_level_bpe
 
     return train_byte_level_bpe(TINY_CORPUS * 20, vocab_size=420)
+
+
+@pytest.fixture(scope="session")
+def word_checkpoint(tmp_path_factory):
+    """The tiny ChooseWord warm start (``tests/word_task.py``), built once per session (~1 min)."""
+    from tests.word_task import build_word_checkpoint
+
+    return build_word_checkpoint(str(tmp_path_factory.mktemp("word_ckpt")))

@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft = dict(demos="", epochs=1, lr=1e-4, batch_rows=8, max_length=1024)
     c.train = dict(
         iterations=150, eval_every=10, eval_episodes=0,  # 0 = every eval game once
+        max_env_turns=0,            # > 0: stop once this many training env turns were played
         checkpoint_every=10, keep_checkpoints=3, out_dir="runs/default", seed=0,
         resume=False, tensorboard=True, wandb_project="",
     )
@@ -215,6 +216,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     for field in ("iterations", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _require(train[field] >= 0 if field == "iterations" else train[field] >= 1,
                  f"train.{field}", f"must be positive, got {train[field]}")
+    _require(train.max_env_turns >= 0, "train.max_env_turns",
+             f"must be >= 0 (0 = no budget), got {train.max_env_turns}")
     _require(ppo.mini_batch_rows % ppo.micro_batch_rows == 0, "ppo.mini_batch_rows",
              f"must be a multiple of ppo.micro_batch_rows={ppo.micro_batch_rows}")
     _require(bool(train.out_dir), "train.out_dir", "must not be empty")

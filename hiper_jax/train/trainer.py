@@ -84,6 +84,10 @@ def prepare_env_data(config: ml_collections.ConfigDict, out_dir: str, progress: 
                                          max_distractors=env.max_distractors)
                 generate_games(games_dir, count, seed=config.train.seed, task_types=task_types,
                                split=split, config=scenes, workers=2, progress=progress)
+        if jax.process_count() > 1:  # the other hosts wait for process 0's games
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("hiper_jax: generated games ready")
         specs = {split: EnvSpec("hiper_envs:hiper/ALFWorld-v0",
                                 dict(common, games=os.path.join(games_dir, split)), "game")
                  for split in ("train", "eval")}
@@ -130,30 +134,42 @@ class TaskSchedule:
 # --- batches --------------------------------------------------------------------------------
 
 
-def _chunked(fn, batch_arrays: tuple, rows: int):
-    """Applies a jitted row-wise ``fn`` in chunks of ``rows`` rows (one compiled shape)."""
+def _chunked(fn, batch_arrays: tuple, rows: int, mesh=None):
+    """Applies a jitted row-wise ``fn`` in chunks of ``rows`` rows (one compiled shape).
+
+    With several processes, every process holds the same ``batch_arrays``: each chunk goes in as
+    global arrays split over ``mesh``'s batch axes and comes back whole on every process.
+    """
     num_rows = batch_arrays[0].shape[0]
-    outs = [np.asarray(fn(*(a[i: i + rows] for a in batch_arrays))) for i in range(0, num_rows, rows)]
+    multihost = mesh is not None and jax.process_count() > 1
+    outs = []
+    for i in range(0, num_rows, rows):
+        chunk = tuple(a[i: i + rows] for a in batch_arrays)
+        if multihost:
+            outs.append(distributed.gather_to_all_hosts(fn(*distributed.global_from_host_copy(chunk, mesh))))
+        else:
+            outs.append(np.asarray(fn(*chunk)))
     return np.concatenate(outs, axis=0)
 
 
 def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: qwen2.Qwen2Config,
-                    cfg: ml_collections.ConfigDict, hae_cfg: HAEConfig, pad_id: int):
+                    cfg: ml_collections.ConfigDict, hae_cfg: HAEConfig, pad_id: int, mesh=None):
     """Packs trajectories, runs the log-prob and value passes, computes advantages; returns
-    ``(PPOBatch, turn arrays, estimator output, stats)``."""
+    ``(PPOBatch, turn arrays, estimator output, stats)``. ``mesh`` is needed only with several
+    processes (each holds all trajectories; the passes run on the global mesh)."""
     spec = get_estimator(cfg.advantage.estimator)
     rows = cfg.ppo.mini_batch_rows
     turns = pack_turns(trajectories, cfg.env.max_turns)
     tokens = pack_tokens(trajectories, pad_id, row_multiple=rows, length_multiple=cfg.ppo.length_multiple)
     temperature = cfg.sampling.temperature or 1.0
     old_logp = _chunked(lambda t, v: logprob_pass(state.actor, model_config, t, v, temperature),
-                        (tokens.tokens, tokens.valid), rows)
+                        (tokens.tokens, tokens.valid), rows, mesh)
     ref_logp = _chunked(lambda t, v: logprob_pass(ref_params, model_config, t, v, temperature),
-                        (tokens.tokens, tokens.valid), rows)
+                        (tokens.tokens, tokens.valid), rows, mesh)
     reads = np.stack([tokens.v_low_read, tokens.v_high_read, tokens.v_term_read], axis=1)
     if spec.value_heads:
         values = _chunked(lambda t, v, r: value_pass(state.critic, state.actor, model_config, t, v, r),
-                          (tokens.tokens, tokens.valid, reads), rows)
+                          (tokens.tokens, tokens.valid, reads), rows, mesh)
     else:
         values = np.zeros(reads.shape, np.float32)
     valid_rows = tokens.row_valid
@@ -215,6 +231,13 @@ class Trainer:
             with open(os.path.join(self.out_dir, "config.json"), "w", encoding="utf-8") as handle:
                 json.dump(config_lib.to_dict(cfg), handle, indent=2, default=str)
         self.mesh = distributed.make_mesh(**cfg.mesh)
+        # With several processes each plays its share of the envs (rows of the batch its devices
+        # hold); trajectories are then gathered so every process builds the same global batch.
+        self.multihost = jax.process_count() > 1
+        self.env_share = distributed.host_share(self.mesh, cfg.env.num_envs) if self.multihost else None
+        if self.multihost and cfg.ppo.mini_batch_rows % distributed.num_batch_shards(self.mesh):
+            config_lib._fail("ppo.mini_batch_rows", f"must be a multiple of the mesh's "
+                             f"{distributed.num_batch_shards(self.mesh)} batch shards with several processes")
         self.estimator = get_estimator(cfg.advantage.estimator)
         self.hae_cfg = HAEConfig(
             gamma=cfg.advantage.gamma, lam_turn=cfg.advantage.lam_turn, lam_seg=cfg.advantage.lam_seg,
@@ -239,6 +262,7 @@ class Trainer:
                                        max_steps=cfg.env.max_turns)
         self._checkpoints = None
         self._stop_requested = False
+        self.restored_env_turns: Optional[float] = None  # set by restore()
 
     # set-up -----------------------------------------------------------------------------------
 
@@ -274,17 +298,46 @@ class Trainer:
                               top_k=cfg.top_k, top_p=cfg.top_p, greedy=greedy,
                               stop_token_ids=self.stop_ids, pad_token_id=self.pad_id)
 
+    @property
+    def local_envs(self) -> int:
+        """Envs this process plays (all of ``env.num_envs`` in a single process)."""
+        return self.env_share.rows if self.multihost else self.config.env.num_envs
+
     def _policy(self, temperature: float) -> LLMPolicy:
-        params = qwen2.unstack_layers(self.state.actor, jnp.dtype(self.config.model.compute_dtype))
+        # Several processes: each samples for its own envs with a copy of the actor on its
+        # first device, so env stepping never waits on another host.
+        actor = distributed.local_copy(self.state.actor)
+        params = qwen2.unstack_layers(actor, jnp.dtype(self.config.model.compute_dtype))
         return LLMPolicy(params, self.model_config, self._sampling(temperature), self.pad_id,
                          length_multiple=self.config.sampling.prompt_length_multiple,
-                         rows=math.ceil(self.config.env.num_envs / 2))
+                         rows=math.ceil(self.local_envs / 2))
 
     def _collector(self, split: str) -> Collector:
         cfg = self.config.env
-        return Collector(self.data[split], cfg.num_envs, self.prompt_cfg, self.tokenizer,
-                         self.token_bytes, cfg.max_turns, groups=2 if cfg.num_envs >= 2 else 1,
+        return Collector(self.data[split], self.local_envs, self.prompt_cfg, self.tokenizer,
+                         self.token_bytes, cfg.max_turns, groups=2 if self.local_envs >= 2 else 1,
                          envs_per_worker=cfg.envs_per_worker, step_timeout_s=cfg.step_timeout_s)
+
+    def _collect(self, collector: Collector, policy: LLMPolicy, tasks: list[int], key: jax.Array,
+                 groups: Optional[list[int]] = None):
+        """Plays ``tasks`` (one per env of the whole job); returns all trajectories in task order
+        and the rollout stats. Each process plays its share with its own sampling key."""
+        if not self.multihost:
+            return collector.run(policy, tasks, key, groups)
+        rows = self.env_share.row_indices
+        local, stats = collector.run(policy, [tasks[i] for i in rows],
+                                     jax.random.fold_in(key, jax.process_index()),
+                                     None if groups is None else [groups[i] for i in rows])
+        by_row, turns = {}, {}
+        parts = distributed.gather_objects((rows, local, stats))
+        for part_rows, part, part_stats in parts:
+            by_row.update(zip(part_rows, part))
+            turns[part_rows] = part_stats.turns  # hosts sharing rows played the same episodes
+        merged = dataclasses.replace(
+            stats, wall_s=max(p[2].wall_s for p in parts), turns=sum(turns.values()),
+            device_busy_s=float(np.mean([p[2].device_busy_s for p in parts])),
+            env_step_s=float(np.mean([p[2].env_step_s for p in parts])))
+        return [by_row[i] for i in range(len(tasks))], merged
 
     # checkpoints --------------------------------------------------------------------------------
 
@@ -298,22 +351,33 @@ class Trainer:
                                                      create=True))
         return self._checkpoints
 
-    def save(self, iteration: int) -> None:
+    def save(self, iteration: int, env_turns_total: float = 0.0) -> None:
         """Checkpoints the train state after ``iteration`` iterations."""
         import orbax.checkpoint as ocp
 
         manager = self._checkpoint_manager()
         meta = {"iteration": iteration, "seed": self.config.train.seed,
-                "task_cursor": iteration * (self.config.env.num_envs // self.config.advantage.rollouts_per_task)}
+                "task_cursor": iteration * (self.config.env.num_envs // self.config.advantage.rollouts_per_task),
+                "env_turns_total": float(env_turns_total)}
         manager.save(iteration, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
         manager.wait_until_finished()
 
-    def restore(self) -> int:
-        """Restores the latest checkpoint if there is one; returns the iteration to start at."""
+    def restore(self, directory: Optional[str] = None) -> int:
+        """Restores the latest checkpoint if there is one; returns the iteration to start at.
+
+        Args:
+          directory: another run's ``checkpoints/`` folder to restore from (default: this run's).
+            The state is restored onto this trainer's mesh, whatever mesh wrote it.
+        """
         import orbax.checkpoint as ocp
 
-        manager = self._checkpoint_manager()
+        if directory is None:
+            manager = self._checkpoint_manager()
+        else:
+            if not os.path.isdir(directory):
+                raise FileNotFoundError(f"no checkpoint folder at {directory}")
+            manager = ocp.CheckpointManager(os.path.abspath(directory))
         step = manager.latest_step()
         if step is None:
             return 0
@@ -321,6 +385,7 @@ class Trainer:
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         self.state = restored["state"]
+        self.restored_env_turns = restored["meta"].get("env_turns_total")
         return int(restored["meta"]["iteration"])
 
     # the loop ----------------------------------------------------------------------------------
@@ -337,7 +402,7 @@ class Trainer:
         key = jax.random.fold_in(jax.random.key(cfg.train.seed + 1), iteration)
         for start in range(0, num_tasks, cfg.env.num_envs):
             tasks = [(start + k) % num_tasks for k in range(cfg.env.num_envs)]
-            batch, _ = collector.run(policy, tasks, jax.random.fold_in(key, start))
+            batch, _ = self._collect(collector, policy, tasks, jax.random.fold_in(key, start))
             trajectories.extend(batch[: num_tasks - start])
         return {f"eval/{k}": v for k, v in rollout_metrics(trajectories).items()}
 
@@ -347,14 +412,16 @@ class Trainer:
         start = time.perf_counter()
         tasks, groups = self.schedule.tasks(iteration)
         key = jax.random.fold_in(jax.random.key(cfg.train.seed), iteration)
-        trajectories, rollout = collector.run(self._policy(cfg.sampling.temperature), tasks, key, groups)
+        trajectories, rollout = self._collect(collector, self._policy(cfg.sampling.temperature), tasks, key, groups)
         rollout_s = time.perf_counter() - start
         batch, _, _, batch_stats = build_ppo_batch(trajectories, self.state, self.ref_params,
-                                                   self.model_config, cfg, self.hae_cfg, self.pad_id)
+                                                   self.model_config, cfg, self.hae_cfg, self.pad_id,
+                                                   mesh=self.mesh)
         update_start = time.perf_counter()
         self.state, update = ppo_update(self.state, batch, np.random.default_rng([cfg.train.seed, iteration]),
                                         config=self.model_config, ppo=self.ppo,
-                                        actor_tx=self.actor_tx, critic_tx=self.critic_tx)
+                                        actor_tx=self.actor_tx, critic_tx=self.critic_tx,
+                                        place=self._place_batch if self.multihost else None)
         record = {f"train/{k}": v for k, v in rollout_metrics(trajectories).items()}
         record.update({f"update/{k}": v for k, v in update.items()})
         record.update({f"batch/{k}": v for k, v in batch_stats.items()})
@@ -366,6 +433,9 @@ class Trainer:
             tqdm.write(f"iteration {iteration}: {update['skipped']:.0%} of the update steps had a "
                        "non-finite loss or gradient and were skipped")
         return record
+
+    def _place_batch(self, mini: PPOBatch) -> PPOBatch:
+        return distributed.global_from_host_copy(mini, self.mesh)
 
     def _on_sigterm(self, signum, frame) -> None:
         del signum, frame
@@ -382,11 +452,20 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         train_collector = self._collector("train")
         eval_collector = self._collector("eval")
-        env_turns = sum(r.get("env_turns", 0.0) for r in logger.history())
+        env_turns = 0.0
+        if start_iteration:  # from the checkpoint (every process has it), else from the log
+            env_turns = self.restored_env_turns
+            if env_turns is None:
+                env_turns = sum(r.get("env_turns", 0.0) for r in logger.history())
+        budget = cfg.train.max_env_turns
         try:
             bar = tqdm(range(start_iteration, cfg.train.iterations), desc="HiPER training",
-                       initial=start_iteration, total=cfg.train.iterations, disable=not self.progress)
+                       initial=start_iteration, total=cfg.train.iterations,
+                       disable=not (self.progress and self.is_main))
+            done = start_iteration
             for iteration in bar:
+                if budget and env_turns >= budget:
+                    break
                 record = {"iteration": iteration}
                 if iteration % cfg.train.eval_every == 0:
                     record.update(self.evaluate(iteration, eval_collector))
@@ -397,16 +476,18 @@ class Trainer:
                 bar.set_postfix(success=f"{record['train/success']:.2f}",
                                 eval=f"{record.get('eval/success', float('nan')):.2f}")
                 done = iteration + 1
-                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.iterations or self._stop_requested:
-                    self.save(done)
+                out_of_budget = bool(budget) and env_turns >= budget
+                if (done % cfg.train.checkpoint_every == 0 or done == cfg.train.iterations
+                        or self._stop_requested or out_of_budget):
+                    self.save(done, env_turns)
                 if self._stop_requested:
                     tqdm.write(f"SIGTERM: checkpoint written after iteration {done}; resume with "
                                "--config.train.resume=True")
                     return logger.history()
-            if start_iteration < cfg.train.iterations or not any("eval/success" in r for r in logger.history()):
-                final = {"iteration": cfg.train.iterations}
-                final.update(self.evaluate(cfg.train.iterations, eval_collector))
-                logger.log(final)
+            bar.close()
+            final = {"iteration": done, "final": 1.0, "env_turns_total": env_turns}
+            final.update(self.evaluate(done, eval_collector))
+            logger.log(final)
             history = logger.history()
             if self.is_main:
                 plot_run(history, os.path.join(self.out_dir, "plots"),
