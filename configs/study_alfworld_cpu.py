@@ -1,5 +1,5 @@
 """The estimator study sized for a 2-core CPU (about 1.5 hours): the embedded tiny warm start,
-small generated ALFWorld games, hae vs turn_gae vs grpo, 3 seeds, 3200 training env turns each.
+small generated ALFWorld games, hae vs turn_gae vs grpo, 3 seeds, 2400 training env turns each.
 
     python benchmarks/compare_estimators.py --config configs/study_alfworld_cpu.py
 
@@ -48,8 +48,8 @@ def get_config():
     run.ppo.length_multiple = 128
     run.ppo.epochs = 1
     run.train.iterations = 40           # an upper bound; the env-turn budget ends each run
-    run.train.max_env_turns = 3200
-    run.train.eval_every = 4
+    run.train.max_env_turns = 2400
+    run.train.eval_every = 3
     run.train.checkpoint_every = 2
     run.train.tensorboard = False
 
