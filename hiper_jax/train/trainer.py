@@ -304,10 +304,13 @@ class Trainer:
         return self.env_share.rows if self.multihost else self.config.env.num_envs
 
     def _policy(self, temperature: float) -> LLMPolicy:
-        # Several processes: each samples for its own envs with a copy of the actor on its
-        # first device, so env stepping never waits on another host.
-        actor = distributed.local_copy(self.state.actor)
-        params = qwen2.unstack_layers(actor, jnp.dtype(self.config.model.compute_dtype))
+        dtype = jnp.dtype(self.config.model.compute_dtype)
+        actor = self.state.actor
+        if self.multihost:
+            # Each process samples for its own envs with a compute-dtype copy of the actor on
+            # its first device, so env stepping never waits on another host.
+            actor = distributed.local_copy(jax.tree.map(lambda x: x.astype(dtype), actor))
+        params = qwen2.unstack_layers(actor, dtype)
         return LLMPolicy(params, self.model_config, self._sampling(temperature), self.pad_id,
                          length_multiple=self.config.sampling.prompt_length_multiple,
                          rows=math.ceil(self.local_envs / 2))

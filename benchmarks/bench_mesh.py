@@ -1,0 +1,186 @@
+"""Per-device memory and update throughput of the PPO step on each mesh shape.
+
+Usage: python benchmarks/bench_mesh.py [--models tiny,0.5b] [--rows 16] [--length 256]
+
+Runs on 8 simulated CPU devices (set here before JAX starts). For every mesh (data, fsdp,
+tensor) in (1,1,1) (one device), (8,1,1), (2,4,1), (1,8,1), (2,2,2):
+
+* state MiB/device: the train state (fp32 policy, separate critic backbone, AdamW moments) one
+  device holds, from the shardings (the largest device);
+* compiled MiB/device: XLA's memory analysis of the compiled PPO step (arguments + outputs +
+  temporaries - aliased donations), per device;
+* step s and tokens/s: the jitted step on ``rows x length`` random tokens, median of 3 after a
+  warm-up (the tiny model only: a 0.5B step takes minutes on 2 CPU cores, so its row shows
+  compiled memory alone, from abstract arrays, nothing allocated).
+
+Simulated devices share the host's cores, so throughput here compares meshes' overheads on one
+CPU, not accelerator speed; the (1,1,1) row is the baseline of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+_FLAG = "--xla_force_host_platform_device_count"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+
+MESHES = ((1, 1, 1), (8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2))
+MIB = 2.0 ** 20
+
+
+def model_config(name: str):
+    from hiper_jax.models import qwen2
+
+    if name == "tiny":
+        from hiper_jax.tiny import TINY_ALFWORLD
+
+        return qwen2.Qwen2Config.from_hf_config(TINY_ALFWORLD)
+    if name == "0.5b":  # Qwen2.5-0.5B's architecture
+        return qwen2.Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                 num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                 tie_word_embeddings=True)
+    raise ValueError(f"unknown model {name!r} (tiny, 0.5b)")
+
+
+def abstract_state(config, mesh, ppo_setup):
+    """The train state as sharded ShapeDtypeStructs (nothing allocated)."""
+    from hiper_jax.models import qwen2
+    from hiper_jax.models.value_heads import CriticConfig, critic_param_shardings, init_critic
+    from hiper_jax.train.ppo import TrainState
+
+    actor_tx, critic_tx = ppo_setup["actor_tx"], ppo_setup["critic_tx"]
+    dtype = jnp.dtype(config.param_dtype)
+    actor = jax.tree.map(lambda shape, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding),
+                         qwen2.param_shapes(config), qwen2.param_shardings(config, mesh),
+                         is_leaf=lambda x: isinstance(x, tuple))
+    critic_config = CriticConfig(shared_backbone=False)
+    critic_shapes = jax.eval_shape(lambda a: init_critic(jax.random.key(0), config, a, critic_config), actor)
+    critic = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          critic_shapes, critic_param_shardings(config, critic_config, mesh))
+
+    def like_params(opt_state, params):
+        # AdamW's moments take their parameter's layout, as optax's eager init gives them.
+        by_shape = {leaf.shape: leaf.sharding for leaf in jax.tree.leaves(params)}
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, by_shape[x.shape])
+                            if x.shape in by_shape else x, opt_state)
+
+    def make(a, c):
+        return TrainState(a, c, like_params(actor_tx.init(a), actor), like_params(critic_tx.init(c), critic),
+                          jnp.zeros((), jnp.int32))
+
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    jitted = jax.jit(make)
+    shardings = jitted.lower(actor, critic).compile().output_shardings
+    shapes = jax.eval_shape(make, actor, critic)
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(
+        s.shape, s.dtype, sharding=sharding if sharding.device_set == replicated.device_set else replicated),
+        shapes, shardings)
+
+
+def state_bytes_per_device(state) -> float:
+    per_device: dict = {}
+    for leaf in jax.tree.leaves(state):
+        for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
+            size = int(np.prod([len(range(*i.indices(d))) for i, d in zip(index, leaf.shape)]))
+            per_device[device] = per_device.get(device, 0) + size * leaf.dtype.itemsize
+    return max(per_device.values())
+
+
+def mini_batch(config, mesh, rows: int, length: int, abstract: bool):
+    from hiper_jax import distributed
+    from hiper_jax.train.ppo import PPOBatch
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((rows, length), bool)
+    mask[:, length // 2:] = True
+    arrays = PPOBatch(
+        tokens=rng.integers(0, config.vocab_size, (rows, length)).astype(np.int32),
+        valid=np.ones((rows, length), bool), loss_mask=mask,
+        advantages=rng.normal(size=(rows, length)).astype(np.float32),
+        old_logp=np.full((rows, length), -3.0, np.float32), ref_logp=np.full((rows, length), -3.0, np.float32),
+        value_read=np.full((rows, 3), length - 1, np.int32),
+        value_targets=rng.normal(size=(rows, 3)).astype(np.float32),
+        old_values=np.zeros((rows, 3), np.float32), value_mask=np.ones((rows, 3), bool))
+    sharding = distributed.batch_sharding(mesh)
+    if abstract:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), arrays)
+    return jax.device_put(arrays, sharding)
+
+
+def measure(name: str, shape, rows: int, length: int, run: bool) -> dict:
+    from hiper_jax import distributed
+    from hiper_jax.models import qwen2
+    from hiper_jax.models.value_heads import CriticConfig, critic_param_shardings, init_critic
+    from hiper_jax.train.ppo import PPOConfig, init_train_state, make_optimizer, ppo_step
+
+    config = model_config(name)
+    devices = jax.devices()[:int(np.prod(shape))]
+    mesh = distributed.make_mesh(*shape, devices=devices)
+    setup = dict(actor_tx=make_optimizer(1e-5, 0.0, 1.0), critic_tx=make_optimizer(1e-4, 0.0, 1.0))
+    ppo = PPOConfig(micro_batch_rows=max(rows // 2, 1), mini_batch_rows=rows, remat=True)
+    state_abs = abstract_state(config, mesh, setup)
+    mini_abs = mini_batch(config, mesh, rows, length, abstract=True)
+    start = time.perf_counter()
+    compiled = ppo_step.lower(state_abs, mini_abs, config=config, ppo=ppo, **setup).compile()
+    compile_s = time.perf_counter() - start
+    analysis = compiled.memory_analysis()
+    compiled_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                      + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+    out = {"model": name, "mesh": shape, "state_mib": state_bytes_per_device(state_abs) / MIB,
+           "compiled_mib": compiled_bytes / MIB, "temp_mib": analysis.temp_size_in_bytes / MIB,
+           "compile_s": compile_s, "step_s": float("nan"), "tokens_per_s": float("nan")}
+    if run:
+        actor = qwen2.init_params(jax.random.key(0), config, mesh=mesh)
+        critic_config = CriticConfig(shared_backbone=False)
+        critic = jax.device_put(init_critic(jax.random.key(1), config, actor, critic_config),
+                                critic_param_shardings(config, critic_config, mesh))
+        state = init_train_state(actor, critic, setup["actor_tx"], setup["critic_tx"])
+        mini = mini_batch(config, mesh, rows, length, abstract=False)
+        times = []
+        for k in range(4):
+            start = time.perf_counter()
+            state, metrics = ppo_step(state, mini, config=config, ppo=ppo, **setup)
+            jax.block_until_ready(metrics["loss"])
+            if k:
+                times.append(time.perf_counter() - start)
+        out["step_s"] = statistics.median(times)
+        out["tokens_per_s"] = rows * length / out["step_s"]
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,0.5b")
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--length", type=int, default=256)
+    args = parser.parse_args(argv)
+    print(f"{len(jax.devices())} {jax.devices()[0].platform} devices; mini-batch {args.rows} rows x "
+          f"{args.length} tokens, micro-batches of {max(args.rows // 2, 1)} rows, remat")
+    head = (f"{'model':<6} {'mesh (d,f,t)':<13} {'state MiB/dev':>14} {'compiled MiB/dev':>17} "
+            f"{'temp MiB/dev':>13} {'compile s':>10} {'step s':>8} {'tokens/s':>9} {'vs (1,1,1)':>10}")
+    print(head + "\n" + "-" * len(head))
+    for name in args.models.split(","):
+        baseline = None
+        for shape in MESHES:
+            r = measure(name, shape, args.rows, args.length, run=name == "tiny")
+            baseline = r["tokens_per_s"] if baseline is None else baseline
+            ratio = r["tokens_per_s"] / baseline if baseline == baseline else float("nan")
+            print(f"{name:<6} {str(shape):<13} {r['state_mib']:>14.1f} {r['compiled_mib']:>17.1f} "
+                  f"{r['temp_mib']:>13.1f} {r['compile_s']:>10.1f} {r['step_s']:>8.3f} "
+                  f"{r['tokens_per_s']:>9.0f} {ratio:>10.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
