@@ -232,15 +232,17 @@ def plot_study(results: dict, out_dir: str) -> list[str]:
     colours = dict(zip(results, plt.cm.tab10(np.arange(len(results)))))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for estimator, runs in results.items():
-        for k, run in enumerate(runs):
+        for run in runs:
             x, y = zip(*run["curve"])
             ax.plot(x, 100 * np.asarray(y), color=colours[estimator], alpha=0.35, lw=1, marker=".")
-        if runs and len({len(r["curve"]) for r in runs}) == 1:
-            x = np.mean([[p[0] for p in r["curve"]] for r in runs], axis=0)
-            y = np.mean([[p[1] for p in r["curve"]] for r in runs], axis=0)
-            ax.plot(x, 100 * y, color=colours[estimator], lw=2.5, marker="o",
-                    label=f"{estimator} (mean of {len(runs)})")
+        if runs:  # the mean over seeds, each run's curve interpolated on a common grid
+            end = min(r["curve"][-1][0] for r in runs)
+            x = np.linspace(0.0, end, 25)
+            y = np.mean([np.interp(x, *zip(*r["curve"])) for r in runs], axis=0)
+            ax.plot(x, 100 * y, color=colours[estimator], lw=2.5,
+                    label=f"{estimator} (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''})")
     ax.set_xlabel("training environment turns")
+    ax.set_ylim(0, None)  # differences in scale with the whole range
     ax.set_ylabel("eval success (%)")
     ax.set_title("Eval success vs environment turns (thin: single seeds)")
     ax.grid(alpha=0.3)
