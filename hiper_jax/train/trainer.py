@@ -152,6 +152,18 @@ def _chunked(fn, batch_arrays: tuple, rows: int, mesh=None):
     return np.concatenate(outs, axis=0)
 
 
+def _estimate(spec, turn_batch: TurnBatch, hae_cfg: HAEConfig, mesh=None):
+    """The estimator's output as NumPy. On a mesh with several batch shards, HAE and turn-GAE
+    run under ``shard_map`` with trajectories split over the batch axes (normalisation
+    statistics reduced across devices); GRPO/RLOO need whole groups and run unsharded."""
+    shards = distributed.num_batch_shards(mesh) if mesh is not None else 1
+    rows = np.shape(turn_batch.rewards)[0]
+    if shards == 1 or spec.needs_groups or rows % shards:
+        return jax.tree.map(np.asarray, spec.fn(turn_batch, hae_cfg))
+    placed = distributed.global_from_host_copy(turn_batch, mesh)
+    return distributed.gather_to_all_hosts(distributed.sharded_estimator(spec.fn, mesh)(placed, hae_cfg))
+
+
 def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: qwen2.Qwen2Config,
                     cfg: ml_collections.ConfigDict, hae_cfg: HAEConfig, pad_id: int, mesh=None):
     """Packs trajectories, runs the log-prob and value passes, computes advantages; returns
@@ -179,7 +191,7 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
         rewards=turns.rewards, values_low=values_bt[..., 0], values_high=values_bt[..., 1],
         switch=turns.switch, dones=turns.dones, mask=turns.mask, values_term=values_bt[..., 2],
         invalid=turns.invalid, keep_changed=turns.keep_changed, group_ids=turns.group_ids)
-    out = spec.fn(turn_batch, hae_cfg)
+    out = _estimate(spec, turn_batch, hae_cfg, mesh)
     advantages = np.asarray(assign_token_advantages(out, tokens.traj_index, tokens.turn_index,
                                                     tokens.action_mask, tokens.subgoal_mask,
                                                     tokens.switch_mask))
