@@ -1,4 +1,4 @@
-"""The estimator study sized for a 2-core CPU (about 1.5 hours): the embedded tiny warm start,
+"""The estimator study sized for a 2-core CPU (about 2 hours): the embedded tiny warm start,
 small generated ALFWorld games, hae vs turn_gae vs grpo, 3 seeds, 2400 training env turns each.
 
     python benchmarks/compare_estimators.py --config configs/study_alfworld_cpu.py
