@@ -186,10 +186,16 @@ def _cell(values: Sequence[float], scale: float) -> str:
     return "n/a" if math.isnan(mean) else f"{mean:.1f} ± {std:.1f}"
 
 
+def _task_types(results: dict) -> list[str]:
+    """The task types any finished run's final evaluation reports, sorted."""
+    prefix = "eval/success/"
+    return sorted({k[len(prefix):] for runs in results.values() for run in runs
+                   for k in run["final"] if k.startswith(prefix)})
+
+
 def summary_markdown(results: dict, variance: Optional[dict] = None) -> str:
     """The study table (mean ± sample std over seeds of the final evaluation) as Markdown."""
-    task_types = sorted({k[len("eval/success/"):] for runs in results.values() for run in runs
-                         for k in run["final"] if k.startswith("eval/success/")})
+    task_types = _task_types(results)
     head = ["estimator", "seeds", "env turns", "success % before"]
     head += [label for _, label, _ in EVAL_KEYS] + [f"{t} %" for t in task_types]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -223,11 +229,9 @@ def summary_markdown(results: dict, variance: Optional[dict] = None) -> str:
 
 def plot_study(results: dict, out_dir: str) -> list[str]:
     """Writes the eval-success-vs-env-turns curves and the per-task-type bars; returns paths."""
-    import matplotlib
+    from hiper_jax.train.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     paths = []
     colours = dict(zip(results, plt.cm.tab10(np.arange(len(results)))))
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -247,13 +251,9 @@ def plot_study(results: dict, out_dir: str) -> list[str]:
     ax.set_title("Eval success vs environment turns (thin: single seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "eval_success_vs_env_turns.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, os.path.join(out_dir, "eval_success_vs_env_turns.png")))
 
-    task_types = sorted({k[len("eval/success/"):] for runs in results.values() for run in runs
-                         for k in run["final"] if k.startswith("eval/success/")})
+    task_types = _task_types(results)
     groups = ["before (warm start)"] + list(results)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     width = 0.8 / max(len(groups), 1)
@@ -274,10 +274,7 @@ def plot_study(results: dict, out_dir: str) -> list[str]:
     ax.set_ylabel("eval success (%)")
     ax.set_title("Final eval success per task type (mean ± std over seeds)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "success_per_task_type.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, os.path.join(out_dir, "success_per_task_type.png")))
     return paths
 
 

@@ -8,13 +8,22 @@ from typing import Sequence
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (runs headless)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str) -> str:
+    """Lays out, writes (PNG, 110 dpi) and closes ``fig``; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
 
 
 def _series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -29,7 +38,7 @@ def plot_run(records: Sequence[dict], out_dir: str, title: str = "") -> list[str
     """Writes ``curves.png`` (success and return, train and eval), ``task_types.png`` (eval
     success per task type, first vs last evaluation) and ``planning.png`` (switch rate and
     segment length); returns the paths written."""
-    plt = _pyplot()
+    plt = pyplot()
     os.makedirs(out_dir, exist_ok=True)
     paths = []
 
@@ -47,10 +56,7 @@ def plot_run(records: Sequence[dict], out_dir: str, title: str = "") -> list[str
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "curves.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, os.path.join(out_dir, "curves.png")))
 
     evals = [r for r in records if "eval/success" in r]
     if evals:
@@ -65,10 +71,7 @@ def plot_run(records: Sequence[dict], out_dir: str, title: str = "") -> list[str
         ax.set_xticks(np.arange(len(types)), [t.replace("_", "\n") for t in types], fontsize=7)
         ax.set(ylabel="success (%)", title="eval success per task type", ylim=(0, 105))
         ax.legend()
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, "task_types.png"))
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(save_figure(fig, os.path.join(out_dir, "task_types.png")))
 
     fig, (ax_w, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
     for prefix, style in (("train/", "-"), ("eval/", "o-")):
@@ -83,8 +86,5 @@ def plot_run(records: Sequence[dict], out_dir: str, title: str = "") -> list[str
     for ax in (ax_w, ax_l):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "planning.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, os.path.join(out_dir, "planning.png")))
     return paths
