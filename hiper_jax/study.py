@@ -368,8 +368,8 @@ def gradient_variance(config: ml_collections.ConfigDict, progress: bool = True) 
         per_run = run.env.num_envs // run.advantage.rollouts_per_task
         for k in range(math.ceil(study.variance_episodes / run.env.num_envs)):
             tasks, groups = trainer.schedule.tasks(k)
-            batch, _ = collector.run(policy, tasks, jax.random.fold_in(jax.random.key(12345), k),
-                                     [g + k * per_run for g in groups])
+            batch, _ = trainer._collect(collector, policy, tasks, jax.random.fold_in(jax.random.key(12345), k),
+                                        [g + k * per_run for g in groups])
             trajectories.extend(batch)
     finally:
         collector.close()
@@ -379,7 +379,8 @@ def gradient_variance(config: ml_collections.ConfigDict, progress: bool = True) 
         cfg = copy.deepcopy(run)
         cfg.advantage.estimator = estimator
         batch, _, _, _ = build_ppo_batch(trajectories, trainer.state, trainer.ref_params,
-                                         trainer.model_config, cfg, trainer.hae_cfg, trainer.pad_id)
+                                         trainer.model_config, cfg, trainer.hae_cfg, trainer.pad_id,
+                                         mesh=trainer.mesh)
         out["estimators"][estimator] = minibatch_gradient_stats(
             trainer.state.actor, trainer.model_config, batch, run.ppo.mini_batch_rows,
             study.variance_minibatches, run.sampling.temperature or 1.0)
