@@ -472,14 +472,18 @@ class Trainer:
             env_turns = self.restored_env_turns
             if env_turns is None:
                 env_turns = sum(r.get("env_turns", 0.0) for r in logger.history())
-        budget = cfg.train.max_env_turns
+        budget = cfg.train.max_env_turns  # 0: none
+
+        def budget_spent(turns: float) -> bool:
+            return 0 < budget <= turns
+
         try:
             bar = tqdm(range(start_iteration, cfg.train.iterations), desc="HiPER training",
                        initial=start_iteration, total=cfg.train.iterations,
                        disable=not (self.progress and self.is_main))
             done = start_iteration
             for iteration in bar:
-                if budget and env_turns >= budget:
+                if budget_spent(env_turns):  # by the last iteration, or before a resume
                     break
                 record = {"iteration": iteration}
                 if iteration % cfg.train.eval_every == 0:
@@ -491,9 +495,8 @@ class Trainer:
                 bar.set_postfix(success=f"{record['train/success']:.2f}",
                                 eval=f"{record.get('eval/success', float('nan')):.2f}")
                 done = iteration + 1
-                out_of_budget = bool(budget) and env_turns >= budget
                 if (done % cfg.train.checkpoint_every == 0 or done == cfg.train.iterations
-                        or self._stop_requested or out_of_budget):
+                        or self._stop_requested or budget_spent(env_turns)):
                     self.save(done, env_turns)
                 if self._stop_requested:
                     tqdm.write(f"SIGTERM: checkpoint written after iteration {done}; resume with "
