@@ -217,6 +217,7 @@ class Collector:
                 invalid=not decision.valid or bool(info.get("invalid", False)),
                 format_valid=decision.valid,
                 response_text=texts[i],
+                observation=episode.observation,
             )
             episode.history.append((episode.observation, decision.action))
             episode.turns.append(record)

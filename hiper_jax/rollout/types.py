@@ -25,6 +25,8 @@ class TurnRecord:
       worker crash.  invalid: the response format was invalid or the env rejected the action.
       format_valid: the response had all three blocks and a KEEP/SWITCH word.
       response_text: the decoded response (for logs).
+      observation: the env observation the prompt showed, without history (GiGPO's anchor
+        state).
     """
 
     prompt_ids: np.ndarray
@@ -41,6 +43,7 @@ class TurnRecord:
     invalid: bool
     format_valid: bool
     response_text: str = ""
+    observation: str = ""
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hiper_jax import distributed
-from hiper_jax.advantages import TurnBatch, get_estimator
+from hiper_jax.advantages import TurnBatch, anchor_state_ids, get_estimator
 from hiper_jax.agent.prompts import PromptConfig
 from hiper_jax.agent.spans import TokenBytes
 from hiper_jax.hae import HAEConfig, assign_token_advantages
@@ -32,6 +32,7 @@ from hiper_jax.rollout.collector import Collector, EnvSpec
 from hiper_jax.rollout.metrics import rollout_metrics
 from hiper_jax.rollout.packing import pack_tokens, pack_turns
 from hiper_jax.rollout.policies import LLMPolicy
+from hiper_jax.rollout.types import Trajectory
 from hiper_jax.train import config as config_lib
 from hiper_jax.train.logger import MetricsLogger
 from hiper_jax.train.plots import plot_run
@@ -169,7 +170,7 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
     """Packs trajectories, runs the log-prob and value passes, computes advantages; returns
     ``(PPOBatch, turn arrays, estimator output, stats)``. ``mesh`` is needed only with several
     processes (each holds all trajectories; the passes run on the global mesh)."""
-    spec = get_estimator(cfg.advantage.estimator)
+    spec = get_estimator(cfg.advantage.estimator, **config_lib.estimator_options(cfg.advantage))
     rows = cfg.ppo.mini_batch_rows
     turns = pack_turns(trajectories, cfg.env.max_turns)
     tokens = pack_tokens(trajectories, pad_id, row_multiple=rows, length_multiple=cfg.ppo.length_multiple)
@@ -190,7 +191,10 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
     turn_batch = TurnBatch(
         rewards=turns.rewards, values_low=values_bt[..., 0], values_high=values_bt[..., 1],
         switch=turns.switch, dones=turns.dones, mask=turns.mask, values_term=values_bt[..., 2],
-        invalid=turns.invalid, keep_changed=turns.keep_changed, group_ids=turns.group_ids)
+        invalid=turns.invalid, keep_changed=turns.keep_changed, group_ids=turns.group_ids,
+        state_ids=anchor_state_ids([[t.observation for t in traj.turns] for traj in trajectories],
+                                   turns.group_ids, cfg.env.max_turns, cfg.advantage.gigpo_similarity)
+        if spec.needs_states else None)
     out = _estimate(spec, turn_batch, hae_cfg, mesh)
     advantages = np.asarray(assign_token_advantages(out, tokens.traj_index, tokens.turn_index,
                                                     tokens.action_mask, tokens.subgoal_mask,
@@ -327,10 +331,12 @@ class Trainer:
                          length_multiple=self.config.sampling.prompt_length_multiple,
                          rows=math.ceil(self.local_envs / 2))
 
-    def _collector(self, split: str) -> Collector:
+    def _collector(self, split: str | EnvSpec) -> Collector:
+        """A collector for ``"train"``, ``"eval"`` or another :class:`EnvSpec`."""
         cfg = self.config.env
-        return Collector(self.data[split], self.local_envs, self.prompt_cfg, self.tokenizer,
-                         self.token_bytes, cfg.max_turns, groups=2 if self.local_envs >= 2 else 1,
+        spec = self.data[split] if isinstance(split, str) else split
+        return Collector(spec, self.local_envs, self.prompt_cfg, self.tokenizer, self.token_bytes,
+                         cfg.max_turns, groups=2 if self.local_envs >= 2 else 1,
                          envs_per_worker=cfg.envs_per_worker, step_timeout_s=cfg.step_timeout_s)
 
     def _collect(self, collector: Collector, policy: LLMPolicy, tasks: list[int], key: jax.Array,
@@ -412,14 +418,30 @@ class Trainer:
         num_tasks = self.data["num_eval_tasks"]
         if cfg.train.eval_episodes:
             num_tasks = min(num_tasks, cfg.train.eval_episodes)
-        policy = self._policy(cfg.sampling.eval_temperature)
-        trajectories = []
         key = jax.random.fold_in(jax.random.key(cfg.train.seed + 1), iteration)
-        for start in range(0, num_tasks, cfg.env.num_envs):
-            tasks = [(start + k) % num_tasks for k in range(cfg.env.num_envs)]
-            batch, _ = self._collect(collector, policy, tasks, jax.random.fold_in(key, start))
-            trajectories.extend(batch[: num_tasks - start])
+        trajectories = self.play_tasks(collector, list(range(num_tasks)), key, cfg.sampling.eval_temperature)
         return {f"eval/{k}": v for k, v in rollout_metrics(trajectories).items()}
+
+    def play_tasks(self, collector: Collector | EnvSpec, tasks: list[int], key: jax.Array,
+                   temperature: float, progress: bool = False) -> list[Trajectory]:
+        """Plays each of ``tasks`` once with the current actor at ``temperature``, in batches
+        of ``env.num_envs`` (the last one filled up with repeats); returns the trajectories in
+        task order. ``collector``: an open one (kept open), or the :class:`EnvSpec` of the
+        tasks (a collector is opened for the call)."""
+        if isinstance(collector, EnvSpec):
+            with self._collector(collector) as opened:
+                return self.play_tasks(opened, tasks, key, temperature, progress)
+        policy = self._policy(temperature)
+        num_envs = self.config.env.num_envs
+        trajectories = []
+        bar = tqdm(total=len(tasks), desc="episodes", disable=not (progress and self.is_main))
+        for start in range(0, len(tasks), num_envs):
+            chunk = [tasks[(start + k) % len(tasks)] for k in range(num_envs)]
+            batch, _ = self._collect(collector, policy, chunk, jax.random.fold_in(key, start))
+            trajectories.extend(batch[: len(tasks) - start])
+            bar.update(min(num_envs, len(tasks) - start))
+        bar.close()
+        return trajectories
 
     def train_iteration(self, iteration: int, collector: Collector) -> dict[str, Any]:
         """One collect + update iteration; returns its metrics."""

@@ -22,6 +22,9 @@ def test_base_config_is_valid(tmp_path):
     (lambda c: c.advantage.__setattr__("gamma", 1.5), "advantage.gamma"),
     (lambda c: c.advantage.__setattr__("estimator", "ppo"), "advantage.estimator"),
     (lambda c: c.advantage.__setattr__("estimator", "grpo"), "advantage.rollouts_per_task"),
+    (lambda c: c.advantage.__setattr__("estimator", "gigpo"), "advantage.rollouts_per_task"),
+    (lambda c: c.advantage.__setattr__("gigpo_mode", "std_norm"), "advantage.gigpo_mode"),
+    (lambda c: c.advantage.__setattr__("gigpo_similarity", 0.0), "advantage.gigpo_similarity"),
     (lambda c: c.advantage.__setattr__("keep_penalty_mode", "scaled"), "advantage.keep_penalty_mode"),
     (lambda c: c.model.__setattr__("checkpoint", "/no/such/dir"), "model.checkpoint"),
     (lambda c: c.model.__setattr__("critic", "none"), "model.critic"),
@@ -54,3 +57,19 @@ def test_unknown_section(tmp_path):
         config.optimizer = ml_collections.ConfigDict({"lr": 1.0})
     with pytest.raises(ValueError, match="config field optimizer: unknown key"):
         validate(config)
+
+
+def test_gigpo_options_reach_the_estimator(tmp_path):
+    from hiper_jax.advantages import GiGPOConfig, get_estimator
+    from hiper_jax.train.config import estimator_options
+
+    config = valid_config(tmp_path)
+    config.advantage.estimator = "gigpo"
+    config.advantage.rollouts_per_task = 4
+    config.advantage.gigpo_step_weight = 0.25
+    config.advantage.gigpo_mode = "mean_std_norm"
+    validate(config)
+    spec = get_estimator("gigpo", **estimator_options(config.advantage))
+    assert spec.fn.keywords["options"] == GiGPOConfig(step_weight=0.25, mode="mean_std_norm")
+    config.advantage.estimator = "hae"
+    assert estimator_options(config.advantage) == {}

@@ -20,7 +20,7 @@ def success_rates(records, prefix):
     return [r[f"{prefix}/success"] for r in records if f"{prefix}/success" in r]
 
 
-@pytest.mark.parametrize("estimator", ["hae", "turn_gae", "grpo", "rloo"])
+@pytest.mark.parametrize("estimator", ["hae", "turn_gae", "grpo", "rloo", "gigpo"])
 def test_every_estimator_raises_success(word_checkpoint, tmp_path, estimator):
     from hiper_jax.train.trainer import Trainer
 
@@ -89,7 +89,8 @@ def test_resume_after_kill_continues_exactly(word_checkpoint, tmp_path):
     ("--config.ppo.actor_lr=-1.0", "ppo.actor_lr"),
     ("--config.mesh.data=3", "mesh"),
     ("--config.model.checkpoint=/no/such/checkpoint", "model.checkpoint"),
-    ("--config.advantage.estimator=gigpo", "advantage.estimator"),
+    ("--config.advantage.estimator=gigpo_v2", "advantage.estimator"),
+    ("--config.advantage.estimator=gigpo", "advantage.rollouts_per_task"),
 ])
 def test_bad_config_fails_at_start_up_naming_the_field(word_checkpoint, tmp_path, override, field):
     config_path = tmp_path / "word_config.py"
