@@ -70,13 +70,26 @@ def _items(data_dir: str, dataset: str, split: str) -> tuple[VQAItem, ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def read_image(path: str) -> np.ndarray:
-    """An image file as uint8 `[H, W, 3]` (read-only; cached per process)."""
+def _read(path: str) -> tuple[np.ndarray, bool]:
     with Image.open(path) as image:
         array = np.asarray(image.convert("L") if image.mode in ("L", "I", "I;16", "F") else image.convert("RGB"))
     array = imaging.as_rgb(array)
     array.setflags(write=False)
-    return array
+    return array, imaging.is_gray(array)
+
+
+def read_image(path: str) -> np.ndarray:
+    """An image file as uint8 `[H, W, 3]` (read-only; cached per process)."""
+    return _read(path)[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _full_view(path: str, size: int) -> np.ndarray:
+    """The full image letterboxed to `size` (read-only; every question on an image shares it)."""
+    image, gray = _read(path)
+    view = imaging.letterbox(image, size, gray)
+    view.setflags(write=False)
+    return view
 
 
 def _numbers(text: str) -> list[float] | None:
@@ -164,7 +177,7 @@ class MedVistaEnv(gymnasium.Env[str, str]):
     # --- episode state -----------------------------------------------------------------------
     def _start(self, item: VQAItem) -> None:
         self.item = item
-        self.source = read_image(item.image_path)
+        self.source, self._gray = _read(item.image_path)
         self.images: list[np.ndarray] = []
         self.image_boxes: list[imaging.Box] = []
         self.view_box: imaging.Box = FULL_BOX
@@ -180,11 +193,14 @@ class MedVistaEnv(gymnasium.Env[str, str]):
 
     def _show(self, box: imaging.Box) -> np.ndarray:
         """Render `box` of the source (with the current window) at the input size; record it."""
-        view = imaging.crop(self.source, box)
-        if self.window is not None:
-            view = imaging.apply_window(view, *self.window)
-        image = imaging.letterbox(np.ascontiguousarray(view), self.image_size)
-        image.setflags(write=False)
+        if box == FULL_BOX and self.window is None:
+            image = _full_view(self.item.image_path, self.image_size)
+        else:
+            view = imaging.crop(self.source, box)
+            if self.window is not None:
+                view = imaging.apply_window(view, *self.window)
+            image = imaging.letterbox(view, self.image_size, self._gray)
+            image.setflags(write=False)
         self.images.append(image)
         self.image_boxes.append(tuple(float(v) for v in box))
         self._new.append(image)

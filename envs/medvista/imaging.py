@@ -114,18 +114,23 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
-def letterbox(image: np.ndarray, size: int) -> np.ndarray:
+def is_gray(image: np.ndarray) -> bool:
+    """Whether the three channels of `[H, W, 3]` are equal."""
+    return bool((image[:, :, 0] == image[:, :, 1]).all() and (image[:, :, 0] == image[:, :, 2]).all())
+
+
+def letterbox(image: np.ndarray, size: int, gray: bool = False) -> np.ndarray:
     """Resize `[H, W, 3]` uint8 so its longer side is `size` (antialiased bilinear), centred on
-    a black `[size, size, 3]` canvas."""
+    a black `[size, size, 3]` canvas. `gray=True` (equal channels) resizes one channel only,
+    the same result a third of the work."""
     height, width = image.shape[:2]
     scale = size / max(height, width)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    resized = np.asarray(
-        Image.fromarray(image).resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
-    )
+    plane = np.ascontiguousarray(image[:, :, 0]) if gray else np.ascontiguousarray(image)
+    resized = np.asarray(Image.fromarray(plane).resize((new_w, new_h), resample=Image.Resampling.BILINEAR))
     canvas = np.zeros((size, size, 3), dtype=np.uint8)
     top, left = (size - new_h) // 2, (size - new_w) // 2
-    canvas[top : top + new_h, left : left + new_w] = resized
+    canvas[top : top + new_h, left : left + new_w] = resized[:, :, None] if gray else resized
     return canvas
 
 
