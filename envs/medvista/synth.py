@@ -378,7 +378,7 @@ def _write(root: str, config: SynthConfig, progress: bool) -> dict:
                "images": config.num_images, "questions": {s: len(r) for s, r in records.items()}}
     with open(os.path.join(root, "medvista.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
-    return summary
+    return json.loads(json.dumps(summary))  # as read back from medvista.json (lists, not tuples)
 
 
 def config_key(config: SynthConfig) -> str:
