@@ -3,7 +3,7 @@
     python benchmarks/bench_medvista.py [--images 240] [--pool-steps 400] [--out benchmarks/results]
 
 1. Generates the default data (`--images` cases, seed 0) and times it.
-2. Tools matter, without any learned model: the fixed threshold detector (`oracle.detect`)
+2. Tools matter, without any learned model: the fixed threshold detector (`oracle.detect_in_views`)
    answers the generated questions from the full image at the input size (no zoom), and after
    the oracle's zooms; mean benchmark score per question type, for the default detector on
    every split and for a small sweep of its two thresholds on the test split. The oracle

@@ -13,7 +13,7 @@ def episode_figure(images: Sequence[np.ndarray], captions: Sequence[str], questi
                    footer: str, path: str, boxes: Sequence[tuple[float, float, float, float]] = ()) -> str:
     """Save a row of `images` (uint8 `[S, S, 3]`) with `captions` under a title (the question)
     and a `footer` line; the 0-1000 `boxes` (one per image after the first) are outlined on
-    the first image. Returns `path`."""
+    the first image (drawn as for a square source image). Returns `path`."""
     import matplotlib
 
     matplotlib.use("Agg")

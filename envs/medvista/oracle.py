@@ -25,10 +25,10 @@ The subgoal of a zoom is what it inspects ("scan the quadrants for lesions", "in
 upper left of the image"); the last turn's is "answer the question". A turn is SWITCH when
 its subgoal differs from the previous turn's (the first turn always is).
 
-`detect` is the fixed detector of the with/without-zoom measurement: a white top-hat (the
-image minus its grey opening) thresholded, connected components kept when compact and of a
-size in pixels of the image it looks at. `detector_answer` answers the generated questions
-from its detections.
+`detect_pixels` / `detect_in_views` are the fixed detector of the with/without-zoom
+measurement: a white top-hat (the image minus its grey opening) thresholded, connected
+components kept when compact and of a size in pixels of the image it looks at.
+`detector_answer` answers the generated questions from its detections.
 """
 
 from __future__ import annotations
