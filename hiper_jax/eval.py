@@ -219,9 +219,10 @@ def turn_advantages(trainer, trajectories: Sequence) -> np.ndarray:
     trainer's own batch building."""
     from hiper_jax.train.trainer import build_ppo_batch
 
+    text_mask = trainer.grammar.text_mask if trainer.grammar is not None else None
     _, _, out, _ = build_ppo_batch(list(trajectories), trainer.state, trainer.ref_params,
                                    trainer.model_config, trainer.config, trainer.hae_cfg,
-                                   trainer.pad_id, mesh=trainer.mesh)
+                                   trainer.pad_id, mesh=trainer.mesh, text_mask=text_mask)
     high = np.where(np.asarray(out.boundary), np.asarray(out.adv_high), 0.0)
     return np.stack([np.asarray(out.adv_low), high, np.asarray(out.adv_term)], axis=-1)
 

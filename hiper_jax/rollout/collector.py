@@ -202,6 +202,7 @@ class Collector:
             info = result.info
             last_turn = len(episode.turns) + 1 >= self.max_turns
             ids = np.asarray(responses.token_ids[k], np.int32)
+            allowed = responses.allowed[k] if responses.allowed is not None else (None, None)
             record = TurnRecord(
                 prompt_ids=np.asarray(prompts[k], np.int32),
                 response_ids=ids,
@@ -217,7 +218,12 @@ class Collector:
                 invalid=not decision.valid or bool(info.get("invalid", False)),
                 format_valid=decision.valid,
                 response_text=texts[i],
+<<<<<<< HEAD
                 observation=episode.observation,
+=======
+                allowed_mode=allowed[0],
+                allowed_ids=allowed[1],
+>>>>>>> main
             )
             episode.history.append((episode.observation, decision.action))
             episode.turns.append(record)

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
 
+from hiper_jax.agent.grammar import ResponseGrammar, allowed_sets
 from hiper_jax.agent.prompts import AgentView
 from hiper_jax.rollout.packing import bucket_size
 
 
 class Responses(NamedTuple):
-    """Per prompt: response token ids ``[R_i]`` (stop token included if sampled) and their
-    log-probs under the sampling policy ``[R_i]``."""
+    """Per prompt: response token ids ``[R_i]`` (stop token included if sampled), their
+    log-probs under the sampling policy ``[R_i]`` and, for constrained sampling, the allowed
+    set of each position (``(mode [R_i], ids [R_i, K])`` from
+    :func:`hiper_jax.agent.grammar.allowed_sets`; None when unconstrained)."""
 
     token_ids: list[np.ndarray]
     logprobs: list[np.ndarray]
+    allowed: Optional[list[tuple[np.ndarray, np.ndarray]]] = None
 
 
 class Pending:
@@ -61,7 +65,8 @@ class LLMPolicy:
 
     Prompts are left-padded to a multiple of ``length_multiple`` tokens and the batch is padded
     to ``rows`` rows (or a bucketed count when None), so a rollout compiles the sampler for a
-    handful of shapes.
+    handful of shapes. With a ``grammar``, each row may only answer with a response the grammar
+    admits for its view (its admissible actions, its subgoal).
 
     Args:
       params, config: the policy model.
@@ -69,32 +74,44 @@ class LLMPolicy:
       pad_id: padding token id.
       length_multiple: prompt length bucket.
       rows: fixed batch rows (at least the largest prompt batch), or None.
+      grammar: a :class:`~hiper_jax.agent.grammar.ResponseGrammar` for constrained decoding.
     """
 
     def __init__(self, params, config, sampling, pad_id: int, length_multiple: int = 64,
-                 rows: int | None = None):
+                 rows: int | None = None, grammar: Optional[ResponseGrammar] = None):
         self.params = params
         self.config = config
         self.sampling = sampling
         self.pad_id = pad_id
         self.length_multiple = length_multiple
         self.rows = rows
+        self.grammar = grammar
+        self._text_mask = None if grammar is None else jax.device_put(grammar.text_mask)
 
     def dispatch(self, prompts: Sequence[Sequence[int]], views: Sequence[AgentView],
                  key: jax.Array) -> Pending:
-        from hiper_jax.sampling import generate, pad_prompts
+        from hiper_jax.sampling import DecodeConstraint, generate, pad_prompts
 
-        del views
         num_prompts = len(prompts)
         rows = max(self.rows or 0, bucket_size(num_prompts))
         padded = list(prompts) + [list(prompts[0])] * (rows - num_prompts)
         tokens, mask = pad_prompts(padded, self.pad_id, length_multiple=self.length_multiple)
-        out = generate(self.params, self.config, tokens, mask, key, self.sampling)
+        constraint = None
+        if self.grammar is not None:
+            tables = self.grammar.tables(list(views) + [views[0]] * (rows - num_prompts),
+                                         self.sampling.max_new_tokens)
+            constraint = DecodeConstraint(tables.alternatives, tables.text_budget, self._text_mask)
+        out = generate(self.params, self.config, tokens, mask, key, self.sampling, constraint)
 
         def finish() -> Responses:
             ids, logps, lengths = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths))
+            allowed = None
+            if constraint is not None:
+                sets, text_on = np.asarray(out.allowed), np.asarray(out.text_on)
+                allowed = [allowed_sets(sets[i, : lengths[i]], text_on[i, : lengths[i]],
+                                        self.grammar.text_mask) for i in range(num_prompts)]
             return Responses([ids[i, : lengths[i]] for i in range(num_prompts)],
-                             [logps[i, : lengths[i]] for i in range(num_prompts)])
+                             [logps[i, : lengths[i]] for i in range(num_prompts)], allowed)
 
         return Pending(finish, device_output=out)
 

@@ -25,6 +25,9 @@ class TurnRecord:
       worker crash.  invalid: the response format was invalid or the env rejected the action.
       format_valid: the response had all three blocks and a KEEP/SWITCH word.
       response_text: the decoded response (for logs).
+      allowed_mode, allowed_ids: for constrained sampling, the allowed set of each response
+        position (``[R]`` int8 and ``[R, K]`` int32, see
+        :func:`hiper_jax.agent.grammar.allowed_sets`); None when sampled unconstrained.
       observation: the env observation the prompt showed, without history (GiGPO's anchor
         state).
     """
@@ -43,6 +46,8 @@ class TurnRecord:
     invalid: bool
     format_valid: bool
     response_text: str = ""
+    allowed_mode: Optional[np.ndarray] = None
+    allowed_ids: Optional[np.ndarray] = None
     observation: str = ""
 
 

@@ -18,6 +18,7 @@ from hiper_jax.hae import KEEP_PENALTY_MODES
 ESTIMATOR_NAMES = ("hae", "turn_gae", "grpo", "rloo", "gigpo")
 ENV_NAMES = ("alfworld", "webshop", "choose_word")
 DTYPES = ("float32", "bfloat16", "float16")
+CONSTRAINTS = ("none", "grammar")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -49,6 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling = dict(
         temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=512,
         eval_temperature=0.4, prompt_length_multiple=64,
+        # "grammar": responses follow the prompt style's format and name an admissible action
+        # (hiper_jax.agent.grammar), with exact log-probs of that constrained distribution in
+        # the update; "none": free generation (HiPER's setting, invalid-action penalty).
+        constraint="none",
+        max_text_tokens=24,         # constrained free text (subgoal, slot fillers) at most
     )
     c.advantage = dict(
         estimator="hae", gamma=1.0, lam_turn=1.0, lam_seg=0.95, bootstrap_truncated=True,
@@ -198,6 +204,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _require(0 < sampling.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {sampling.top_p}")
     _require(sampling.top_k >= 0, "sampling.top_k", "must be >= 0 (0 = off)")
     _require(sampling.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1")
+    _require(sampling.constraint in CONSTRAINTS, "sampling.constraint",
+             f"must be one of {CONSTRAINTS}, got {sampling.constraint!r}")
+    _require(sampling.max_text_tokens >= 1, "sampling.max_text_tokens", "must be >= 1")
+    if sampling.constraint != "none":
+        _require(sampling.top_p == 1 and sampling.top_k == 0, "sampling.constraint",
+                 "constrained sampling renormalises over the allowed tokens only; set "
+                 "sampling.top_p=1 and sampling.top_k=0 so the update's log-probs stay exact")
     _require(adv.estimator in ESTIMATOR_NAMES, "advantage.estimator",
              f"must be one of {ESTIMATOR_NAMES}, got {adv.estimator!r}")
     for field in ("gamma", "lam_turn", "lam_seg"):

@@ -79,6 +79,9 @@ class PPOBatch(NamedTuple):
     value_targets: Array   # [N, 3] float32
     old_values: Array      # [N, 3] float32
     value_mask: Array      # [N, 3] bool
+    # Constrained sampling only (else None): each scored token's allowed set (mode 0 = all).
+    allowed_mode: Optional[Array] = None  # [N, L] int8
+    allowed_ids: Optional[Array] = None   # [N, L, K] int32
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,11 +122,28 @@ def _scored(stat: Array) -> Array:
 
 
 def policy_token_stats(actor: Params, config: qwen2.Qwen2Config, tokens: Array, valid: Array,
-                       temperature: float = 1.0, remat: bool = False):
-    """Log-probs and entropies of every scored token, ``[N, L]`` each, plus hidden ``[N, L, E]``."""
+                       temperature: float = 1.0, remat: bool = False,
+                       allowed: Optional[qwen2.AllowedTokens] = None):
+    """Log-probs and entropies of every scored token, ``[N, L]`` each, plus hidden ``[N, L, E]``.
+
+    ``allowed`` (``mode``/``ids`` aligned to scored tokens, ``[N, L]`` / ``[N, L, K]``) makes
+    them those of the constrained distribution the tokens were sampled from.
+    """
     hidden, _ = qwen2.forward(actor, config, tokens, segment_ids=_segment_ids(valid), remat=remat)
-    stats = qwen2.token_logprobs(actor, config, hidden[:, :-1], tokens[:, 1:], temperature=temperature)
+    if allowed is not None:
+        allowed = allowed._replace(mode=allowed.mode[:, 1:], ids=allowed.ids[:, 1:])
+    stats = qwen2.token_logprobs(actor, config, hidden[:, :-1], tokens[:, 1:], temperature=temperature,
+                                 allowed=allowed)
     return _scored(stats.logprobs), _scored(stats.entropy), hidden
+
+
+def batch_allowed(batch, text_mask: Optional[Array]) -> Optional[qwen2.AllowedTokens]:
+    """The batch's allowed sets with the grammar's ``text_mask [V]`` (None: unconstrained)."""
+    if batch.allowed_mode is None:
+        return None
+    if text_mask is None:
+        raise ValueError("a batch sampled with a constraint needs the grammar's text_mask")
+    return qwen2.AllowedTokens(batch.allowed_mode, batch.allowed_ids, text_mask)
 
 
 def read_values(critic: Params, config: qwen2.Qwen2Config, tokens: Array, valid: Array,
@@ -136,9 +156,10 @@ def read_values(critic: Params, config: qwen2.Qwen2Config, tokens: Array, valid:
 
 @functools.partial(jax.jit, static_argnames=("config", "temperature"))
 def logprob_pass(params: Params, config: qwen2.Qwen2Config, tokens: Array, valid: Array,
-                 temperature: float = 1.0) -> Array:
-    """Jitted log-probs ``[N, L]`` of every scored token (old or reference policy)."""
-    logp, _, _ = policy_token_stats(params, config, tokens, valid, temperature)
+                 temperature: float = 1.0, allowed: Optional[qwen2.AllowedTokens] = None) -> Array:
+    """Jitted log-probs ``[N, L]`` of every scored token (old or reference policy), under the
+    constraint when ``allowed`` is given."""
+    logp, _, _ = policy_token_stats(params, config, tokens, valid, temperature, allowed=allowed)
     return logp
 
 
@@ -153,11 +174,13 @@ def value_pass(critic: Params, actor: Params, config: qwen2.Qwen2Config, tokens:
     return read_values(critic, config, tokens, valid, value_read, policy_hidden=hidden)
 
 
-def _loss(params, batch: PPOBatch, counts: dict, config: qwen2.Qwen2Config, ppo: PPOConfig):
+def _loss(params, batch: PPOBatch, counts: dict, text_mask: Optional[Array], config: qwen2.Qwen2Config,
+          ppo: PPOConfig):
     """Loss of one micro-batch, scaled so that summing micro-batches gives mini-batch means."""
     actor, critic = params
     logp, entropy, hidden = policy_token_stats(actor, config, batch.tokens, batch.valid,
-                                               ppo.temperature, ppo.remat)
+                                               ppo.temperature, ppo.remat,
+                                               allowed=batch_allowed(batch, text_mask))
     mask = batch.loss_mask
     share = jnp.sum(mask) / jnp.maximum(counts["tokens"], 1.0)
     pg = ppo_dual_clip_loss(logp, batch.old_logp, batch.advantages, mask,
@@ -205,11 +228,12 @@ def _all_finite(tree) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "ppo", "actor_tx", "critic_tx"), donate_argnums=(0,))
-def ppo_step(state: TrainState, mini: PPOBatch, *, config: qwen2.Qwen2Config, ppo: PPOConfig,
-             actor_tx, critic_tx) -> tuple[TrainState, dict]:
+def ppo_step(state: TrainState, mini: PPOBatch, text_mask: Optional[Array] = None, *,
+             config: qwen2.Qwen2Config, ppo: PPOConfig, actor_tx, critic_tx) -> tuple[TrainState, dict]:
     """One optimizer step on a mini-batch of ``ppo.mini_batch_rows`` rows, accumulating
     gradients over micro-batches of ``ppo.micro_batch_rows`` rows (token means are over the whole
-    mini-batch, so the result does not depend on the micro-batch size)."""
+    mini-batch, so the result does not depend on the micro-batch size). ``text_mask [V]`` is
+    the grammar's, for a batch sampled with a constraint."""
     num_rows = mini.tokens.shape[0]
     if num_rows % ppo.micro_batch_rows:
         raise ValueError(f"a mini-batch of {num_rows} rows does not split into micro-batches of "
@@ -218,7 +242,7 @@ def ppo_step(state: TrainState, mini: PPOBatch, *, config: qwen2.Qwen2Config, pp
     counts = _counts(mini)
 
     def micro_step(grads, micro):
-        (loss, metrics), g = grad_fn((state.actor, state.critic), micro, counts, config, ppo)
+        (loss, metrics), g = grad_fn((state.actor, state.critic), micro, counts, text_mask, config, ppo)
         return jax.tree.map(jnp.add, grads, g), (loss, metrics)
 
     zeros = jax.tree.map(jnp.zeros_like, (state.actor, state.critic))
@@ -259,18 +283,19 @@ def mini_batches(batch: PPOBatch, rows: int, rng: np.random.Generator) -> list[P
 
 def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
                config: qwen2.Qwen2Config, ppo: PPOConfig, actor_tx, critic_tx,
-               place=None) -> tuple[TrainState, dict]:
+               place=None, text_mask=None) -> tuple[TrainState, dict]:
     """``ppo.epochs`` passes over ``batch`` in shuffled mini-batches of ``ppo.mini_batch_rows``
     rows, one :func:`ppo_step` each; returns the new state and the metrics averaged over steps.
 
     Every step has the same shape, so the update compiles once per token length. ``place``
-    puts a host mini-batch on devices (default ``jax.device_put``).
+    puts a host mini-batch on devices (default ``jax.device_put``). ``text_mask [V]``: the
+    grammar's, for a batch sampled with a constraint.
     """
     place = place or jax.device_put
     history = []
     for _ in range(ppo.epochs):
         for mini in mini_batches(batch, ppo.mini_batch_rows, rng):
-            state, metrics = ppo_step(state, place(mini), config=config, ppo=ppo,
+            state, metrics = ppo_step(state, place(mini), text_mask, config=config, ppo=ppo,
                                       actor_tx=actor_tx, critic_tx=critic_tx)
             history.append(metrics)
     means = {k: float(np.mean([float(m[k]) for m in history])) for k in history[0]}

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from hiper_jax import distributed
 from hiper_jax.advantages import TurnBatch, anchor_state_ids, get_estimator
+from hiper_jax.agent.grammar import ResponseGrammar
 from hiper_jax.agent.prompts import PromptConfig
 from hiper_jax.agent.spans import TokenBytes
 from hiper_jax.hae import HAEConfig, assign_token_advantages
@@ -165,20 +166,39 @@ def _estimate(spec, turn_batch: TurnBatch, hae_cfg: HAEConfig, mesh=None):
     return distributed.gather_to_all_hosts(distributed.sharded_estimator(spec.fn, mesh)(placed, hae_cfg))
 
 
+def logp_mismatch(sampled: np.ndarray, recomputed: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """|sampler log-prob - learner log-prob| per response token (``[N, L]`` arrays): mean and
+    max. Far from 0, the update trains a distribution other than the one that sampled."""
+    diff = np.abs(np.asarray(sampled) - np.asarray(recomputed))[mask]
+    return {"logp_mismatch_mean": float(diff.mean()) if diff.size else 0.0,
+            "logp_mismatch_max": float(diff.max()) if diff.size else 0.0}
+
+
 def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: qwen2.Qwen2Config,
-                    cfg: ml_collections.ConfigDict, hae_cfg: HAEConfig, pad_id: int, mesh=None):
+                    cfg: ml_collections.ConfigDict, hae_cfg: HAEConfig, pad_id: int, mesh=None,
+                    text_mask: Optional[np.ndarray] = None):
     """Packs trajectories, runs the log-prob and value passes, computes advantages; returns
     ``(PPOBatch, turn arrays, estimator output, stats)``. ``mesh`` is needed only with several
-    processes (each holds all trajectories; the passes run on the global mesh)."""
+    processes (each holds all trajectories; the passes run on the global mesh). ``text_mask``:
+    the grammar's, when the trajectories were sampled with a constraint (log-probs are then
+    those of the constrained distribution)."""
     spec = get_estimator(cfg.advantage.estimator, **config_lib.estimator_options(cfg.advantage))
     rows = cfg.ppo.mini_batch_rows
     turns = pack_turns(trajectories, cfg.env.max_turns)
     tokens = pack_tokens(trajectories, pad_id, row_multiple=rows, length_multiple=cfg.ppo.length_multiple)
     temperature = cfg.sampling.temperature or 1.0
-    old_logp = _chunked(lambda t, v: logprob_pass(state.actor, model_config, t, v, temperature),
-                        (tokens.tokens, tokens.valid), rows, mesh)
-    ref_logp = _chunked(lambda t, v: logprob_pass(ref_params, model_config, t, v, temperature),
-                        (tokens.tokens, tokens.valid), rows, mesh)
+    arrays = (tokens.tokens, tokens.valid)
+    if tokens.allowed_mode is not None:
+        arrays += (tokens.allowed_mode, tokens.allowed_ids)
+
+    def logp_of(params):
+        def fn(t, v, *allowed):
+            allowed = qwen2.AllowedTokens(*allowed, text_mask) if allowed else None
+            return logprob_pass(params, model_config, t, v, temperature, allowed)
+        return _chunked(fn, arrays, rows, mesh)
+
+    old_logp = logp_of(state.actor)
+    ref_logp = logp_of(ref_params)
     reads = np.stack([tokens.v_low_read, tokens.v_high_read, tokens.v_term_read], axis=1)
     if spec.value_heads:
         values = _chunked(lambda t, v, r: value_pass(state.critic, state.actor, model_config, t, v, r),
@@ -210,13 +230,15 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
     batch = PPOBatch(tokens=tokens.tokens, valid=tokens.valid, loss_mask=blocks & tokens.response_mask,
                      advantages=advantages.astype(np.float32), old_logp=old_logp, ref_logp=ref_logp,
                      value_read=reads.astype(np.int32), value_targets=targets,
-                     old_values=values.astype(np.float32), value_mask=value_mask)
+                     old_values=values.astype(np.float32), value_mask=value_mask,
+                     allowed_mode=tokens.allowed_mode, allowed_ids=tokens.allowed_ids)
     adv_tokens = advantages[batch.loss_mask]
     stats = {"batch_rows": float(valid_rows.sum()), "batch_tokens": float(tokens.valid.sum()),
              "token_length": float(tokens.tokens.shape[1]),
              "advantage_mean": float(adv_tokens.mean()) if adv_tokens.size else 0.0,
              "advantage_std": float(adv_tokens.std()) if adv_tokens.size else 0.0,
              "value_mean": float(values[valid_rows, 0].mean()) if valid_rows.any() else 0.0}
+    stats.update(logp_mismatch(tokens.old_logp, old_logp, tokens.response_mask))
     return batch, turns, out, stats
 
 
@@ -304,6 +326,10 @@ class Trainer:
         if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
             stops.add(im_end)
         self.stop_ids = tuple(sorted(s for s in stops if s is not None))
+        self.grammar = None
+        if cfg.sampling.constraint == "grammar":
+            self.grammar = ResponseGrammar(self.tokenizer, self.token_bytes, cfg.prompt.style,
+                                           self.tokenizer.eos_token_id, cfg.sampling.max_text_tokens)
 
     def _sampling(self, temperature: float):
         from hiper_jax.sampling import SamplingConfig
@@ -329,7 +355,7 @@ class Trainer:
         params = qwen2.unstack_layers(actor, dtype)
         return LLMPolicy(params, self.model_config, self._sampling(temperature), self.pad_id,
                          length_multiple=self.config.sampling.prompt_length_multiple,
-                         rows=math.ceil(self.local_envs / 2))
+                         rows=math.ceil(self.local_envs / 2), grammar=self.grammar)
 
     def _collector(self, split: str | EnvSpec) -> Collector:
         """A collector for ``"train"``, ``"eval"`` or another :class:`EnvSpec`."""
@@ -451,14 +477,16 @@ class Trainer:
         key = jax.random.fold_in(jax.random.key(cfg.train.seed), iteration)
         trajectories, rollout = self._collect(collector, self._policy(cfg.sampling.temperature), tasks, key, groups)
         rollout_s = time.perf_counter() - start
+        text_mask = self.grammar.text_mask if self.grammar is not None else None
         batch, _, _, batch_stats = build_ppo_batch(trajectories, self.state, self.ref_params,
                                                    self.model_config, cfg, self.hae_cfg, self.pad_id,
-                                                   mesh=self.mesh)
+                                                   mesh=self.mesh, text_mask=text_mask)
         update_start = time.perf_counter()
         self.state, update = ppo_update(self.state, batch, np.random.default_rng([cfg.train.seed, iteration]),
                                         config=self.model_config, ppo=self.ppo,
                                         actor_tx=self.actor_tx, critic_tx=self.critic_tx,
-                                        place=self._place_batch if self.multihost else None)
+                                        place=self._place_batch if self.multihost else None,
+                                        text_mask=text_mask)
         record = {f"train/{k}": v for k, v in rollout_metrics(trajectories).items()}
         record.update({f"update/{k}": v for k, v in update.items()})
         record.update({f"batch/{k}": v for k, v in batch_stats.items()})
