@@ -218,12 +218,9 @@ class Collector:
                 invalid=not decision.valid or bool(info.get("invalid", False)),
                 format_valid=decision.valid,
                 response_text=texts[i],
-<<<<<<< HEAD
-                observation=episode.observation,
-=======
                 allowed_mode=allowed[0],
                 allowed_ids=allowed[1],
->>>>>>> main
+                observation=episode.observation,
             )
             episode.history.append((episode.observation, decision.action))
             episode.turns.append(record)
