@@ -28,12 +28,19 @@ class DemoFormatError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DemoTurn:
-    """One supervised example: what the agent saw and the response it should give."""
+    """One supervised example: what the agent saw and the response it should give.
+
+    ``response`` is the target text in the prompt style; ``switch``, ``subgoal`` and
+    ``action`` are its parts (a grammar writes the target tokens from them).
+    """
 
     view: AgentView
     response: str
     episode: int
     task_type: str
+    switch: bool = True
+    subgoal: str = ""
+    action: str = ""
 
 
 def read_demos(path: str) -> list[dict]:
@@ -96,5 +103,6 @@ def demo_turns(episodes: list[dict], cfg: PromptConfig,
             switch = turn["switch"] == "SWITCH" or t == 0
             yield DemoTurn(view=view,
                            response=response_text(switch, turn["subgoal"], turn["action"], cfg.style),
-                           episode=index, task_type=str(episode.get("task_type", "")))
+                           episode=index, task_type=str(episode.get("task_type", "")),
+                           switch=switch, subgoal=turn["subgoal"], action=turn["action"])
             subgoal = turn["subgoal"]

@@ -135,22 +135,44 @@ class TaskSchedule:
 # --- batches --------------------------------------------------------------------------------
 
 
-def _chunked(fn, batch_arrays: tuple, rows: int, mesh=None):
-    """Applies a jitted row-wise ``fn`` in chunks of ``rows`` rows (one compiled shape).
+def _chunked(fn, token_arrays: tuple, row_arrays: tuple, rows: int, mesh=None, length_multiple: int = 0,
+             per_token_output: bool = True) -> np.ndarray:
+    """Applies a jitted row-wise ``fn(*token_arrays, *row_arrays)`` in chunks of ``rows`` rows.
 
-    With several processes, every process holds the same ``batch_arrays``: each chunk goes in as
-    global arrays split over ``mesh``'s batch axes and comes back whole on every process.
+    ``token_arrays`` are ``[N, L, ...]``, ``row_arrays`` ``[N, ...]``. Only rows with real
+    tokens are computed; with ``length_multiple > 0`` rows of similar length go together, each
+    chunk cut to the bucketed width of its longest row (a few compiled shapes, little padding),
+    and a per-token output is padded back to ``L`` (zeros elsewhere, as for padding rows).
+
+    With several processes, every process holds the same arrays: each chunk goes in as global
+    arrays split over ``mesh``'s batch axes and comes back whole on every process.
     """
-    num_rows = batch_arrays[0].shape[0]
+    from hiper_jax.train.ppo import length_groups, row_lengths
+
+    width = token_arrays[0].shape[1]
+    lengths = row_lengths(token_arrays[1])
+    real = np.flatnonzero(lengths > 0)
+    if length_multiple > 0:
+        groups = [(real[index], cut) for index, cut in length_groups(lengths[real], rows, length_multiple, width)]
+    else:
+        groups = [(real[i: i + rows], width) for i in range(0, len(real), rows)]
     multihost = mesh is not None and jax.process_count() > 1
-    outs = []
-    for i in range(0, num_rows, rows):
-        chunk = tuple(a[i: i + rows] for a in batch_arrays)
+    out = None
+    for index, cut in groups:
+        full = np.resize(index, rows)  # the last chunk repeats rows to keep the compiled shape
+        chunk = tuple(a[full][:, :cut] for a in token_arrays) + tuple(a[full] for a in row_arrays)
         if multihost:
-            outs.append(distributed.gather_to_all_hosts(fn(*distributed.global_from_host_copy(chunk, mesh))))
+            result = distributed.gather_to_all_hosts(fn(*distributed.global_from_host_copy(chunk, mesh)))
         else:
-            outs.append(np.asarray(fn(*chunk)))
-    return np.concatenate(outs, axis=0)
+            result = np.asarray(fn(*chunk))
+        if out is None:
+            shape = (token_arrays[0].shape[0],) + ((width,) if per_token_output else ()) + result.shape[2 if per_token_output else 1:]
+            out = np.zeros(shape, result.dtype)
+        if per_token_output:
+            out[index, :cut] = result[: len(index)]
+        else:
+            out[index] = result[: len(index)]
+    return out
 
 
 def _estimate(spec, turn_batch: TurnBatch, hae_cfg: HAEConfig, mesh=None):
@@ -189,19 +211,21 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
     arrays = (tokens.tokens, tokens.valid)
     if tokens.allowed_mode is not None:
         arrays += (tokens.allowed_mode, tokens.allowed_ids)
+    multiple = cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0
 
     def logp_of(params):
         def fn(t, v, *allowed):
             allowed = qwen2.AllowedTokens(*allowed, text_mask) if allowed else None
             return logprob_pass(params, model_config, t, v, temperature, allowed)
-        return _chunked(fn, arrays, rows, mesh)
+        return _chunked(fn, arrays, (), rows, mesh, multiple)
 
     old_logp = logp_of(state.actor)
-    ref_logp = logp_of(ref_params)
+    # Without a KL term the reference policy is never used: skip its pass.
+    ref_logp = logp_of(ref_params) if cfg.ppo.kl_coef else np.zeros_like(old_logp)
     reads = np.stack([tokens.v_low_read, tokens.v_high_read, tokens.v_term_read], axis=1)
     if spec.value_heads:
         values = _chunked(lambda t, v, r: value_pass(state.critic, state.actor, model_config, t, v, r),
-                          (tokens.tokens, tokens.valid, reads), rows, mesh)
+                          (tokens.tokens, tokens.valid), (reads,), rows, mesh, multiple, per_token_output=False)
     else:
         values = np.zeros(reads.shape, np.float32)
     valid_rows = tokens.row_valid
@@ -285,7 +309,8 @@ class Trainer:
             kl_estimator=cfg.ppo.kl_estimator, entropy_coef=cfg.ppo.entropy_coef,
             value_clip=cfg.ppo.value_clip, epochs=cfg.ppo.epochs, mini_batch_rows=cfg.ppo.mini_batch_rows,
             micro_batch_rows=cfg.ppo.micro_batch_rows, temperature=cfg.sampling.temperature or 1.0,
-            value_heads=self.estimator.value_heads)
+            value_heads=self.estimator.value_heads,
+            length_multiple=cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0)
         self._load_model()
         self.data = prepare_env_data(cfg, self.out_dir, progress=progress)
         self.schedule = TaskSchedule(self.data["num_train_tasks"], cfg.env.num_envs,
@@ -295,6 +320,7 @@ class Trainer:
                                        max_prompt_tokens=cfg.prompt.max_prompt_tokens,
                                        max_steps=cfg.env.max_turns)
         self._checkpoints = None
+        self._policies: dict[float, LLMPolicy] = {}
         self._stop_requested = False
         self.restored_env_turns: Optional[float] = None  # set by restore()
 
@@ -342,6 +368,9 @@ class Trainer:
         return self.env_share.rows if self.multihost else self.config.env.num_envs
 
     def _policy(self, temperature: float) -> LLMPolicy:
+        """The sampling policy at ``temperature`` with the current actor. One policy per
+        temperature lives as long as the trainer, so its padded shapes (which only grow) and
+        compiled sampler carry over from iteration to iteration."""
         dtype = jnp.dtype(self.config.model.compute_dtype)
         actor = self.state.actor
         if self.multihost:
@@ -349,9 +378,14 @@ class Trainer:
             # its first device, so env stepping never waits on another host.
             actor = distributed.local_copy(jax.tree.map(lambda x: x.astype(dtype), actor))
         params = qwen2.unstack_layers(actor, dtype)
-        return LLMPolicy(params, self.model_config, self._sampling(temperature), self.pad_id,
-                         length_multiple=self.config.sampling.prompt_length_multiple,
-                         rows=math.ceil(self.local_envs / 2), grammar=self.grammar)
+        policy = self._policies.get(temperature)
+        if policy is None:
+            policy = self._policies[temperature] = LLMPolicy(
+                params, self.model_config, self._sampling(temperature), self.pad_id,
+                length_multiple=self.config.sampling.prompt_length_multiple,
+                rows=math.ceil(self.local_envs / 2), grammar=self.grammar)
+        policy.params = params
+        return policy
 
     def _collector(self, split: str) -> Collector:
         cfg = self.config.env

@@ -91,6 +91,10 @@ def test_budget_and_too_long_responses(tiny_tokenizer):
     assert two_slots.text_budget[0] == (40 - fixed) // 2  # a subgoal and a query
     with pytest.raises(ValueError, match="max_new_tokens=10"):
         grammar.tables([view(ALFWORLD_ACTIONS)], max_new_tokens=10)
+    # KEEP copying a subgoal too long to fit is left out; SWITCH stays.
+    long = view(ALFWORLD_ACTIONS[:1], subgoal=" ".join(["apple"] * 40))
+    kept = grammar.tables([long], max_new_tokens=40).alternatives[0]
+    assert sum((a != PAD).any() for a in kept) == 1 and WILD in kept[0]
 
 
 def test_no_admissible_actions_leaves_the_row_unconstrained(tiny_tokenizer):
