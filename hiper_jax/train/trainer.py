@@ -502,7 +502,8 @@ class Trainer:
         record = {f"train/{k}": v for k, v in rollout_metrics(trajectories).items()}
         record.update({f"update/{k}": v for k, v in update.items()})
         record.update({f"batch/{k}": v for k, v in batch_stats.items()})
-        record.update({"time/rollout_s": rollout_s, "time/update_s": time.perf_counter() - update_start,
+        record.update({"time/rollout_s": rollout_s, "time/batch_s": update_start - start - rollout_s,
+                       "time/update_s": time.perf_counter() - update_start,
                        "time/iteration_s": time.perf_counter() - start,
                        "time/device_busy_fraction": rollout.device_busy_fraction,
                        "env_turns": float(rollout.turns)})
