@@ -236,7 +236,8 @@ def episode_records(trajectories: Sequence, seeds: Sequence[int], tasks: Sequenc
     for b, traj in enumerate(trajectories):
         turns = []
         for t, turn in enumerate(traj.turns):
-            item = {"turn": t, "observation": turn.observation, "response": turn.response_text,
+            item = {"turn": t, "observation": turn.view.observation if turn.view is not None else "",
+                    "response": turn.response_text,
                     "switch": bool(turn.switch), "subgoal": turn.subgoal, "action": turn.action,
                     "reward": float(turn.reward), "done": bool(turn.done), "truncated": bool(turn.truncated),
                     "invalid": bool(turn.invalid), "format_valid": bool(turn.format_valid)}

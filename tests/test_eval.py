@@ -20,6 +20,7 @@ from hiper_jax.eval import (
     summarize,
     wilson_interval,
 )
+from hiper_jax.agent.prompts import AgentView
 from hiper_jax.rollout.types import Trajectory, TurnRecord
 
 # Published values of the 95% Wilson interval (as scipy's binomtest(...).proportion_ci(0.95,
@@ -71,7 +72,8 @@ def _turn(switch=False, invalid=False, observation="o"):
     return TurnRecord(prompt_ids=np.zeros(1, np.int32), response_ids=np.zeros(1, np.int32),
                       response_logp=np.zeros(1, np.float32), spans=None, switch=switch,
                       keep_changed=False, subgoal="g", action="a", reward=0.0, done=False,
-                      truncated=False, invalid=invalid, format_valid=True, observation=observation)
+                      truncated=False, invalid=invalid, format_valid=True,
+                      view=AgentView(task="t", step=0, observation=observation, admissible_actions=()))
 
 
 def test_summary_rows_and_seeds():

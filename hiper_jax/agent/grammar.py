@@ -16,7 +16,9 @@ text can never run into the closing tag) and bounded by a per-row token budget.
 
 On KEEP the subgoal is copied, not written: when a subgoal is in force, the KEEP alternative
 spells it out literally (those tokens are then forced, log-prob 0), which is what the parser
-does with a KEEP anyway (:func:`hiper_jax.agent.parsing.decide_turn`).
+does with a KEEP anyway (:func:`hiper_jax.agent.parsing.decide_turn`). When the env names the
+task's subgoals (``AgentView.admissible_subgoals``, e.g. ALFWorld's ``subgoals=True``), a new
+subgoal is one of those instead of free text: the planner chooses, as the actor does.
 
 Tokenisation is piecewise: each literal piece (``"<switch>SWITCH</switch><subgoal>"``,
 ``"</subgoal><action>go to desk 1</action>"``, ...) is encoded on its own and cached, and free
@@ -100,11 +102,16 @@ class ResponseGrammar:
                                 else "<action>") for action in dict.fromkeys(view.admissible_actions)]
         if self.style == "flat":
             return tails
-        if view.subgoal:
-            heads = [["<switch>KEEP</switch><subgoal>" + view.subgoal]]
-        else:
-            heads = [["<switch>KEEP</switch><subgoal>", None]]
-        heads.append(["<switch>SWITCH</switch><subgoal>", None])
+        words = ["SWITCH"] if view.subgoal else ["KEEP", "SWITCH"]
+        heads: list[list[Piece]] = []
+        if view.subgoal:  # KEEP copies the subgoal in force
+            heads.append(["<switch>KEEP</switch><subgoal>" + view.subgoal])
+        for word in words:
+            if view.admissible_subgoals:
+                heads.extend([f"<switch>{word}</switch><subgoal>" + subgoal]
+                             for subgoal in dict.fromkeys(view.admissible_subgoals))
+            else:
+                heads.append([f"<switch>{word}</switch><subgoal>", None])
         return [head + tail for head in heads for tail in tails]
 
     def _sequence(self, pieces: Sequence[Piece]) -> list[int]:
@@ -117,27 +124,36 @@ class ResponseGrammar:
     def tables(self, views: Sequence[AgentView], max_new_tokens: int) -> GrammarTables:
         """The alternatives of each view's turn, padded to ``[B, M, D]`` (bucketed sizes).
 
-        Raises ValueError when an admissible response cannot fit in ``max_new_tokens``.
+        An alternative that cannot fit in ``max_new_tokens`` (e.g. KEEP copying a long
+        subgoal) is left out; a row left with none raises ValueError (the responses of that
+        turn cannot fit: raise ``sampling.max_new_tokens``). Each row's text budget is the
+        largest that lets every alternative with free text fit.
         """
-        rows = [[self._sequence(p) for p in self._pieces(view)] for view in views]
-        num_alts = bucket_size(max((len(r) for r in rows), default=1))
-        depth = bucket_size(max((len(s) for r in rows for s in r), default=1), 8)
-        alternatives = np.full((len(views), num_alts, depth), PAD, np.int32)
-        budget = np.zeros(len(views), np.int32)
-        for b, row in enumerate(rows):
-            budget[b] = self.max_text_tokens
-            for m, seq in enumerate(row):
-                alternatives[b, m, : len(seq)] = seq
+        rows, budgets = [], []
+        for view in views:
+            kept, budget = [], self.max_text_tokens
+            for pieces in self._pieces(view):
+                seq = self._sequence(pieces)
                 stretches = seq.count(WILD)
                 literal = len(seq) - stretches
                 if literal + stretches > max_new_tokens:
-                    raise ValueError(
-                        f"a constrained response needs {literal} tokens besides free text, "
-                        f"over sampling.max_new_tokens={max_new_tokens}: "
-                        f"{self.tokenizer.decode([t for t in seq if t >= 0])!r}")
+                    continue
+                kept.append(seq)
                 if stretches:  # every stretch may use the budget and the response still fits
-                    budget[b] = min(budget[b], (max_new_tokens - literal) // stretches)
-        return GrammarTables(alternatives, budget)
+                    budget = min(budget, (max_new_tokens - literal) // stretches)
+            if view.admissible_actions and not kept:
+                raise ValueError(
+                    f"no constrained response fits in sampling.max_new_tokens={max_new_tokens} "
+                    f"(admissible actions {list(view.admissible_actions)[:5]}...)")
+            rows.append(kept)
+            budgets.append(budget)
+        num_alts = bucket_size(max((len(r) for r in rows), default=1))
+        depth = bucket_size(max((len(seq) for r in rows for seq in r), default=1), 8)
+        alternatives = np.full((len(views), num_alts, depth), PAD, np.int32)
+        for b, row in enumerate(rows):
+            for m, seq in enumerate(row):
+                alternatives[b, m, : len(seq)] = seq
+        return GrammarTables(alternatives, np.asarray(budgets, np.int32))
 
     def response_ids(self, view: AgentView, switch: bool, subgoal: str, action: str) -> list[int]:
         """The tokens of the response ``(switch, subgoal, action)`` as the grammar writes it
@@ -154,17 +170,29 @@ class ResponseGrammar:
             if fillers is not None:
                 tail = _fill(_action_pieces(template, tail_prefix), fillers)
                 break
+        word = "SWITCH" if switch else "KEEP"
         if self.style == "flat":
             pieces = tail
         elif not switch and view.subgoal:
             pieces = [("<switch>KEEP</switch><subgoal>" + view.subgoal, False)] + tail
+        elif subgoal in view.admissible_subgoals:
+            pieces = [(f"<switch>{word}</switch><subgoal>" + subgoal, False)] + tail
         else:
-            word = "SWITCH" if switch else "KEEP"
             pieces = [(f"<switch>{word}</switch><subgoal>", False), (subgoal, True)] + tail
         ids: list[int] = []
         for text, free in pieces:
             ids.extend(self.tokenizer.encode(text, add_special_tokens=False) if free else self.encode(text))
         return ids + [self.stop_id]
+
+
+def pad_tables(alternatives: np.ndarray, num_alternatives: int, depth: int) -> np.ndarray:
+    """``alternatives [B, M, D]`` padded with :data:`PAD` to ``[B, num_alternatives, depth]``."""
+    batch, have_m, have_d = alternatives.shape
+    if (have_m, have_d) == (num_alternatives, depth):
+        return alternatives
+    out = np.full((batch, num_alternatives, depth), PAD, alternatives.dtype)
+    out[:, :have_m, :have_d] = alternatives
+    return out
 
 
 def _action_pieces(action: str, prefix: str) -> list[Piece]:

@@ -45,16 +45,18 @@ class _Episode:
     game: Optional[str] = None
     observation: str = ""
     admissible: Sequence[str] = ()
+    subgoals: Sequence[str] = ()
     subgoal: Optional[str] = None
     history: list = dataclasses.field(default_factory=list)
     turns: list = dataclasses.field(default_factory=list)
     won: bool = False
     done: bool = False
+    info: dict = dataclasses.field(default_factory=dict)  # the kept info keys of the last step
 
     def view(self) -> AgentView:
         return AgentView(task=self.task, step=len(self.turns), observation=self.observation,
                          admissible_actions=list(self.admissible), subgoal=self.subgoal,
-                         history=self.history)
+                         history=list(self.history), admissible_subgoals=list(self.subgoals))
 
 
 @dataclasses.dataclass
@@ -96,11 +98,14 @@ class Collector:
       max_turns: turns per episode at most (the env is also built with ``max_steps``).
       groups: 1, or 2 to pipeline generation of one half with env stepping of the other.
       envs_per_worker, step_timeout_s: passed to the env pools.
+      info_keys: env ``info`` entries to keep in each turn's record (``TurnRecord.env_info``,
+        as they stood before the action), e.g. ``("expert_action", "expert_subgoal")``.
     """
 
     def __init__(self, spec: EnvSpec, num_envs: int, prompt_cfg: PromptConfig, tokenizer,
                  token_bytes: TokenBytes, max_turns: int, groups: int = 2,
-                 envs_per_worker: int = 4, step_timeout_s: float = 60.0):
+                 envs_per_worker: int = 4, step_timeout_s: float = 60.0,
+                 info_keys: Sequence[str] = ()):
         if groups not in (1, 2) or num_envs < groups:
             raise ValueError(f"groups must be 1 or 2 and at most num_envs={num_envs}, got {groups}")
         self.spec = spec
@@ -109,6 +114,7 @@ class Collector:
         self.tokenizer = tokenizer
         self.token_bytes = token_bytes
         self.max_turns = max_turns
+        self.info_keys = tuple(info_keys)
         bounds = np.linspace(0, num_envs, groups + 1).astype(int)
         self.group_rows = [list(range(bounds[g], bounds[g + 1])) for g in range(groups)]
         factory = GymFactory(spec.env_id, **{"max_steps": max_turns, **spec.kwargs})
@@ -147,6 +153,8 @@ class Collector:
                 episodes[i].game = info.get("gamefile", info.get("goal_id"))
                 episodes[i].observation = obs
                 episodes[i].admissible = list(info.get("admissible_actions", ()))
+                episodes[i].subgoals = list(info.get("admissible_subgoals", ()))
+                episodes[i].info = {k: info.get(k) for k in self.info_keys}
         intervals: list[tuple[float, float]] = []
         env_step_s = 0.0
         pending = {}
@@ -154,11 +162,11 @@ class Collector:
             pending[g] = self._dispatch(g, policy, episodes, key)
         while pending:
             for g in list(pending):
-                handle, rows, prompts = pending.pop(g)
+                handle, rows, inputs = pending.pop(g)
                 responses = handle.result()
                 intervals.append((handle.dispatched_at, handle.done_at))
                 step_start = time.perf_counter()
-                self._apply(g, rows, prompts, responses, episodes)
+                self._apply(g, rows, inputs, responses, episodes)
                 env_step_s += time.perf_counter() - step_start
                 if any(not episodes[i].done for i in self.group_rows[g]):
                     pending[g] = self._dispatch(g, policy, episodes, key)
@@ -177,11 +185,12 @@ class Collector:
         prompts = [render_prompt(v, self.prompt_cfg, self.tokenizer) for v in views]
         turn = len(episodes[rows[0]].turns)
         handle = policy.dispatch(prompts, views, jax.random.fold_in(key, turn * 2 + g))
-        return handle, rows, prompts
+        return handle, rows, (prompts, views)
 
-    def _apply(self, g: int, rows: list[int], prompts: list[list[int]], responses,
-               episodes: list[_Episode]) -> None:
+    def _apply(self, g: int, rows: list[int], inputs: tuple[list[list[int]], list[AgentView]],
+               responses, episodes: list[_Episode]) -> None:
         """Parses the group's responses, steps its envs and records the turns."""
+        prompts, views = inputs
         decisions, texts = {}, {}
         for k, i in enumerate(rows):
             ids = responses.token_ids[k]
@@ -220,12 +229,15 @@ class Collector:
                 response_text=texts[i],
                 allowed_mode=allowed[0],
                 allowed_ids=allowed[1],
-                observation=episode.observation,
+                view=views[k],
+                env_info=episode.info,
             )
             episode.history.append((episode.observation, decision.action))
             episode.turns.append(record)
             episode.subgoal = decision.subgoal
             episode.observation = result.observation
             episode.admissible = list(info.get("admissible_actions", ()))
+            episode.subgoals = list(info.get("admissible_subgoals", episode.subgoals))
+            episode.info = {key: info.get(key) for key in self.info_keys}
             episode.won = episode.won or bool(info.get("won", False))
             episode.done = record.done or record.truncated

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import jax
 import numpy as np
 
-from hiper_jax.agent.grammar import ResponseGrammar, allowed_sets
+from hiper_jax.agent.grammar import ResponseGrammar, allowed_sets, pad_tables
 from hiper_jax.agent.prompts import AgentView
 from hiper_jax.rollout.packing import bucket_size
 
@@ -64,9 +64,11 @@ class LLMPolicy:
     """Samples responses with :func:`hiper_jax.sampling.generate`.
 
     Prompts are left-padded to a multiple of ``length_multiple`` tokens and the batch is padded
-    to ``rows`` rows (or a bucketed count when None), so a rollout compiles the sampler for a
-    handful of shapes. With a ``grammar``, each row may only answer with a response the grammar
-    admits for its view (its admissible actions, its subgoal).
+    to ``rows`` rows (or a bucketed count when None). Shapes only grow: a call is padded to the
+    longest prompt and the largest grammar table this policy has seen, so a rollout compiles
+    the sampler a few times at its start and then never again. With a ``grammar``, each row may
+    only answer with a response the grammar admits for its view (its admissible actions, its
+    subgoal).
 
     Args:
       params, config: the policy model.
@@ -87,6 +89,8 @@ class LLMPolicy:
         self.rows = rows
         self.grammar = grammar
         self._text_mask = None if grammar is None else jax.device_put(grammar.text_mask)
+        self._prompt_length = 0
+        self._table_shape = (1, 1)  # alternatives, depth
 
     def dispatch(self, prompts: Sequence[Sequence[int]], views: Sequence[AgentView],
                  key: jax.Array) -> Pending:
@@ -95,12 +99,16 @@ class LLMPolicy:
         num_prompts = len(prompts)
         rows = max(self.rows or 0, bucket_size(num_prompts))
         padded = list(prompts) + [list(prompts[0])] * (rows - num_prompts)
-        tokens, mask = pad_prompts(padded, self.pad_id, length_multiple=self.length_multiple)
+        tokens, mask = pad_prompts(padded, self.pad_id, length_multiple=self.length_multiple,
+                                   min_length=self._prompt_length)
+        self._prompt_length = tokens.shape[1]
         constraint = None
         if self.grammar is not None:
             tables = self.grammar.tables(list(views) + [views[0]] * (rows - num_prompts),
                                          self.sampling.max_new_tokens)
-            constraint = DecodeConstraint(tables.alternatives, tables.text_budget, self._text_mask)
+            self._table_shape = tuple(max(a, b) for a, b in zip(self._table_shape, tables.alternatives.shape[1:]))
+            alternatives = pad_tables(tables.alternatives, *self._table_shape)
+            constraint = DecodeConstraint(alternatives, tables.text_budget, self._text_mask)
         out = generate(self.params, self.config, tokens, mask, key, self.sampling, constraint)
 
         def finish() -> Responses:

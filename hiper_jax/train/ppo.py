@@ -49,6 +49,7 @@ class PPOConfig:
     temperature: float = 1.0
     value_heads: tuple[str, ...] = ("low", "high", "term")
     remat: bool = False
+    length_multiple: int = 0  # > 0: mini-batches of rows of similar length, cut to their width
 
 
 class TrainState(NamedTuple):
@@ -174,6 +175,18 @@ def value_pass(critic: Params, actor: Params, config: qwen2.Qwen2Config, tokens:
     return read_values(critic, config, tokens, valid, value_read, policy_hidden=hidden)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "temperature"))
+def logprob_value_pass(actor: Params, critic: Params, config: qwen2.Qwen2Config, tokens: Array,
+                       valid: Array, value_read: Array, temperature: float = 1.0,
+                       allowed: Optional[qwen2.AllowedTokens] = None) -> tuple[Array, Array]:
+    """:func:`logprob_pass` and :func:`value_pass` in one jitted call: log-probs ``[N, L]``
+    and values ``[N, 3]``. A critic sharing the actor's backbone reads the same forward pass,
+    so the batch costs one forward instead of two."""
+    logp, _, hidden = policy_token_stats(actor, config, tokens, valid, temperature, allowed=allowed)
+    policy_hidden = None if "backbone" in critic else hidden
+    return logp, read_values(critic, config, tokens, valid, value_read, policy_hidden=policy_hidden)
+
+
 def _loss(params, batch: PPOBatch, counts: dict, text_mask: Optional[Array], config: qwen2.Qwen2Config,
           ppo: PPOConfig):
     """Loss of one micro-batch, scaled so that summing micro-batches gives mini-batch means."""
@@ -185,7 +198,9 @@ def _loss(params, batch: PPOBatch, counts: dict, text_mask: Optional[Array], con
     share = jnp.sum(mask) / jnp.maximum(counts["tokens"], 1.0)
     pg = ppo_dual_clip_loss(logp, batch.old_logp, batch.advantages, mask,
                             clip_ratio=ppo.clip_ratio, dual_clip=ppo.dual_clip)
-    kl = jnp.sum(jnp.where(mask, kl_penalty(logp, batch.ref_logp, ppo.kl_estimator), 0.0))
+    kl = jnp.zeros((), jnp.float32)
+    if ppo.kl_coef:  # without the term the batch carries no reference log-probs
+        kl = jnp.sum(jnp.where(mask, kl_penalty(logp, batch.ref_logp, ppo.kl_estimator), 0.0))
     ent = jnp.sum(jnp.where(mask, entropy, 0.0))
     denominator = jnp.maximum(counts["tokens"], 1.0)
     actor_loss = pg.loss * share + (ppo.kl_coef * kl - ppo.entropy_coef * ent) / denominator
@@ -262,23 +277,69 @@ def ppo_step(state: TrainState, mini: PPOBatch, text_mask: Optional[Array] = Non
     return new_state, metrics
 
 
-def mini_batches(batch: PPOBatch, rows: int, rng: np.random.Generator) -> list[PPOBatch]:
+def row_lengths(valid) -> np.ndarray:
+    """``[N]`` real tokens per row of a right-padded ``valid [N, L]``."""
+    return np.asarray(valid).sum(axis=1)
+
+
+def length_groups(lengths: np.ndarray, rows: int, length_multiple: int, width: int,
+                  rng: Optional[np.random.Generator] = None) -> list[tuple[np.ndarray, int]]:
+    """Rows sorted by length (ties in random order with ``rng``) in groups of ``rows``, each
+    with the bucketed width its longest row needs (at most ``width``): ``[(indices, L_g)]``.
+
+    Right-padded rows of similar length then share a narrower array: padding, not real
+    tokens, is what a length bucket of the whole batch wastes.
+    """
+    from hiper_jax.rollout.packing import bucket_size
+
+    tiebreak = rng.random(len(lengths)) if rng is not None else np.arange(len(lengths))
+    order = np.lexsort((tiebreak, lengths))
+    groups = []
+    for start in range(0, len(order), rows):
+        index = order[start: start + rows]
+        groups.append((index, min(bucket_size(int(lengths[index].max(initial=1)), length_multiple), width)))
+    return groups
+
+
+def mini_batches(batch: PPOBatch, rows: int, rng: np.random.Generator,
+                 length_multiple: int = 0) -> list[PPOBatch]:
     """Shuffles the rows that carry a loss and cuts them into mini-batches of ``rows`` rows;
-    the last one is padded with rows that carry none."""
+    the last one is padded with rows that carry none.
+
+    With ``length_multiple > 0`` rows of similar length go together (mini-batches in random
+    order), each mini-batch cut to the bucketed width of its longest row, so the update
+    computes on far fewer padding tokens; a handful of widths compile.
+    """
     carries = np.flatnonzero(np.asarray(batch.loss_mask).any(1) | np.asarray(batch.value_mask).any(1))
-    order = rng.permutation(carries)
     empty = np.flatnonzero(~np.isin(np.arange(np.shape(batch.tokens)[0]), carries))
+    width = np.shape(batch.tokens)[1]
+    if length_multiple > 0:
+        groups = length_groups(row_lengths(batch.valid)[carries], rows, length_multiple, width, rng)
+        groups = [(carries[index], cut) for index, cut in groups]
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+    else:
+        order = rng.permutation(carries)
+        groups = [(order[start: start + rows], width) for start in range(0, max(len(order), 1), rows)]
     out = []
-    for start in range(0, max(len(order), 1), rows):
-        chosen = order[start: start + rows]
-        index = np.concatenate([chosen, np.resize(empty if empty.size else order, rows - len(chosen))])
+    for chosen, cut in groups:
+        index = np.concatenate([chosen, np.resize(empty if empty.size else carries, rows - len(chosen))])
         part = jax.tree.map(lambda x: np.asarray(x)[index], batch)
+        if cut < width:
+            part = _cut_width(part, cut)
         if len(chosen) < rows:  # padding rows: no loss, no value loss
             keep = np.arange(rows) < len(chosen)
             part = part._replace(loss_mask=part.loss_mask & keep[:, None],
                                  value_mask=part.value_mask & keep[:, None])
         out.append(part)
     return out
+
+
+def _cut_width(batch: PPOBatch, width: int) -> PPOBatch:
+    """The first ``width`` positions of every ``[N, L, ...]`` array (value reads lie inside)."""
+    per_token = ("tokens", "valid", "loss_mask", "advantages", "old_logp", "ref_logp",
+                 "allowed_mode", "allowed_ids")
+    return batch._replace(**{name: getattr(batch, name)[:, :width] for name in per_token
+                             if getattr(batch, name) is not None})
 
 
 def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
@@ -294,7 +355,7 @@ def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
     place = place or jax.device_put
     history = []
     for _ in range(ppo.epochs):
-        for mini in mini_batches(batch, ppo.mini_batch_rows, rng):
+        for mini in mini_batches(batch, ppo.mini_batch_rows, rng, ppo.length_multiple):
             state, metrics = ppo_step(state, place(mini), text_mask, config=config, ppo=ppo,
                                       actor_tx=actor_tx, critic_tx=critic_tx)
             history.append(metrics)

@@ -43,9 +43,9 @@ from hiper_jax.train.ppo import (
     TrainState,
     init_train_state,
     logprob_pass,
+    logprob_value_pass,
     make_optimizer,
     ppo_update,
-    value_pass,
 )
 
 HEADS = ("low", "high", "term")
@@ -136,22 +136,47 @@ class TaskSchedule:
 # --- batches --------------------------------------------------------------------------------
 
 
-def _chunked(fn, batch_arrays: tuple, rows: int, mesh=None):
-    """Applies a jitted row-wise ``fn`` in chunks of ``rows`` rows (one compiled shape).
+def _chunked(fn, token_arrays: tuple, row_arrays: tuple, rows: int, mesh=None, length_multiple: int = 0,
+             per_token: tuple[bool, ...] = (True,)) -> tuple[np.ndarray, ...]:
+    """Applies a jitted row-wise ``fn(*token_arrays, *row_arrays)`` in chunks of ``rows`` rows.
 
-    With several processes, every process holds the same ``batch_arrays``: each chunk goes in as
-    global arrays split over ``mesh``'s batch axes and comes back whole on every process.
+    ``token_arrays`` are ``[N, L, ...]`` (the second is ``valid``), ``row_arrays`` ``[N, ...]``;
+    ``fn`` returns a tuple whose outputs are per token (``[rows, L_c, ...]``) or per row where
+    ``per_token`` says so. Only rows with real tokens are computed; with ``length_multiple > 0``
+    rows of similar length go together, each chunk cut to the bucketed width of its longest row
+    (a few compiled shapes, little padding), and per-token outputs are padded back to ``L``
+    (zeros elsewhere, as for padding rows).
+
+    With several processes, every process holds the same arrays: each chunk goes in as global
+    arrays split over ``mesh``'s batch axes and comes back whole on every process.
     """
-    num_rows = batch_arrays[0].shape[0]
+    from hiper_jax.train.ppo import length_groups, row_lengths
+
+    num_rows, width = token_arrays[0].shape[:2]
+    lengths = row_lengths(token_arrays[1])
+    real = np.flatnonzero(lengths > 0)
+    if length_multiple > 0:
+        groups = [(real[index], cut) for index, cut in length_groups(lengths[real], rows, length_multiple, width)]
+    else:
+        groups = [(real[i: i + rows], width) for i in range(0, len(real), rows)]
     multihost = mesh is not None and jax.process_count() > 1
-    outs = []
-    for i in range(0, num_rows, rows):
-        chunk = tuple(a[i: i + rows] for a in batch_arrays)
+    outs = None
+    for index, cut in groups:
+        full = np.resize(index, rows)  # the last chunk repeats rows to keep the compiled shape
+        chunk = tuple(a[full][:, :cut] for a in token_arrays) + tuple(a[full] for a in row_arrays)
         if multihost:
-            outs.append(distributed.gather_to_all_hosts(fn(*distributed.global_from_host_copy(chunk, mesh))))
+            results = distributed.gather_to_all_hosts(fn(*distributed.global_from_host_copy(chunk, mesh)))
         else:
-            outs.append(np.asarray(fn(*chunk)))
-    return np.concatenate(outs, axis=0)
+            results = jax.tree.map(np.asarray, fn(*chunk))
+        if outs is None:
+            outs = tuple(np.zeros((num_rows, width) + r.shape[2:] if tok else (num_rows,) + r.shape[1:], r.dtype)
+                         for r, tok in zip(results, per_token))
+        for out, result, tok in zip(outs, results, per_token):
+            if tok:
+                out[index, :cut] = result[: len(index)]
+            else:
+                out[index] = result[: len(index)]
+    return outs
 
 
 def _estimate(spec, turn_batch: TurnBatch, hae_cfg: HAEConfig, mesh=None):
@@ -174,6 +199,11 @@ def logp_mismatch(sampled: np.ndarray, recomputed: np.ndarray, mask: np.ndarray)
             "logp_mismatch_max": float(diff.max()) if diff.size else 0.0}
 
 
+def turn_observations(trajectories) -> list[list[str]]:
+    """The env observation each turn's prompt showed (its view's), per trajectory."""
+    return [[t.view.observation if t.view is not None else "" for t in traj.turns] for traj in trajectories]
+
+
 def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: qwen2.Qwen2Config,
                     cfg: ml_collections.ConfigDict, hae_cfg: HAEConfig, pad_id: int, mesh=None,
                     text_mask: Optional[np.ndarray] = None):
@@ -190,21 +220,30 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
     arrays = (tokens.tokens, tokens.valid)
     if tokens.allowed_mode is not None:
         arrays += (tokens.allowed_mode, tokens.allowed_ids)
+    multiple = cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0
 
-    def logp_of(params):
-        def fn(t, v, *allowed):
-            allowed = qwen2.AllowedTokens(*allowed, text_mask) if allowed else None
-            return logprob_pass(params, model_config, t, v, temperature, allowed)
-        return _chunked(fn, arrays, rows, mesh)
-
-    old_logp = logp_of(state.actor)
-    ref_logp = logp_of(ref_params)
     reads = np.stack([tokens.v_low_read, tokens.v_high_read, tokens.v_term_read], axis=1)
-    if spec.value_heads:
-        values = _chunked(lambda t, v, r: value_pass(state.critic, state.actor, model_config, t, v, r),
-                          (tokens.tokens, tokens.valid, reads), rows, mesh)
-    else:
+
+    def allowed_of(allowed: tuple):
+        return qwen2.AllowedTokens(*allowed, text_mask) if allowed else None
+
+    # The actor's log-probs and the critic's values of the batch, one chunked pass.
+    def old_pass(t, v, *rest):
+        *allowed, r = rest
+        if not spec.value_heads:
+            return logprob_pass(state.actor, model_config, t, v, temperature, allowed_of(allowed)), r
+        return logprob_value_pass(state.actor, state.critic, model_config, t, v, r, temperature,
+                                  allowed_of(allowed))
+
+    def ref_pass(t, v, *allowed):
+        return (logprob_pass(ref_params, model_config, t, v, temperature, allowed_of(allowed)),)
+
+    old_logp, values = _chunked(old_pass, arrays, (reads,), rows, mesh, multiple, per_token=(True, False))
+    if not spec.value_heads:
         values = np.zeros(reads.shape, np.float32)
+    # Without a KL term the reference policy is never used: skip its pass.
+    ref_logp = (_chunked(ref_pass, arrays, (), rows, mesh, multiple)[0] if cfg.ppo.kl_coef
+                else np.zeros_like(old_logp))
     valid_rows = tokens.row_valid
     values_bt = np.zeros(turns.mask.shape + (3,), np.float32)
     values_bt[tokens.traj_index[valid_rows], tokens.turn_index[valid_rows]] = values[valid_rows]
@@ -212,8 +251,8 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
         rewards=turns.rewards, values_low=values_bt[..., 0], values_high=values_bt[..., 1],
         switch=turns.switch, dones=turns.dones, mask=turns.mask, values_term=values_bt[..., 2],
         invalid=turns.invalid, keep_changed=turns.keep_changed, group_ids=turns.group_ids,
-        state_ids=anchor_state_ids([[t.observation for t in traj.turns] for traj in trajectories],
-                                   turns.group_ids, cfg.env.max_turns, cfg.advantage.gigpo_similarity)
+        state_ids=anchor_state_ids(turn_observations(trajectories), turns.group_ids, cfg.env.max_turns,
+                                   cfg.advantage.gigpo_similarity)
         if spec.needs_states else None)
     out = _estimate(spec, turn_batch, hae_cfg, mesh)
     advantages = np.asarray(assign_token_advantages(out, tokens.traj_index, tokens.turn_index,
@@ -289,7 +328,8 @@ class Trainer:
             kl_estimator=cfg.ppo.kl_estimator, entropy_coef=cfg.ppo.entropy_coef,
             value_clip=cfg.ppo.value_clip, epochs=cfg.ppo.epochs, mini_batch_rows=cfg.ppo.mini_batch_rows,
             micro_batch_rows=cfg.ppo.micro_batch_rows, temperature=cfg.sampling.temperature or 1.0,
-            value_heads=self.estimator.value_heads)
+            value_heads=self.estimator.value_heads,
+            length_multiple=cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0)
         self._load_model()
         self.data = prepare_env_data(cfg, self.out_dir, progress=progress)
         self.schedule = TaskSchedule(self.data["num_train_tasks"], cfg.env.num_envs,
@@ -299,6 +339,7 @@ class Trainer:
                                        max_prompt_tokens=cfg.prompt.max_prompt_tokens,
                                        max_steps=cfg.env.max_turns)
         self._checkpoints = None
+        self._policies: dict[float, LLMPolicy] = {}
         self._stop_requested = False
         self.restored_env_turns: Optional[float] = None  # set by restore()
 
@@ -346,6 +387,9 @@ class Trainer:
         return self.env_share.rows if self.multihost else self.config.env.num_envs
 
     def _policy(self, temperature: float) -> LLMPolicy:
+        """The sampling policy at ``temperature`` with the current actor. One policy per
+        temperature lives as long as the trainer, so its padded shapes (which only grow) and
+        compiled sampler carry over from iteration to iteration."""
         dtype = jnp.dtype(self.config.model.compute_dtype)
         actor = self.state.actor
         if self.multihost:
@@ -353,9 +397,14 @@ class Trainer:
             # its first device, so env stepping never waits on another host.
             actor = distributed.local_copy(jax.tree.map(lambda x: x.astype(dtype), actor))
         params = qwen2.unstack_layers(actor, dtype)
-        return LLMPolicy(params, self.model_config, self._sampling(temperature), self.pad_id,
-                         length_multiple=self.config.sampling.prompt_length_multiple,
-                         rows=math.ceil(self.local_envs / 2), grammar=self.grammar)
+        policy = self._policies.get(temperature)
+        if policy is None:
+            policy = self._policies[temperature] = LLMPolicy(
+                params, self.model_config, self._sampling(temperature), self.pad_id,
+                length_multiple=self.config.sampling.prompt_length_multiple,
+                rows=math.ceil(self.local_envs / 2), grammar=self.grammar)
+        policy.params = params
+        return policy
 
     def _collector(self, split: str | EnvSpec) -> Collector:
         """A collector for ``"train"``, ``"eval"`` or another :class:`EnvSpec`."""
@@ -490,7 +539,8 @@ class Trainer:
         record = {f"train/{k}": v for k, v in rollout_metrics(trajectories).items()}
         record.update({f"update/{k}": v for k, v in update.items()})
         record.update({f"batch/{k}": v for k, v in batch_stats.items()})
-        record.update({"time/rollout_s": rollout_s, "time/update_s": time.perf_counter() - update_start,
+        record.update({"time/rollout_s": rollout_s, "time/batch_s": update_start - start - rollout_s,
+                       "time/update_s": time.perf_counter() - update_start,
                        "time/iteration_s": time.perf_counter() - start,
                        "time/device_busy_fraction": rollout.device_busy_fraction,
                        "env_turns": float(rollout.turns)})
