@@ -268,3 +268,8 @@ def allowed_sets(allowed: np.ndarray, text_on: np.ndarray, text_mask: np.ndarray
     ids = np.where(ids[:, :width] < vocab, ids[:, :width], -1).astype(np.int32)
     mode = np.where(text_on, TEXT, np.where(count > 0, SET, ALL)).astype(np.int8)
     return mode, ids
+
+
+def forced_tokens(mode: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``[...]`` bool: positions whose allowed set (:func:`allowed_sets`) has a single token."""
+    return (np.asarray(mode) == SET) & (np.sum(np.asarray(ids) >= 0, axis=-1) == 1)

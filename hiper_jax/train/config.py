@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
         # Rows of similar length share a mini-batch (and a log-prob/value pass chunk), cut to
         # the bucketed width of its longest row: much less padding, a few compiled widths.
         group_by_length=True,
+        value_coef=1.0,             # value-loss weight; < 1 keeps a shared backbone the policy's
     )
     c.sft = dict(demos="", epochs=1, lr=1e-4, batch_rows=8, max_length=1024)
     c.train = dict(
@@ -233,7 +234,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _require(ppo.kl_estimator in ("low_var_kl", "kl", "mse"), "ppo.kl_estimator",
              f"must be low_var_kl, kl or mse, got {ppo.kl_estimator!r}")
     _require(ppo.dual_clip > 1, "ppo.dual_clip", f"must be > 1, got {ppo.dual_clip}")
-    for field in ("actor_lr", "critic_lr", "clip_ratio", "value_clip", "max_grad_norm"):
+    for field in ("actor_lr", "critic_lr", "clip_ratio", "value_clip", "max_grad_norm", "value_coef"):
         _require(ppo[field] > 0, f"ppo.{field}", f"must be > 0, got {ppo[field]}")
     for field in ("epochs", "mini_batch_rows", "micro_batch_rows", "length_multiple"):
         _require(ppo[field] >= 1, f"ppo.{field}", f"must be >= 1, got {ppo[field]}")

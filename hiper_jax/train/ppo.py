@@ -50,6 +50,7 @@ class PPOConfig:
     value_heads: tuple[str, ...] = ("low", "high", "term")
     remat: bool = False
     length_multiple: int = 0  # > 0: mini-batches of rows of similar length, cut to their width
+    value_coef: float = 1.0   # weight of the value loss (matters when the critic shares the backbone)
 
 
 class TrainState(NamedTuple):
@@ -223,7 +224,7 @@ def _loss(params, batch: PPOBatch, counts: dict, text_mask: Optional[Array], con
         "clip_fraction": pg.clip_fraction * share, "dual_clip_fraction": pg.dual_clip_fraction * share,
         "approx_kl": pg.approx_kl * share, "value_loss": value_loss,
     }
-    return actor_loss + value_loss, metrics
+    return actor_loss + ppo.value_coef * value_loss, metrics
 
 
 def _split(batch: PPOBatch, parts: int) -> PPOBatch:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from hiper_jax import distributed
 from hiper_jax.advantages import TurnBatch, anchor_state_ids, get_estimator
-from hiper_jax.agent.grammar import ResponseGrammar
+from hiper_jax.agent.grammar import ResponseGrammar, forced_tokens
 from hiper_jax.agent.prompts import PromptConfig
 from hiper_jax.agent.spans import TokenBytes
 from hiper_jax.hae import HAEConfig, assign_token_advantages
@@ -266,7 +266,12 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
     value_mask = np.stack([valid_rows & ("low" in spec.value_heads),
                            valid_rows & boundary & ("high" in spec.value_heads),
                            valid_rows & ("term" in spec.value_heads)], axis=1)
-    batch = PPOBatch(tokens=tokens.tokens, valid=tokens.valid, loss_mask=blocks & tokens.response_mask,
+    loss_mask = blocks & tokens.response_mask
+    if tokens.allowed_mode is not None:
+        # A token the grammar forced is no decision: its log-prob is 0 under every policy, so
+        # it would only dilute the token means of the loss.
+        loss_mask &= ~forced_tokens(tokens.allowed_mode, tokens.allowed_ids)
+    batch = PPOBatch(tokens=tokens.tokens, valid=tokens.valid, loss_mask=loss_mask,
                      advantages=advantages.astype(np.float32), old_logp=old_logp, ref_logp=ref_logp,
                      value_read=reads.astype(np.int32), value_targets=targets,
                      old_values=values.astype(np.float32), value_mask=value_mask,
@@ -329,7 +334,8 @@ class Trainer:
             value_clip=cfg.ppo.value_clip, epochs=cfg.ppo.epochs, mini_batch_rows=cfg.ppo.mini_batch_rows,
             micro_batch_rows=cfg.ppo.micro_batch_rows, temperature=cfg.sampling.temperature or 1.0,
             value_heads=self.estimator.value_heads,
-            length_multiple=cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0)
+            length_multiple=cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0,
+            value_coef=cfg.ppo.value_coef)
         self._load_model()
         self.data = prepare_env_data(cfg, self.out_dir, progress=progress)
         self.schedule = TaskSchedule(self.data["num_train_tasks"], cfg.env.num_envs,

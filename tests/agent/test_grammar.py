@@ -174,3 +174,11 @@ def test_admissible_subgoals_replace_free_text(tiny_tokenizer):
         parsed = parse_response(table.decode(ids))
         assert parsed.subgoal == subgoal and parsed.action == "go to fridge 1"
     assert not accepted(grammar, later, grammar.response_ids(later, True, "cool the apple", "go to fridge 1"))
+
+
+def test_forced_tokens_are_the_single_member_sets():
+    from hiper_jax.agent.grammar import forced_tokens
+
+    mode = np.array([SET, SET, TEXT, ALL, SET], np.int8)
+    ids = np.array([[4, -1], [4, 5], [7, -1], [-1, -1], [-1, -1]], np.int32)
+    assert forced_tokens(mode, ids).tolist() == [True, False, False, False, False]
