@@ -129,6 +129,10 @@ def test_registry():
 
 # --- GiGPO ----------------------------------------------------------------------------------
 
+# Jitted once per shape and mode: run op by op, its segment sums and sort would compile every
+# primitive separately and take most of this file's time.
+gigpo_jit = jax.jit(gigpo_advantages, static_argnames="mode")
+
 
 def gigpo_batch(rng, batch=12, turns=9, num_states=3, group_size=3):
     """Random ragged batch in groups of ``group_size`` with states drawn from ``num_states``
@@ -154,7 +158,7 @@ def test_gigpo_matches_reference(mode, gamma, step_weight):
     rng = np.random.default_rng(21)
     for _ in range(3):
         mask, rewards, groups, states = gigpo_batch(rng)
-        got = gigpo_advantages(rewards, mask, groups, states, gamma, step_weight, mode)
+        got = gigpo_jit(rewards, mask, groups, states, gamma, step_weight, mode)
         want = gigpo_ref(clean(rewards, mask), mask, groups, states, gamma, step_weight, mode)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
         assert np.all(np.asarray(got)[~mask] == 0)
@@ -165,11 +169,11 @@ def test_gigpo_without_repeated_states_is_the_episode_term(mode):
     rng = np.random.default_rng(22)
     mask, rewards, groups, _ = gigpo_batch(rng)
     unique = np.arange(mask.size, dtype=np.int32).reshape(mask.shape)  # no state repeats
-    got = np.asarray(gigpo_advantages(rewards, mask, groups, unique, 0.9, 1.0, mode))
+    got = np.asarray(gigpo_jit(rewards, mask, groups, unique, 0.9, 1.0, mode))
     np.testing.assert_allclose(got, gigpo_ref(clean(rewards, mask), mask, groups, unique, 0.9, 1.0, mode),
                                rtol=1e-5, atol=1e-4)
     # Every anchor is a lone turn: the step weight changes nothing.
-    np.testing.assert_array_equal(got, np.asarray(gigpo_advantages(rewards, mask, groups, unique, 0.9, 7.0, mode)))
+    np.testing.assert_array_equal(got, np.asarray(gigpo_jit(rewards, mask, groups, unique, 0.9, 7.0, mode)))
     # The episode term is constant along a trajectory and, with mean_norm, sums to 0 over a
     # group's turns.
     for b in range(len(mask)):
@@ -183,12 +187,12 @@ def test_gigpo_with_one_state_per_group_compares_all_turns():
     rng = np.random.default_rng(23)
     mask, rewards, groups, _ = gigpo_batch(rng)
     same = np.zeros(mask.shape, np.int32)  # every state repeats: one anchor per group
-    got = np.asarray(gigpo_advantages(rewards, mask, groups, same, 0.8, 1.0, "mean_norm"))
+    got = np.asarray(gigpo_jit(rewards, mask, groups, same, 0.8, 1.0, "mean_norm"))
     np.testing.assert_allclose(got, gigpo_ref(clean(rewards, mask), mask, groups, same, 0.8),
                                rtol=1e-5, atol=1e-4)
     returns = np.asarray(discounted_returns(clean(rewards, mask), 0.8))
-    step_only = np.asarray(gigpo_advantages(rewards, mask, groups, same, 0.8, 1.0, "mean_norm")
-                           - gigpo_advantages(rewards, mask, groups, same, 0.8, 0.0, "mean_norm"))
+    step_only = np.asarray(gigpo_jit(rewards, mask, groups, same, 0.8, 1.0, "mean_norm")
+                           - gigpo_jit(rewards, mask, groups, same, 0.8, 0.0, "mean_norm"))
     for g in np.unique(groups):
         rows = groups == g
         members = returns[rows][mask[rows]]
@@ -201,7 +205,7 @@ def test_gigpo_equal_returns_give_exact_zeros_and_lone_groups_keep_their_return(
     states = np.array([[0, 1, 2, 0], [0, 1, 2, 0], [0, 0, 0, 0]], np.int32)
     groups = np.array([0, 0, 2])
     for mode in ("mean_norm", "mean_std_norm"):
-        got = np.asarray(gigpo_advantages(rewards, mask, groups, states, 0.9, 1.0, mode))
+        got = np.asarray(gigpo_jit(rewards, mask, groups, states, 0.9, 1.0, mode))
         np.testing.assert_array_equal(got[:2], 0.0)  # identical rollouts: nothing to prefer
         assert got[2, 0] == pytest.approx(3.0, rel=1e-5)  # one turn in its group: mean 0, std 1
 

@@ -182,7 +182,7 @@ def _chunked(fn, token_arrays: tuple, row_arrays: tuple, rows: int, mesh=None, l
 def _estimate(spec, turn_batch: TurnBatch, hae_cfg: HAEConfig, mesh=None):
     """The estimator's output as NumPy. On a mesh with several batch shards, HAE and turn-GAE
     run under ``shard_map`` with trajectories split over the batch axes (normalisation
-    statistics reduced across devices); GRPO/RLOO need whole groups and run unsharded."""
+    statistics reduced across devices); GRPO/RLOO/GiGPO need whole groups and run unsharded."""
     shards = distributed.num_batch_shards(mesh) if mesh is not None else 1
     rows = np.shape(turn_batch.rewards)[0]
     if shards == 1 or spec.needs_groups or rows % shards:
