@@ -225,9 +225,10 @@ def check_outputs(result, episodes, seeds, with_advantages):
     return records, summary
 
 
+@pytest.mark.slow
 def test_eval_hf_checkpoint_on_generated_games(games_root, tmp_path):
-    """The command on the shipped tiny model (3 episodes x 2 seeds, 3 turns each; ~1 min on a
-    quiet 2-core CPU, mostly compilation)."""
+    """The command on the shipped tiny model (3 episodes x 2 seeds, 3 turns each; ~35 s of CPU
+    in the main process plus the env workers', mostly compilation)."""
     from hiper_jax.tiny import TINY_ALFWORLD
 
     result = evaluate_checkpoint(TINY_ALFWORLD, _tiny_config(games_root), episodes=3, seeds=(0, 1),
