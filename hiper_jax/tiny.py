@@ -86,6 +86,7 @@ class Recipe:
     task_types: tuple[str, ...] = ()  # () = all six
     max_receptacles: int = 5
     max_distractors: int = 2
+    subgoals: bool = True  # the env names the task's subgoals (the planner chooses among them)
     max_steps: int = 30
     vocab_size: int = 1024
     hidden_size: int = 96
@@ -168,12 +169,14 @@ def build(out_dir: str, work_dir: str, recipe: Recipe = Recipe(), progress: bool
     grammar = ResponseGrammar(tokenizer, token_bytes, "plan_execute", tokenizer.eos_token_id,
                               recipe.max_text_tokens)
     params = qwen2.init_params(jax.random.key(recipe.seed), config)
-    examples = make_examples(list(demo_turns(demos, prompt_cfg)), tokenizer, prompt_cfg, grammar)
+    examples = make_examples(list(demo_turns(demos, prompt_cfg, subgoals=recipe.subgoals)), tokenizer,
+                             prompt_cfg, grammar)
     num_train = len(find_games(os.path.join(games, "train")))
     num_eval = len(find_games(os.path.join(games, "eval")))
-    train_spec = EnvSpec("hiper_envs:hiper/ALFWorld-v0",
-                         {"games": os.path.join(games, "train"), "expert": True}, "game")
-    eval_spec = EnvSpec("hiper_envs:hiper/ALFWorld-v0", {"games": os.path.join(games, "eval")}, "game")
+    train_spec = EnvSpec("hiper_envs:hiper/ALFWorld-v0", {"games": os.path.join(games, "train"),
+                                                          "expert": True, "subgoals": recipe.subgoals}, "game")
+    eval_spec = EnvSpec("hiper_envs:hiper/ALFWorld-v0", {"games": os.path.join(games, "eval"),
+                                                         "subgoals": recipe.subgoals}, "game")
     stop = (tokenizer.eos_token_id,)
     pad = tokenizer.pad_token_id
 
@@ -243,6 +246,14 @@ def build(out_dir: str, work_dir: str, recipe: Recipe = Recipe(), progress: bool
     return summary
 
 
+def _flag_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Make the tiny embedded checkpoint (SFT + DAgger rounds).")
     parser.add_argument("--out", default=TINY_ALFWORLD)
@@ -253,6 +264,8 @@ def main(argv=None) -> None:
         flag = "--" + field.name.replace("_", "-")
         if field.name == "task_types":
             parser.add_argument(flag, nargs="+", default=[], help="ALFWorld task types (default: all six)")
+        elif isinstance(value, bool):
+            parser.add_argument(flag, type=_flag_bool, default=value, metavar="{True,False}")
         else:
             parser.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args(argv)

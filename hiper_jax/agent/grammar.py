@@ -16,7 +16,9 @@ text can never run into the closing tag) and bounded by a per-row token budget.
 
 On KEEP the subgoal is copied, not written: when a subgoal is in force, the KEEP alternative
 spells it out literally (those tokens are then forced, log-prob 0), which is what the parser
-does with a KEEP anyway (:func:`hiper_jax.agent.parsing.decide_turn`).
+does with a KEEP anyway (:func:`hiper_jax.agent.parsing.decide_turn`). When the env names the
+task's subgoals (``AgentView.admissible_subgoals``, e.g. ALFWorld's ``subgoals=True``), a new
+subgoal is one of those instead of free text: the planner chooses, as the actor does.
 
 Tokenisation is piecewise: each literal piece (``"<switch>SWITCH</switch><subgoal>"``,
 ``"</subgoal><action>go to desk 1</action>"``, ...) is encoded on its own and cached, and free
@@ -100,11 +102,16 @@ class ResponseGrammar:
                                 else "<action>") for action in dict.fromkeys(view.admissible_actions)]
         if self.style == "flat":
             return tails
-        if view.subgoal:
-            heads = [["<switch>KEEP</switch><subgoal>" + view.subgoal]]
-        else:
-            heads = [["<switch>KEEP</switch><subgoal>", None]]
-        heads.append(["<switch>SWITCH</switch><subgoal>", None])
+        words = ["SWITCH"] if view.subgoal else ["KEEP", "SWITCH"]
+        heads: list[list[Piece]] = []
+        if view.subgoal:  # KEEP copies the subgoal in force
+            heads.append(["<switch>KEEP</switch><subgoal>" + view.subgoal])
+        for word in words:
+            if view.admissible_subgoals:
+                heads.extend([f"<switch>{word}</switch><subgoal>" + subgoal]
+                             for subgoal in dict.fromkeys(view.admissible_subgoals))
+            else:
+                heads.append([f"<switch>{word}</switch><subgoal>", None])
         return [head + tail for head in heads for tail in tails]
 
     def _sequence(self, pieces: Sequence[Piece]) -> list[int]:
@@ -163,12 +170,14 @@ class ResponseGrammar:
             if fillers is not None:
                 tail = _fill(_action_pieces(template, tail_prefix), fillers)
                 break
+        word = "SWITCH" if switch else "KEEP"
         if self.style == "flat":
             pieces = tail
         elif not switch and view.subgoal:
             pieces = [("<switch>KEEP</switch><subgoal>" + view.subgoal, False)] + tail
+        elif subgoal in view.admissible_subgoals:
+            pieces = [(f"<switch>{word}</switch><subgoal>" + subgoal, False)] + tail
         else:
-            word = "SWITCH" if switch else "KEEP"
             pieces = [(f"<switch>{word}</switch><subgoal>", False), (subgoal, True)] + tail
         ids: list[int] = []
         for text, free in pieces:

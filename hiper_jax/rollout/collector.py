@@ -45,6 +45,7 @@ class _Episode:
     game: Optional[str] = None
     observation: str = ""
     admissible: Sequence[str] = ()
+    subgoals: Sequence[str] = ()
     subgoal: Optional[str] = None
     history: list = dataclasses.field(default_factory=list)
     turns: list = dataclasses.field(default_factory=list)
@@ -55,7 +56,7 @@ class _Episode:
     def view(self) -> AgentView:
         return AgentView(task=self.task, step=len(self.turns), observation=self.observation,
                          admissible_actions=list(self.admissible), subgoal=self.subgoal,
-                         history=list(self.history))
+                         history=list(self.history), admissible_subgoals=list(self.subgoals))
 
 
 @dataclasses.dataclass
@@ -152,6 +153,7 @@ class Collector:
                 episodes[i].game = info.get("gamefile", info.get("goal_id"))
                 episodes[i].observation = obs
                 episodes[i].admissible = list(info.get("admissible_actions", ()))
+                episodes[i].subgoals = list(info.get("admissible_subgoals", ()))
                 episodes[i].info = {k: info.get(k) for k in self.info_keys}
         intervals: list[tuple[float, float]] = []
         env_step_s = 0.0
@@ -235,6 +237,7 @@ class Collector:
             episode.subgoal = decision.subgoal
             episode.observation = result.observation
             episode.admissible = list(info.get("admissible_actions", ()))
+            episode.subgoals = list(info.get("admissible_subgoals", episode.subgoals))
             episode.info = {key: info.get(key) for key in self.info_keys}
             episode.won = episode.won or bool(info.get("won", False))
             episode.done = record.done or record.truncated

@@ -175,6 +175,18 @@ def value_pass(critic: Params, actor: Params, config: qwen2.Qwen2Config, tokens:
     return read_values(critic, config, tokens, valid, value_read, policy_hidden=hidden)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "temperature"))
+def logprob_value_pass(actor: Params, critic: Params, config: qwen2.Qwen2Config, tokens: Array,
+                       valid: Array, value_read: Array, temperature: float = 1.0,
+                       allowed: Optional[qwen2.AllowedTokens] = None) -> tuple[Array, Array]:
+    """:func:`logprob_pass` and :func:`value_pass` in one jitted call: log-probs ``[N, L]``
+    and values ``[N, 3]``. A critic sharing the actor's backbone reads the same forward pass,
+    so the batch costs one forward instead of two."""
+    logp, _, hidden = policy_token_stats(actor, config, tokens, valid, temperature, allowed=allowed)
+    policy_hidden = None if "backbone" in critic else hidden
+    return logp, read_values(critic, config, tokens, valid, value_read, policy_hidden=policy_hidden)
+
+
 def _loss(params, batch: PPOBatch, counts: dict, text_mask: Optional[Array], config: qwen2.Qwen2Config,
           ppo: PPOConfig):
     """Loss of one micro-batch, scaled so that summing micro-batches gives mini-batch means."""

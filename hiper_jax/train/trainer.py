@@ -42,9 +42,9 @@ from hiper_jax.train.ppo import (
     TrainState,
     init_train_state,
     logprob_pass,
+    logprob_value_pass,
     make_optimizer,
     ppo_update,
-    value_pass,
 )
 
 HEADS = ("low", "high", "term")
@@ -136,20 +136,22 @@ class TaskSchedule:
 
 
 def _chunked(fn, token_arrays: tuple, row_arrays: tuple, rows: int, mesh=None, length_multiple: int = 0,
-             per_token_output: bool = True) -> np.ndarray:
+             per_token: tuple[bool, ...] = (True,)) -> tuple[np.ndarray, ...]:
     """Applies a jitted row-wise ``fn(*token_arrays, *row_arrays)`` in chunks of ``rows`` rows.
 
-    ``token_arrays`` are ``[N, L, ...]``, ``row_arrays`` ``[N, ...]``. Only rows with real
-    tokens are computed; with ``length_multiple > 0`` rows of similar length go together, each
-    chunk cut to the bucketed width of its longest row (a few compiled shapes, little padding),
-    and a per-token output is padded back to ``L`` (zeros elsewhere, as for padding rows).
+    ``token_arrays`` are ``[N, L, ...]`` (the second is ``valid``), ``row_arrays`` ``[N, ...]``;
+    ``fn`` returns a tuple whose outputs are per token (``[rows, L_c, ...]``) or per row where
+    ``per_token`` says so. Only rows with real tokens are computed; with ``length_multiple > 0``
+    rows of similar length go together, each chunk cut to the bucketed width of its longest row
+    (a few compiled shapes, little padding), and per-token outputs are padded back to ``L``
+    (zeros elsewhere, as for padding rows).
 
     With several processes, every process holds the same arrays: each chunk goes in as global
     arrays split over ``mesh``'s batch axes and comes back whole on every process.
     """
     from hiper_jax.train.ppo import length_groups, row_lengths
 
-    width = token_arrays[0].shape[1]
+    num_rows, width = token_arrays[0].shape[:2]
     lengths = row_lengths(token_arrays[1])
     real = np.flatnonzero(lengths > 0)
     if length_multiple > 0:
@@ -157,22 +159,23 @@ def _chunked(fn, token_arrays: tuple, row_arrays: tuple, rows: int, mesh=None, l
     else:
         groups = [(real[i: i + rows], width) for i in range(0, len(real), rows)]
     multihost = mesh is not None and jax.process_count() > 1
-    out = None
+    outs = None
     for index, cut in groups:
         full = np.resize(index, rows)  # the last chunk repeats rows to keep the compiled shape
         chunk = tuple(a[full][:, :cut] for a in token_arrays) + tuple(a[full] for a in row_arrays)
         if multihost:
-            result = distributed.gather_to_all_hosts(fn(*distributed.global_from_host_copy(chunk, mesh)))
+            results = distributed.gather_to_all_hosts(fn(*distributed.global_from_host_copy(chunk, mesh)))
         else:
-            result = np.asarray(fn(*chunk))
-        if out is None:
-            shape = (token_arrays[0].shape[0],) + ((width,) if per_token_output else ()) + result.shape[2 if per_token_output else 1:]
-            out = np.zeros(shape, result.dtype)
-        if per_token_output:
-            out[index, :cut] = result[: len(index)]
-        else:
-            out[index] = result[: len(index)]
-    return out
+            results = jax.tree.map(np.asarray, fn(*chunk))
+        if outs is None:
+            outs = tuple(np.zeros((num_rows, width) + r.shape[2:] if tok else (num_rows,) + r.shape[1:], r.dtype)
+                         for r, tok in zip(results, per_token))
+        for out, result, tok in zip(outs, results, per_token):
+            if tok:
+                out[index, :cut] = result[: len(index)]
+            else:
+                out[index] = result[: len(index)]
+    return outs
 
 
 def _estimate(spec, turn_batch: TurnBatch, hae_cfg: HAEConfig, mesh=None):
@@ -213,21 +216,28 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
         arrays += (tokens.allowed_mode, tokens.allowed_ids)
     multiple = cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0
 
-    def logp_of(params):
-        def fn(t, v, *allowed):
-            allowed = qwen2.AllowedTokens(*allowed, text_mask) if allowed else None
-            return logprob_pass(params, model_config, t, v, temperature, allowed)
-        return _chunked(fn, arrays, (), rows, mesh, multiple)
-
-    old_logp = logp_of(state.actor)
-    # Without a KL term the reference policy is never used: skip its pass.
-    ref_logp = logp_of(ref_params) if cfg.ppo.kl_coef else np.zeros_like(old_logp)
     reads = np.stack([tokens.v_low_read, tokens.v_high_read, tokens.v_term_read], axis=1)
-    if spec.value_heads:
-        values = _chunked(lambda t, v, r: value_pass(state.critic, state.actor, model_config, t, v, r),
-                          (tokens.tokens, tokens.valid), (reads,), rows, mesh, multiple, per_token_output=False)
-    else:
+
+    def allowed_of(allowed: tuple):
+        return qwen2.AllowedTokens(*allowed, text_mask) if allowed else None
+
+    # The actor's log-probs and the critic's values of the batch, one chunked pass.
+    def old_pass(t, v, *rest):
+        *allowed, r = rest
+        if not spec.value_heads:
+            return logprob_pass(state.actor, model_config, t, v, temperature, allowed_of(allowed)), r
+        return logprob_value_pass(state.actor, state.critic, model_config, t, v, r, temperature,
+                                  allowed_of(allowed))
+
+    def ref_pass(t, v, *allowed):
+        return (logprob_pass(ref_params, model_config, t, v, temperature, allowed_of(allowed)),)
+
+    old_logp, values = _chunked(old_pass, arrays, (reads,), rows, mesh, multiple, per_token=(True, False))
+    if not spec.value_heads:
         values = np.zeros(reads.shape, np.float32)
+    # Without a KL term the reference policy is never used: skip its pass.
+    ref_logp = (_chunked(ref_pass, arrays, (), rows, mesh, multiple)[0] if cfg.ppo.kl_coef
+                else np.zeros_like(old_logp))
     valid_rows = tokens.row_valid
     values_bt = np.zeros(turns.mask.shape + (3,), np.float32)
     values_bt[tokens.traj_index[valid_rows], tokens.turn_index[valid_rows]] = values[valid_rows]
@@ -502,7 +512,8 @@ class Trainer:
         record = {f"train/{k}": v for k, v in rollout_metrics(trajectories).items()}
         record.update({f"update/{k}": v for k, v in update.items()})
         record.update({f"batch/{k}": v for k, v in batch_stats.items()})
-        record.update({"time/rollout_s": rollout_s, "time/update_s": time.perf_counter() - update_start,
+        record.update({"time/rollout_s": rollout_s, "time/batch_s": update_start - start - rollout_s,
+                       "time/update_s": time.perf_counter() - update_start,
                        "time/iteration_s": time.perf_counter() - start,
                        "time/device_busy_fraction": rollout.device_busy_fraction,
                        "env_turns": float(rollout.turns)})

@@ -151,3 +151,26 @@ def test_text_mask_excludes_tags_brackets_and_special_tokens(qwen_tokenizer):
     assert not mask[qwen_tokenizer.eos_token_id]
     for word in ("apple", "Ġthe", "Ġfridge"):
         assert mask[qwen_tokenizer.convert_tokens_to_ids(word)]
+
+
+def test_admissible_subgoals_replace_free_text(tiny_tokenizer):
+    grammar, table = make_grammar(tiny_tokenizer)
+    subgoals = ["find and take the apple", "heat the apple with the microwave"]
+    first = AgentView(task="t", step=0, observation="o", admissible_actions=ALFWORLD_ACTIONS[:3],
+                      admissible_subgoals=subgoals)
+    later = AgentView(task="t", step=2, observation="o", admissible_actions=ALFWORLD_ACTIONS[:3],
+                      admissible_subgoals=subgoals, subgoal=subgoals[0])
+    tables = grammar.tables([first, later], 64)
+    assert not (tables.alternatives == WILD).any()
+    texts = [{table.decode([t for t in a if t >= 0 and t != tiny_tokenizer.eos_token_id]) for a in row if a[0] != PAD}
+             for row in tables.alternatives]
+    assert len(texts[0]) == 2 * 2 * 3  # KEEP or SWITCH (no subgoal yet) x subgoals x actions
+    assert len(texts[1]) == (1 + 2) * 3  # KEEP copies the one in force, or SWITCH to either
+    assert "<switch>SWITCH</switch><subgoal>heat the apple with the microwave</subgoal><action>look</action>" in texts[1] or \
+        "<switch>SWITCH</switch><subgoal>heat the apple with the microwave</subgoal><action>go to fridge 1</action>" in texts[1]
+    for v, switch, subgoal in ((first, True, subgoals[0]), (later, True, subgoals[1]), (later, False, subgoals[0])):
+        ids = grammar.response_ids(v, switch, subgoal, "go to fridge 1")
+        assert accepted(grammar, v, ids)
+        parsed = parse_response(table.decode(ids))
+        assert parsed.subgoal == subgoal and parsed.action == "go to fridge 1"
+    assert not accepted(grammar, later, grammar.response_ids(later, True, "cool the apple", "go to fridge 1"))
