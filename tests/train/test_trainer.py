@@ -20,7 +20,9 @@ def success_rates(records, prefix):
     return [r[f"{prefix}/success"] for r in records if f"{prefix}/success" in r]
 
 
-@pytest.mark.parametrize("estimator", ["hae", "turn_gae", "grpo", "rloo"])
+# hae runs in the default suite (with the constrained run below); the other three are slow.
+@pytest.mark.parametrize("estimator", ["hae"] + [pytest.param(e, marks=pytest.mark.slow)
+                                                 for e in ("turn_gae", "grpo", "rloo")])
 def test_every_estimator_raises_success(word_checkpoint, tmp_path, estimator):
     from hiper_jax.train.trainer import Trainer
 
