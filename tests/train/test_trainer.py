@@ -20,10 +20,11 @@ def success_rates(records, prefix):
     return [r[f"{prefix}/success"] for r in records if f"{prefix}/success" in r]
 
 
-# GiGPO's run is kept out of the default suite (a few minutes more); its estimator is checked
-# against the reference in tests/test_advantages.py and on the trainer's path below.
-@pytest.mark.parametrize("estimator", ["hae", "turn_gae", "grpo", "rloo",
-                                       pytest.param("gigpo", marks=pytest.mark.slow)])
+# hae runs in the default suite (with the constrained run below); the others are slow. GiGPO's
+# estimator is also checked against the reference in tests/test_advantages.py and on the
+# trainer's path below.
+@pytest.mark.parametrize("estimator", ["hae"] + [pytest.param(e, marks=pytest.mark.slow)
+                                                 for e in ("turn_gae", "grpo", "rloo", "gigpo")])
 def test_every_estimator_raises_success(word_checkpoint, tmp_path, estimator):
     from hiper_jax.train.trainer import Trainer
 
