@@ -111,7 +111,7 @@ def notebook_source(cells: list[dict]) -> Optional[str]:
 
 
 def describe_runtime() -> str:
-    """One line per fact: JAX version and backend (cpu, gpu or tpu), the devices, processes."""
+    """One line: JAX version, backend (cpu, gpu or tpu), device count and kinds, processes."""
     import jax
 
     devices = jax.devices()
@@ -131,7 +131,7 @@ def _lines(text: str) -> list[str]:
 
 
 def _cell(kind: str, text: str, tag: str) -> dict:
-    cell = {"cell_type": kind, "metadata": {"tags": [tag]}, "source": _lines(text)}
+    cell = {"cell_type": kind, "id": tag, "metadata": {"tags": [tag]}, "source": _lines(text)}
     if kind == "code":
         cell.update(execution_count=None, outputs=[])
     return cell
@@ -153,7 +153,8 @@ def synced_cells(cells: list[dict], notebook: str, source: Optional[str] = None,
 
 def _same(a: list[dict], b: list[dict]) -> bool:
     def key(cells):
-        return [(c["cell_type"], _text(c), c.get("metadata", {}).get("tags", [])) for c in cells]
+        return [(c["cell_type"], c.get("id"), _text(c), c.get("metadata", {}).get("tags", []))
+                for c in cells]
     return key(a) == key(b)
 
 
@@ -168,7 +169,7 @@ def sync_notebook(path: str, repo_root: str, source: Optional[str] = None, check
     if changed and not check:
         notebook["cells"] = cells
         with open(path, "w", encoding="utf-8") as handle:
-            json.dump(notebook, handle, indent=1, ensure_ascii=False)
+            json.dump(notebook, handle, indent=1, ensure_ascii=False, sort_keys=True)
             handle.write("\n")
     return changed
 

@@ -7,6 +7,17 @@ from typing import Optional, Sequence
 import numpy as np
 
 
+def pyplot():
+    """``matplotlib.pyplot``; headless (Agg) unless a notebook's inline backend is active."""
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_hae_trajectory(
     rewards: Sequence[float],
     hae,
@@ -23,7 +34,7 @@ def plot_hae_trajectory(
     Returns:
       The matplotlib Figure (two stacked axes sharing the turn axis).
     """
-    plt = _pyplot()
+    plt = pyplot()
     boundary = np.asarray(hae.boundary[row], bool)
     num_turns = len(rewards)
     turns = np.arange(num_turns)
@@ -60,17 +71,6 @@ STREAM_OF_BLOCK = {"action": "A_low", "subgoal": "A_high", "switch": "A_term"}
 STREAM_COLOURS = {"A_low": "#1f5fb4", "A_high": "#e08000", "A_term": "#7b2fa8"}
 _FONT = dict(family="DejaVu Sans Mono", size=8.0)
 _LINE_IN = 0.17   # inches per text line
-
-
-def _pyplot():
-    """``matplotlib.pyplot``; headless (Agg) unless a notebook's inline backend is active."""
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # DejaVu Sans Mono's advance is 1233/2048 em. Each token is drawn as its own text at its column
@@ -124,7 +124,7 @@ def plot_transcript(record: dict, max_turns: Optional[int] = None, width_chars: 
     Returns:
       The matplotlib Figure.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import Normalize
     from matplotlib.patches import Rectangle
 
@@ -244,7 +244,7 @@ def plot_transcript(record: dict, max_turns: Optional[int] = None, width_chars: 
 def plot_task_success(summary: dict, title: str = "success per task type"):
     """Bars of success per task type with their 95% Wilson intervals (from
     :func:`hiper_jax.eval.summarize`), the overall rate as a line. Returns the Figure."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in summary["rows"] if r["task_type"] != "all"]
     overall = next(r for r in summary["rows"] if r["task_type"] == "all")
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows) + 2), 3.6))
