@@ -201,7 +201,7 @@ def plot_transcript(record: dict, max_turns: Optional[int] = None, width_chars: 
                             color=STREAM_COLOURS[stream], lw=1.2, solid_capstyle="butt")
                 if turn["tokens"]["forced"][k]:
                     ax.add_patch(Rectangle((x, yl + 0.08), width, 0.84, fill=False, lw=0,
-                                           hatch="////", edgecolor="#00000040"))
+                                           hatch="//", edgecolor="#0000002a"))
                 invalid = turn.get("invalid") and turn["tokens"]["block"][k] == "action"
                 colour = "white" if dark else "#b33" if invalid else "#111"
                 ax.text(x, yl + 0.5, texts[k], color=colour, **font)
@@ -250,8 +250,9 @@ def plot_task_success(summary: dict, title: str = "success per task type"):
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows) + 2), 3.6))
     x = np.arange(len(rows))
     success = np.array([100 * r["success"] for r in rows])
-    low = success - np.array([100 * r["ci_low"] for r in rows])
-    high = np.array([100 * r["ci_high"] for r in rows]) - success
+    # Clipped at 0: at 0% or 100% the interval's end equals the rate up to rounding.
+    low = np.maximum(success - np.array([100 * r["ci_low"] for r in rows]), 0.0)
+    high = np.maximum(np.array([100 * r["ci_high"] for r in rows]) - success, 0.0)
     ax.bar(x, success, color="#4c8c5a", width=0.6)
     ax.errorbar(x, success, yerr=[low, high], fmt="none", ecolor="#222", capsize=4, lw=1)
     for k, r in enumerate(rows):

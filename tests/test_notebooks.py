@@ -43,7 +43,7 @@ def test_notebook_executes(path, tmp_path):
 def with_parameters(notebook, **values):
     """A copy of ``notebook`` with a cell setting ``values`` after its ``parameters`` cell
     (papermill's convention)."""
-    notebook = nbformat.from_dict(json.loads(nbformat.writes(notebook)))
+    notebook = nbformat.reads(nbformat.writes(notebook), as_version=4)
     (index,) = [i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])]
     names = {line.split("=")[0].strip() for line in notebook.cells[index].source.splitlines() if "=" in line}
     assert set(values) <= names, f"not parameters of the notebook: {set(values) - names}"

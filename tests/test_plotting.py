@@ -1,6 +1,8 @@
 """The transcript view colours exactly the tokens that carry an advantage stream, with the
 colour of their advantage, and marks segments; the task-type chart draws the summary."""
 
+import copy
+
 import numpy as np
 import pytest
 from matplotlib.colors import to_rgba
@@ -78,11 +80,16 @@ def test_transcript_limits_turns_and_needs_tokens(records):
 def test_task_success_bars(tiny_tokenizer):
     import matplotlib.pyplot as plt
 
-    trajectories, _ = token_trajectories(tiny_tokenizer)
-    trajectories[1].task_type = "cool"
-    summary = summarize(trajectories + trajectories[:1], seeds=[0])
+    trajectories, _ = token_trajectories(tiny_tokenizer)   # the first won, the second lost
+    won, lost = trajectories
+    lost.task_type = "cool"
+    won_look, lost_look = copy.deepcopy(won), copy.deepcopy(lost)
+    won_look.task_type = lost_look.task_type = "look"
+    # 0/3, 1/1 and 1/3: intervals that end at the rate (up to rounding) draw too
+    summary = summarize([lost] * 3 + [won] + [won_look, lost_look, lost_look], seeds=[0])
     fig = plot_task_success(summary)
     bars = [p for p in fig.axes[0].patches if isinstance(p, Rectangle)]
     rows = [r for r in summary["rows"] if r["task_type"] != "all"]
-    assert [b.get_height() for b in bars] == pytest.approx([100 * r["success"] for r in rows]) == [0.0, 100.0]
+    assert [b.get_height() for b in bars] == pytest.approx([100 * r["success"] for r in rows])
+    assert sorted(b.get_height() for b in bars) == pytest.approx([0.0, 100 / 3, 100.0])
     plt.close(fig)
