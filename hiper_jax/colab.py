@@ -37,7 +37,7 @@ NOTEBOOK_EXTRAS = {"hae_quickstart.ipynb": "", "train_tiny.ipynb": "alfworld",
                    "explore_agent.ipynb": "alfworld"}
 # Measured: `pip install` of the [alfworld] extra in a fresh virtualenv, see benchmarks/RESULTS.md.
 ALFWORLD_INSTALL_NOTE = ("the ALFWorld engine (fast-downward, jericho) compiles from C++ source: "
-                         "about 4 minutes on 2 CPUs")
+                         "about 5 minutes on 2 CPUs")
 
 _GITHUB = re.compile(r"^(?:git\+)?https://github\.com/(?P<org>[^/@\s]+)/(?P<repo>[^/@\s]+?)"
                      r"(?:\.git)?/?(?:@(?P<ref>[^#\s]+))?(?:#.*)?$")
