@@ -279,10 +279,10 @@ class Trainer:
     # set-up -----------------------------------------------------------------------------------
 
     def _load_model(self) -> None:
-        from transformers import AutoTokenizer
+        from hiper_jax.tokenization import load_tokenizer
 
         cfg = self.config
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.checkpoint)
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.checkpoint)
         self.model_config, actor = qwen2.load_hf_checkpoint(
             cfg.model.checkpoint, dtype=jnp.dtype(cfg.model.param_dtype),
             compute_dtype=jnp.dtype(cfg.model.compute_dtype), mesh=self.mesh, progress=False)
