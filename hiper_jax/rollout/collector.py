@@ -80,9 +80,9 @@ class FaultCounts:
 
     Attributes:
       worker_restarts: env worker processes restarted after dying, hanging or failing to reset.
-      lost_episodes: episodes cut short by a fault at least once.
-      replayed_episodes: lost episodes played again to their end on a fresh worker.
-      dropped_episodes: lost episodes given up after ``max_replays`` replays (masked rows).
+      lost_episodes: episode plays cut short by a fault (a replay cut again counts again).
+      replayed_episodes: replays of lost episodes that were played to their end.
+      dropped_episodes: episodes given up after ``max_replays`` replays (masked rows).
       last_error: the first line of the last fault's error ("" when none).
     """
 
@@ -238,6 +238,7 @@ class Collector:
             self._play(policy, episodes, lost, task_indices, jax.random.fold_in(key, 1_000_003 * replay),
                        intervals, timing)
             still_lost = [i for i in lost if episodes[i].lost]
+            faults.lost_episodes += len(still_lost)
             faults.replayed_episodes += len(lost) - len(still_lost)
             if still_lost:
                 faults.last_error = _error_summary(episodes[still_lost[-1]].lost)

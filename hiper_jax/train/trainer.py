@@ -633,6 +633,7 @@ class Trainer:
                 final = {"iteration": done, "final": 1.0, "env_turns_total": env_turns}
                 try:
                     final.update(self.evaluate(done, eval_collector))
+                    final.update(self._iteration_faults(collectors).metrics())
                 except RolloutInterrupted:
                     final = None
             if self.stop_signal is not None:

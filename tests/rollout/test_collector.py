@@ -189,7 +189,7 @@ def test_an_episode_that_keeps_failing_is_dropped_with_no_turns(faulty):
     assert trajectories[2].lost and trajectories[2].num_turns == 0 and not trajectories[2].won
     assert all(_complete(t) for i, t in enumerate(trajectories) if i != 2)
     assert (stats.faults.worker_restarts, stats.faults.lost_episodes, stats.faults.replayed_episodes,
-            stats.faults.dropped_episodes) == (2, 1, 0, 1)
+            stats.faults.dropped_episodes) == (2, 2, 0, 1)  # cut twice: once, then in its replay
     metrics = rollout_metrics(trajectories)
     assert metrics["episodes"] == FAULT_ENVS - 1 and metrics["success"] == 1.0 and metrics["mean_turns"] == 2
     turns = pack_turns(trajectories, max_turns=3)
