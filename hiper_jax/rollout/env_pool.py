@@ -30,6 +30,8 @@ Shutdown belongs to the parent: workers ignore SIGINT and SIGTERM, so a signal s
 whole process group (Ctrl-C, `timeout`, Slurm, systemd, preemption scripts) cannot cut their
 episodes short while the parent finishes its step and closes them. A worker whose parent dies
 exits too (the kernel kills it on Linux; elsewhere it exits when it finds the pipe closed).
+Linux ties that to the thread that started the worker, so use a pool from a thread that
+outlives it (the main thread, as the collector does).
 """
 
 from __future__ import annotations
