@@ -53,6 +53,13 @@ TEST += ALFWORLD
 # --- WebShop (hiper_envs.webshop): BM25 search, fuzzy matching for the reward, Porter stemming ---
 WEBSHOP = ["bm25s>=0.2", "rapidfuzz>=3.0", "PyStemmer>=2.2"]
 
+# --- MedVista (hiper_envs.medvista): pydicom reads the CT/MR slices bundled in its own wheel for
+# the offline default data; Pillow (already a matplotlib dependency) decodes and resizes images;
+# scipy (already a jax dependency) does the phantoms' filtering and the detector's morphology.
+MEDVISTA = ["pydicom>=3.0", "pillow>=10"]
+TEST += MEDVISTA
+# --- end MedVista ---
+
 envs_packages = ["hiper_envs"] + [
     "hiper_envs." + name for name in find_packages(where="envs")
 ]
@@ -75,5 +82,6 @@ setup(
         "tpu": ["jax[tpu]>=0.8"],
         "gpu": ["jax[cuda12]>=0.8"],
         "webshop": WEBSHOP,
+        "medvista": MEDVISTA,
     },
 )

@@ -13,3 +13,7 @@ if "hiper/ALFWorld-v0" not in _gymnasium.registry:
 # --- ChooseWord: a tiny sanity-check task for the RL loop ---
 if "hiper/ChooseWord-v0" not in _gymnasium.registry:
     _gymnasium.register(id="hiper/ChooseWord-v0", entry_point="hiper_envs.choose_word:ChooseWordEnv")
+
+# --- MedVista: registered lazily (the entry point imports the env module on first make) ---
+if "hiper/MedVista-v0" not in _gymnasium.registry:
+    _gymnasium.register(id="hiper/MedVista-v0", entry_point="hiper_envs.medvista.env:MedVistaEnv")

@@ -11,6 +11,13 @@ The prompt is prefilled in one forward pass, then tokens are decoded one at a ti
 ``lax.while_loop`` that stops as soon as every row has emitted a stop token (or after
 ``max_new_tokens``). Shapes are static: bucket prompt lengths (``pad_prompts``) so a run
 compiles once per bucket.
+
+With ``constraint`` (a :class:`DecodeConstraint`, built on the host from
+:class:`hiper_jax.agent.grammar.GrammarTables`), every row may only emit tokens that keep one
+of its alternatives alive (a grammar-constrained response naming an admissible action). The
+walk over the alternatives runs inside the decode loop; the sampled token's log-prob is that of
+the renormalised distribution over the allowed tokens, and the allowed sets of every step come
+back in the output (``allowed``, ``text_on``) so the learner can rebuild that distribution.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from hiper_jax.agent.grammar import PAD, WILD
 from hiper_jax.models.qwen2 import KVCache, Params, Qwen2Config, forward, init_cache, lm_head
 
 Array = jax.Array
@@ -71,14 +79,114 @@ class GenerationOutput(NamedTuple):
         tokens: ``[B, N]`` int32 generated tokens (``N = max_new_tokens``), ``pad_token_id``
             after a row's stop token.
         logprobs: ``[B, N]`` float32 log-probability of each token under the distribution it was
-            sampled from (after temperature, top-k, top-p; for greedy decoding, the model's own
-            log-softmax); 0 after the stop token.
+            sampled from (after temperature, top-k, top-p and the constraint; for greedy
+            decoding, the model's own log-softmax, constrained); 0 after the stop token.
         lengths: ``[B]`` int32 number of generated tokens, the stop token included.
+        allowed: with a constraint, ``[B, N, 2M]`` int32 the allowed token ids of each step
+            (repeats possible; ``V`` fills unused entries); None without one.
+        text_on: with a constraint, ``[B, N]`` bool: free-text tokens were allowed too.
     """
 
     tokens: Array
     logprobs: Array
     lengths: Array
+    allowed: Optional[Array] = None
+    text_on: Optional[Array] = None
+
+
+class DecodeConstraint(NamedTuple):
+    """Device form of one turn's grammar tables (:class:`~hiper_jax.agent.grammar.GrammarTables`).
+
+    Attributes:
+        alternatives: ``[B, M, D]`` int32 token ids, ``WILD`` (free text) and ``PAD``.
+        text_budget: ``[B]`` int32 tokens per free-text stretch at most.
+        text_mask: ``[V]`` bool, the tokens free text may use (never a token that follows a
+            ``WILD`` entry).
+    """
+
+    alternatives: Array
+    text_budget: Array
+    text_mask: Array
+
+
+class ConstraintState(NamedTuple):
+    """Where each alternative of each row stands, all ``[B, M]``."""
+
+    alive: Array       # bool, consistent with every token emitted so far
+    depth: Array       # int32, index of the alternative's next entry
+    wild_len: Array    # int32, tokens in the free text being written
+
+
+def constraint_start(constraint: DecodeConstraint) -> ConstraintState:
+    """The state before the first response token: every non-empty alternative alive."""
+    alive = constraint.alternatives[:, :, 0] != PAD
+    zeros = jnp.zeros(alive.shape, jnp.int32)
+    return ConstraintState(alive, zeros, zeros)
+
+
+def _entries(constraint: DecodeConstraint, state: ConstraintState) -> tuple[Array, Array]:
+    """Each alternative's next entry and the one after it, ``[B, M]`` each."""
+    last = constraint.alternatives.shape[2] - 1
+    take = lambda d: jnp.take_along_axis(constraint.alternatives, jnp.minimum(d, last)[..., None],
+                                         axis=2)[..., 0]
+    return take(state.depth), take(state.depth + 1)
+
+
+def allowed_tokens(constraint: DecodeConstraint, state: ConstraintState,
+                   vocab_size: int) -> tuple[Array, Array]:
+    """The tokens each row may emit next: ``ids [B, 2M]`` (``vocab_size`` where unused) and
+    ``text_on [B]`` (every ``text_mask`` token is allowed too).
+
+    An alternative at a literal entry allows that token; one inside free text allows the token
+    that closes it (after at least one text token) and, within the budget, any text token. So
+    every alive alternative always has a continuation (the budget is at least 1).
+    """
+    entry, following = _entries(constraint, state)
+    wild = entry == WILD
+    literal = state.alive & (entry >= 0)
+    closing = state.alive & wild & (state.wild_len >= 1)
+    text = state.alive & wild & (state.wild_len < constraint.text_budget[:, None])
+    ids = jnp.concatenate([jnp.where(literal, entry, vocab_size),
+                           jnp.where(closing, following, vocab_size)], axis=1)
+    return ids, jnp.any(text, axis=1)
+
+
+def allowed_mask(constraint: DecodeConstraint, ids: Array, text_on: Array, vocab_size: int) -> Array:
+    """``[B, V]`` bool from :func:`allowed_tokens`; a row without any alternative is
+    unconstrained."""
+    rows = jnp.arange(ids.shape[0])[:, None]
+    mask = jnp.zeros((ids.shape[0], vocab_size), bool).at[rows, ids].set(True, mode="drop")
+    mask = mask | (text_on[:, None] & constraint.text_mask[None, :])
+    free = jnp.all(constraint.alternatives[:, :, 0] == PAD, axis=1)
+    return mask | free[:, None]
+
+
+def advance(constraint: DecodeConstraint, state: ConstraintState, token: Array) -> ConstraintState:
+    """The state after each row emitted ``token [B]``."""
+    entry, following = _entries(constraint, state)
+    token = token[:, None]
+    wild = entry == WILD
+    literal = state.alive & (entry >= 0) & (entry == token)
+    closing = state.alive & wild & (state.wild_len >= 1) & (following == token)
+    is_text = jnp.take(constraint.text_mask, jnp.clip(token, 0, constraint.text_mask.shape[0] - 1))
+    text = state.alive & wild & (state.wild_len < constraint.text_budget[:, None]) & is_text
+    return ConstraintState(
+        alive=literal | closing | text,
+        depth=state.depth + jnp.where(literal, 1, jnp.where(closing, 2, 0)),
+        wild_len=jnp.where(text, state.wild_len + 1, jnp.where(closing, 0, state.wild_len)))
+
+
+@functools.partial(jax.jit, static_argnames=("vocab_size",))
+def trace_constraint(constraint: DecodeConstraint, tokens: Array, vocab_size: int
+                     ) -> tuple[Array, Array]:
+    """The allowed sets along given responses ``tokens [B, R]`` (teacher forcing, the same walk
+    as :func:`generate`): ``allowed [B, R, 2M]`` and ``text_on [B, R]``."""
+    def step(state, token):
+        ids, text_on = allowed_tokens(constraint, state, vocab_size)
+        return advance(constraint, state, token), (ids, text_on)
+
+    _, (ids, text_on) = lax.scan(step, constraint_start(constraint), tokens.T)
+    return ids.swapaxes(0, 1), text_on.T
 
 
 def sampling_logits(logits: Array, sampling: SamplingConfig) -> Array:
@@ -122,12 +230,15 @@ class _LoopState(NamedTuple):
     logprobs: Array      # [B, N]
     done: Array          # [B] row has emitted a stop token
     lengths: Array       # [B]
+    walk: Optional[ConstraintState] = None  # with a constraint
+    allowed: Optional[Array] = None         # [B, N, 2M]
+    text_on: Optional[Array] = None         # [B, N]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling"))
 def generate(params: Params, config: Qwen2Config, prompt_tokens: Array,
-             prompt_mask: Optional[Array], key: Array, sampling: SamplingConfig
-             ) -> GenerationOutput:
+             prompt_mask: Optional[Array], key: Array, sampling: SamplingConfig,
+             constraint: Optional[DecodeConstraint] = None) -> GenerationOutput:
     """Samples up to ``sampling.max_new_tokens`` tokens after each prompt.
 
     Args:
@@ -136,6 +247,7 @@ def generate(params: Params, config: Qwen2Config, prompt_tokens: Array,
         prompt_mask: ``[B, P]``, 1 for prompt tokens, 0 for left padding (None: no padding).
         key: PRNG key; the same key and inputs give the same output.
         sampling: :class:`SamplingConfig` (static).
+        constraint: a :class:`DecodeConstraint` for these rows, or None (unconstrained).
 
     Returns:
         :class:`GenerationOutput`.
@@ -152,10 +264,21 @@ def generate(params: Params, config: Qwen2Config, prompt_tokens: Array,
                             positions=positions, cache=cache)
     stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
 
+    vocab = config.vocab_size
+
     def emit(state: _LoopState) -> _LoopState:
-        token, logprob = sample_token(state.logits, jax.random.fold_in(key, state.step), sampling)
+        logits = state.logits
+        if constraint is not None:
+            ids, text_on = allowed_tokens(constraint, state.walk, vocab)
+            logits = jnp.where(allowed_mask(constraint, ids, text_on, vocab), logits, -jnp.inf)
+        token, logprob = sample_token(logits, jax.random.fold_in(key, state.step), sampling)
         token = jnp.where(state.done, sampling.pad_token_id, token)
         logprob = jnp.where(state.done, 0.0, logprob)
+        if constraint is not None:
+            state = state._replace(
+                walk=advance(constraint, state.walk, token),
+                allowed=lax.dynamic_update_index_in_dim(state.allowed, ids, state.step, axis=1),
+                text_on=lax.dynamic_update_index_in_dim(state.text_on, text_on, state.step, axis=1))
         return state._replace(
             step=state.step + 1,
             tokens=lax.dynamic_update_index_in_dim(state.tokens, token, state.step, axis=1),
@@ -181,9 +304,13 @@ def generate(params: Params, config: Qwen2Config, prompt_tokens: Array,
         tokens=jnp.full((batch, max_new), sampling.pad_token_id, jnp.int32),
         logprobs=jnp.zeros((batch, max_new), jnp.float32),
         done=jnp.zeros((batch,), bool),
-        lengths=jnp.zeros((batch,), jnp.int32)))
+        lengths=jnp.zeros((batch,), jnp.int32),
+        **({} if constraint is None else dict(
+            walk=constraint_start(constraint),
+            allowed=jnp.full((batch, max_new, 2 * constraint.alternatives.shape[1]), vocab, jnp.int32),
+            text_on=jnp.zeros((batch, max_new), bool)))))
     state = lax.while_loop(keep_going, decode_and_emit, state)
-    return GenerationOutput(state.tokens, state.logprobs, state.lengths)
+    return GenerationOutput(state.tokens, state.logprobs, state.lengths, state.allowed, state.text_on)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int, length_multiple: int = 64,

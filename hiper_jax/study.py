@@ -304,10 +304,10 @@ def summarize(config: ml_collections.ConfigDict) -> dict:
 # --- policy-gradient variance ----------------------------------------------------------------
 
 
-def _pg_loss(actor, config, tokens, valid, loss_mask, advantages, temperature):
+def _pg_loss(actor, config, tokens, valid, loss_mask, advantages, temperature, allowed=None):
     from hiper_jax.train.ppo import policy_token_stats
 
-    logp, _, _ = policy_token_stats(actor, config, tokens, valid, temperature)
+    logp, _, _ = policy_token_stats(actor, config, tokens, valid, temperature, allowed=allowed)
     return -jnp.sum(jnp.where(loss_mask, advantages * logp, 0.0)) / jnp.maximum(jnp.sum(loss_mask), 1)
 
 
@@ -315,15 +315,16 @@ _pg_grad = jax.jit(jax.grad(_pg_loss), static_argnames=("config", "temperature")
 
 
 def minibatch_gradient_stats(actor, model_config, batch, rows: int, minibatches: int, temperature: float,
-                             seed: int = 0) -> dict:
+                             seed: int = 0, text_mask=None) -> dict:
     """Variance of the on-policy gradient ``-mean(A * grad log pi)`` over random mini-batches.
 
     Draws ``minibatches`` mini-batches of ``rows`` turns from ``batch`` (a
     :class:`~hiper_jax.train.ppo.PPOBatch`), keeps running sums (memory of two parameter
     vectors) and returns ``mean_sq_norm`` E||g||^2, ``sq_norm_of_mean`` ||E g||^2,
     ``total_variance`` tr Cov(g) (unbiased) and ``snr`` = ||E g||^2 / tr Cov(g).
+    ``text_mask``: the grammar's, for a batch sampled with a constraint.
     """
-    from hiper_jax.train.ppo import mini_batches
+    from hiper_jax.train.ppo import batch_allowed, mini_batches
 
     rng = np.random.default_rng(seed)
     total, sq_norms, count = None, [], 0
@@ -332,7 +333,8 @@ def minibatch_gradient_stats(actor, model_config, batch, rows: int, minibatches:
             if count == minibatches:
                 break
             grads = _pg_grad(actor, model_config, jnp.asarray(mini.tokens), jnp.asarray(mini.valid),
-                             jnp.asarray(mini.loss_mask), jnp.asarray(mini.advantages), temperature)
+                             jnp.asarray(mini.loss_mask), jnp.asarray(mini.advantages), temperature,
+                             batch_allowed(mini, text_mask))
             flat = np.concatenate([np.asarray(g, np.float64).ravel() for g in jax.tree.leaves(grads)])
             total = flat if total is None else total + flat
             sq_norms.append(float(flat @ flat))
@@ -379,13 +381,14 @@ def gradient_variance(config: ml_collections.ConfigDict, progress: bool = True) 
         collector.close()
     out = {"policy": policy_name, "episodes": len(trajectories), "minibatches": study.variance_minibatches,
            "rows": run.ppo.mini_batch_rows, "estimators": {}}
+    text_mask = trainer.grammar.text_mask if trainer.grammar is not None else None
     for estimator in study.variance_estimators:
         cfg = copy.deepcopy(run)
         cfg.advantage.estimator = estimator
         batch, _, _, _ = build_ppo_batch(trajectories, trainer.state, trainer.ref_params,
                                          trainer.model_config, cfg, trainer.hae_cfg, trainer.pad_id,
-                                         mesh=trainer.mesh)
+                                         mesh=trainer.mesh, text_mask=text_mask)
         out["estimators"][estimator] = minibatch_gradient_stats(
             trainer.state.actor, trainer.model_config, batch, run.ppo.mini_batch_rows,
-            study.variance_minibatches, run.sampling.temperature or 1.0)
+            study.variance_minibatches, run.sampling.temperature or 1.0, text_mask=text_mask)
     return out

@@ -142,3 +142,145 @@ def test_bad_sampling_settings_are_rejected():
                 dict(max_new_tokens=1, top_p=0.0), dict(max_new_tokens=1, top_k=-1)):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
+
+
+# --- grammar-constrained decoding --------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from hiper_jax.agent.grammar import ResponseGrammar  # noqa: E402
+from hiper_jax.agent.parsing import decide_turn, parse_response  # noqa: E402
+from hiper_jax.agent.prompts import AgentView  # noqa: E402
+from hiper_jax.agent.spans import TokenBytes, response_spans  # noqa: E402
+from hiper_jax.sampling import DecodeConstraint  # noqa: E402
+
+RESPONSES = [
+    "<switch>SWITCH</switch><subgoal>find and take the apple</subgoal><action>go to fridge 1</action>",
+    "<switch>KEEP</switch><subgoal>find and take the apple</subgoal><action>take apple 1 from desk 2</action>",
+    "<switch>SWITCH</switch><subgoal>heat the apple</subgoal><action>open microwave 1</action>",
+]
+OBJECTS = ["apple", "fridge", "desk", "cabinet", "countertop", "mug", "sidetable", "drawer"]
+ALFWORLD_ACTION = st.one_of(
+    st.builds(lambda o, n: f"go to {o} {n}", st.sampled_from(OBJECTS), st.integers(1, 12)),
+    st.builds(lambda a, n, b, m: f"take {a} {n} from {b} {m}", st.sampled_from(OBJECTS),
+              st.integers(1, 3), st.sampled_from(OBJECTS), st.integers(1, 3)),
+    st.sampled_from(["look", "inventory", "open fridge 1", "use desklamp 1"]))
+WEBSHOP_ACTION = st.one_of(
+    st.just("search[<your query>]"),
+    st.builds(lambda w: f"click[{w}]", st.sampled_from(
+        ["back to search", "next >", "< prev", "b0a1c2", "buy now", "size: 8", "blue (large)"])))
+SUBGOAL = st.sampled_from([None, "find and take the apple", "heat the apple", "buy the shoes."])
+
+
+@pytest.fixture(scope="module")
+def merging_tokenizer():
+    """A byte-level BPE trained on Plan-Execute responses, so that tokens straddle the block
+    boundaries (">go", ">KEEP", ">find": the tag's '>' glued to the next word)."""
+    from hiper_jax.tokenization import train_byte_level_bpe
+
+    return train_byte_level_bpe(RESPONSES * 50, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def random_models(merging_tokenizer, qwen_tokenizer):
+    """Random small models over the merging tokenizer's and Qwen's 151k vocabulary."""
+    out = {}
+    for name, tokenizer in (("merging", merging_tokenizer), ("qwen", qwen_tokenizer)):
+        config = qwen2.Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=512, tie_word_embeddings=True)
+        params = qwen2.init_params(jax.random.key(len(name)), config)
+        table = TokenBytes(tokenizer, vocab_size=config.vocab_size)
+        out[name] = (tokenizer, table, config, params)
+    return out
+
+
+def test_the_merging_tokenizer_straddles_block_boundaries(merging_tokenizer):
+    tokens = merging_tokenizer.convert_ids_to_tokens(
+        merging_tokenizer.encode(RESPONSES[0], add_special_tokens=False))
+    assert ">go" in tokens and any(t.startswith(">") and len(t) > 1 for t in tokens)
+
+
+def _constrained(entry, style, views, key, temperature=1.0, max_new_tokens=64):
+    tokenizer, table, config, params = entry
+    grammar = ResponseGrammar(tokenizer, table, style, tokenizer.eos_token_id, max_text_tokens=10)
+    tables = grammar.tables(views, max_new_tokens)
+    constraint = DecodeConstraint(jnp.asarray(tables.alternatives), jnp.asarray(tables.text_budget),
+                                  jnp.asarray(grammar.text_mask))
+    prompts = np.tile(np.arange(3, 11, dtype=np.int32), (len(views), 1))
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                              stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=0)
+    out = generate(params, config, prompts, None, key, sampling, constraint)
+    return grammar, prompts, out
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), model_name=st.sampled_from(["merging", "qwen"]), style=st.sampled_from(["plan_execute", "flat"]),
+       env=st.sampled_from(["alfworld", "webshop"]), seed=st.integers(0, 2**16))
+def test_every_constrained_response_parses_and_names_an_admissible_action(
+        random_models, data, model_name, style, env, seed):
+    actions = st.lists(ALFWORLD_ACTION if env == "alfworld" else WEBSHOP_ACTION, min_size=1, max_size=10,
+                       unique=True)
+    views = [AgentView(task="t", step=1, observation="o", admissible_actions=data.draw(actions),
+                       subgoal=data.draw(SUBGOAL)) for _ in range(3)]
+    _, table, _, _ = random_models[model_name]
+    _, _, out = _constrained(random_models[model_name], style, views, jax.random.key(seed))
+    for row, v in enumerate(views):
+        ids = np.asarray(out.tokens[row, : out.lengths[row]])
+        assert ids[-1] == random_models[model_name][0].eos_token_id
+        text = table.decode(ids[:-1])
+        if style == "flat":
+            assert text.startswith("<action>") and text.endswith("</action>"), text
+            action = text[len("<action>"): -len("</action>")]
+        else:
+            parsed = parse_response(text)
+            assert parsed.valid and parsed.switch_word in ("KEEP", "SWITCH"), text
+            assert parsed.subgoal, text
+            if parsed.switch_word == "KEEP" and v.subgoal:
+                assert parsed.subgoal == v.subgoal, text
+            action = decide_turn(parsed, v.subgoal, first_turn=False).action
+            spans = response_spans(ids, table)
+            assert table.decode(ids[spans.action]).endswith(f"{action}</action>")
+        templates = [a for a in v.admissible_actions if "<your query>" in a]
+        assert action in v.admissible_actions or (
+            templates and action.startswith("search[") and action.endswith("]") and len(action) > 8), text
+
+
+@pytest.mark.parametrize("model_name,style,temperature", [
+    ("merging", "plan_execute", 1.0), ("merging", "flat", 0.7), ("qwen", "plan_execute", 0.7)])
+def test_constrained_logprobs_equal_the_learners(random_models, model_name, style, temperature):
+    """The update's log-probs of freshly sampled constrained turns (packed with their allowed
+    sets) equal the sampler's, so PPO's first-epoch ratio is 1; without the allowed sets they
+    would not."""
+    from hiper_jax.agent.grammar import allowed_sets
+    from hiper_jax.rollout.packing import pack_tokens
+    from hiper_jax.rollout.types import Trajectory, TurnRecord
+    from hiper_jax.train.ppo import logprob_pass
+
+    tokenizer, table, config, params = random_models[model_name]
+    views = [AgentView(task="t", step=1, observation="o", subgoal=subgoal,
+                       admissible_actions=["go to fridge 1", "go to desk 2", "look", "take mug 1 from desk 2"])
+             for subgoal in (None, "heat the apple", None, "find the mug")]
+    grammar, prompts, out = _constrained(random_models[model_name], style, views, jax.random.key(5), temperature)
+    turns = []
+    for row in range(len(views)):
+        length = int(out.lengths[row])
+        mode, ids = allowed_sets(np.asarray(out.allowed[row, :length]), np.asarray(out.text_on[row, :length]),
+                                 grammar.text_mask)
+        response = np.asarray(out.tokens[row, :length])
+        turns.append(TurnRecord(prompt_ids=prompts[row], response_ids=response,
+                                response_logp=np.asarray(out.logprobs[row, :length]),
+                                spans=response_spans(response, table), switch=False, keep_changed=False,
+                                subgoal="", action="", reward=0.0, done=True, truncated=False, invalid=False,
+                                format_valid=True, allowed_mode=mode, allowed_ids=ids))
+    packed = pack_tokens([Trajectory(turns=turns)], pad_id=0, length_multiple=32)
+    allowed = qwen2.AllowedTokens(packed.allowed_mode, packed.allowed_ids, grammar.text_mask)
+    constrained = np.asarray(logprob_pass(params, config, packed.tokens, packed.valid, temperature, allowed))
+    free = np.asarray(logprob_pass(params, config, packed.tokens, packed.valid, temperature))
+    mask = packed.response_mask
+    np.testing.assert_allclose(constrained[mask], packed.old_logp[mask], atol=2e-5)
+    assert np.max(np.abs(free[mask] - packed.old_logp[mask])) > 0.1
+    # Forced tokens (one allowed) have log-prob exactly 0; chosen ones are below 0.
+    forced = mask & (packed.allowed_mode == 1) & (packed.allowed_ids[..., 1] < 0)
+    assert forced.sum() > 10 and np.all(constrained[forced] == 0.0)

@@ -5,7 +5,7 @@
 Each line (the schema shared with the WebShop env; later prompt/SFT code reads it):
 
     {"env": "alfworld", "game": "<gamefile>", "task_type": "...", "task": "<goal sentence>",
-     "won": true, "num_turns": N,
+     "admissible_subgoals": [...], "won": true, "num_turns": N,
      "turns": [{"observation": "<text the agent saw before acting>",
                 "admissible_actions": [...], "switch": "SWITCH" | "KEEP",
                 "subgoal": "find and take the apple", "action": "go to fridge 1",
@@ -47,10 +47,12 @@ def play_expert_episode(
 
     own_env = env is None
     if own_env:
-        env = AlfWorldEnv([gamefile], max_steps=max_steps, expert=True)
+        env = AlfWorldEnv([gamefile], max_steps=max_steps, expert=True, subgoals=True)
     try:
         observation, info = env.reset(seed=seed, options={"gamefile": gamefile})
         record = {"env": "alfworld", "game": gamefile, "task_type": info["task_type"], "task": info["task"]}
+        if "admissible_subgoals" in info:
+            record["admissible_subgoals"] = info["admissible_subgoals"]
         turns: list[dict] = []
         done = False
         while not done and info["expert_action"] is not None:
@@ -83,7 +85,7 @@ def _play_games(args: tuple[Sequence[tuple[int, str]], int, int]) -> list[dict]:
     from hiper_envs.alfworld.env import AlfWorldEnv
 
     indexed, seed, max_steps = args
-    env = AlfWorldEnv([gamefile for _, gamefile in indexed], max_steps=max_steps, expert=True)
+    env = AlfWorldEnv([gamefile for _, gamefile in indexed], max_steps=max_steps, expert=True, subgoals=True)
     try:
         return [play_expert_episode(gamefile, seed + index, max_steps, env) for index, gamefile in indexed]
     finally:

@@ -7,7 +7,9 @@
 Observations and actions are strings. `info` holds `admissible_actions` (sorted), `won`,
 `task_type`, `task` (the goal sentence), `gamefile`, `invalid` (the action was not admissible)
 and, with `expert=True`, `expert_action` (the fixed handcoded expert's next command, None if
-it gave up) and `expert_subgoal` (the current step of the task in words).
+it gave up) and `expert_subgoal` (the current step of the task in words); with
+`subgoals=True`, `admissible_subgoals` (every subgoal of the task, in the order it needs them:
+what a planner may choose from, the counterpart of `admissible_actions`).
 
 Reward is `success_reward` (10, the HiPER setting) on the step that wins, else 0; winning
 terminates the episode, and `max_steps` actions (default 50) truncate it. A command the
@@ -27,7 +29,7 @@ from typing import Any
 import gymnasium
 from gymnasium import spaces
 from hiper_envs.alfworld.engine import close_textworld_env, make_textworld_env
-from hiper_envs.alfworld.expert import HandcodedExpert, subgoal_of
+from hiper_envs.alfworld.expert import HandcodedExpert, subgoal_of, task_subgoals
 from hiper_envs.alfworld.games import GameInfo, read_game_info, resolve_games
 
 NOTHING_HAPPENS = "Nothing happens."
@@ -48,6 +50,7 @@ class AlfWorldEnv(gymnasium.Env):
         max_steps: int = 50,
         success_reward: float = 10.0,
         expert: bool = False,
+        subgoals: bool = False,
         render_mode: str | None = None,
     ):
         """
@@ -58,6 +61,7 @@ class AlfWorldEnv(gymnasium.Env):
           max_steps: actions per episode before truncation.
           success_reward: reward on the winning step.
           expert: also report the expert's next action and the current subgoal in `info`.
+          subgoals: also report the task's subgoals in `info["admissible_subgoals"]`.
           render_mode: None or "ansi" (`render()` returns the last observation).
         """
         if max_steps < 1:
@@ -68,6 +72,7 @@ class AlfWorldEnv(gymnasium.Env):
         self.max_steps = max_steps
         self.success_reward = float(success_reward)
         self.expert = expert
+        self.subgoals = subgoals
         self.render_mode = render_mode
         self.observation_space = spaces.Text(_MAX_TEXT, charset=_TEXT_CHARSET)
         self.action_space = spaces.Text(_MAX_TEXT, charset=_TEXT_CHARSET)
@@ -139,6 +144,8 @@ class AlfWorldEnv(gymnasium.Env):
             "gamefile": self._loaded,
             "invalid": invalid,
         }
+        if self.subgoals:
+            info["admissible_subgoals"] = task_subgoals(self._game.task_type, self._game.pddl_params)
         if self.expert:
             feedback_state = self._state if not invalid else {**self._state, "feedback": NOTHING_HAPPENS}
             info["expert_action"] = None if self._done else self._expert.act(feedback_state, last_action)

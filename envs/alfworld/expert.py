@@ -93,6 +93,22 @@ def subgoal_of(facts: Sequence[Any], task_type: str, pddl_params: dict) -> str:
     return _put_phrase(obj, recep)
 
 
+def task_subgoals(task_type: str, pddl_params: dict) -> list[str]:
+    """Every subgoal :func:`subgoal_of` can name for a task, in the order the task needs them,
+    e.g. ``["find and take the apple", "heat the apple with the microwave",
+    "put the apple in the fridge"]`` (the env's ``admissible_subgoals``)."""
+    obj = pddl_params["object_target"].lower()
+    recep = (pddl_params.get("parent_target") or "").lower()
+    if task_type == "look_at_obj_in_light":
+        lamp = pddl_params["toggle_target"].lower()
+        return [f"find and take the {obj}", f"look at the {obj} under the {lamp}"]
+    if task_type == "pick_two_obj_and_place":
+        return [f"find and take a {obj}", _put_phrase(obj, recep), f"find and take another {obj}",
+                _put_phrase(obj, recep, "the second")]
+    middle = [_TRANSFORM[task_type][1].format(obj=obj)] if task_type in _TRANSFORM else []
+    return [f"find and take the {obj}", *middle, _put_phrase(obj, recep)]
+
+
 def fixed_policy(policy_cls: type) -> type:
     """alfworld's handcoded task policy class with the fixes above."""
 

@@ -6,6 +6,8 @@ Schema of a line (written by ``hiper_envs.alfworld`` and ``hiper_envs.webshop``)
      "num_turns": N, "turns": [{"observation": "...", "admissible_actions": [...],
      "switch": "SWITCH" | "KEEP", "subgoal": "...", "action": "...", "reward": 0.0,
      "done": false}, ...]}
+
+An episode may also list ``"admissible_subgoals": [...]`` (the env's subgoals of its task).
 """
 
 from __future__ import annotations
@@ -28,12 +30,19 @@ class DemoFormatError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DemoTurn:
-    """One supervised example: what the agent saw and the response it should give."""
+    """One supervised example: what the agent saw and the response it should give.
+
+    ``response`` is the target text in the prompt style; ``switch``, ``subgoal`` and
+    ``action`` are its parts (a grammar writes the target tokens from them).
+    """
 
     view: AgentView
     response: str
     episode: int
     task_type: str
+    switch: bool = True
+    subgoal: str = ""
+    action: str = ""
 
 
 def read_demos(path: str) -> list[dict]:
@@ -80,9 +89,13 @@ def response_text(switch: bool, subgoal: str, action: str, style: str) -> str:
     return format_response(switch, subgoal, action)
 
 
-def demo_turns(episodes: list[dict], cfg: PromptConfig,
-               only_won: bool = True) -> Iterator[DemoTurn]:
-    """Every turn of every (won) episode as a :class:`DemoTurn`, history as the agent saw it."""
+def demo_turns(episodes: list[dict], cfg: PromptConfig, only_won: bool = True,
+               subgoals: bool = False) -> Iterator[DemoTurn]:
+    """Every turn of every (won) episode as a :class:`DemoTurn`, history as the agent saw it.
+
+    ``subgoals``: views carry the episode's ``admissible_subgoals`` (for agents whose env
+    names them, e.g. ALFWorld with ``subgoals=True``); otherwise they are left out.
+    """
     for index, episode in enumerate(episodes):
         if only_won and not episode.get("won", True):
             continue
@@ -92,9 +105,11 @@ def demo_turns(episodes: list[dict], cfg: PromptConfig,
             history = [(turns[j]["observation"], turns[j]["action"]) for j in range(t)]
             view = AgentView(task=episode["task"], step=t, observation=turn["observation"],
                              admissible_actions=turn["admissible_actions"], subgoal=subgoal,
-                             history=history)
+                             history=history,
+                             admissible_subgoals=episode.get("admissible_subgoals", ()) if subgoals else ())
             switch = turn["switch"] == "SWITCH" or t == 0
             yield DemoTurn(view=view,
                            response=response_text(switch, turn["subgoal"], turn["action"], cfg.style),
-                           episode=index, task_type=str(episode.get("task_type", "")))
+                           episode=index, task_type=str(episode.get("task_type", "")),
+                           switch=switch, subgoal=turn["subgoal"], action=turn["action"])
             subgoal = turn["subgoal"]

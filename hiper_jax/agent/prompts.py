@@ -68,6 +68,8 @@ class AgentView:
       subgoal: the subgoal in force (None before the first).
       history: past ``(observation, action)`` pairs, oldest first: what the agent saw at an
         earlier turn and what it did.
+      admissible_subgoals: the subgoals a planner may choose from, when the env names them
+        (shown in the prompt and, with constrained decoding, the only subgoals it may write).
     """
 
     task: str
@@ -76,6 +78,7 @@ class AgentView:
     admissible_actions: Sequence[str]
     subgoal: Optional[str] = None
     history: Sequence[tuple[str, str]] = ()
+    admissible_subgoals: Sequence[str] = ()
 
 
 def _user_message(view: AgentView, cfg: PromptConfig, history: Sequence[tuple[str, str]],
@@ -88,6 +91,8 @@ def _user_message(view: AgentView, cfg: PromptConfig, history: Sequence[tuple[st
                      for i, (obs, action) in enumerate(history))
     lines.append(f"Observation: {observation}")
     if cfg.style == "plan_execute":
+        if view.admissible_subgoals:
+            lines.append("Subgoals: " + ", ".join(view.admissible_subgoals))
         lines.append(f"Current subgoal: {view.subgoal or 'None'}")
     lines.append("Admissible actions: " + ", ".join(view.admissible_actions))
     lines.append(PLAN_EXECUTE_FORMAT if cfg.style == "plan_execute" else FLAT_FORMAT)

@@ -53,17 +53,19 @@ class _Episode:
     game: Optional[str] = None
     observation: str = ""
     admissible: Sequence[str] = ()
+    subgoals: Sequence[str] = ()
     subgoal: Optional[str] = None
     history: list = dataclasses.field(default_factory=list)
     turns: list = dataclasses.field(default_factory=list)
     won: bool = False
     done: bool = False
     lost: Optional[str] = None  # why a fault cut the episode short (None: not cut)
+    info: dict = dataclasses.field(default_factory=dict)  # the kept info keys of the last step
 
     def view(self) -> AgentView:
         return AgentView(task=self.task, step=len(self.turns), observation=self.observation,
                          admissible_actions=list(self.admissible), subgoal=self.subgoal,
-                         history=self.history)
+                         history=list(self.history), admissible_subgoals=list(self.subgoals))
 
 
 class RolloutFaultError(RuntimeError):
@@ -158,12 +160,15 @@ class Collector:
         rollout's episodes is cut by faults (1: never).
       should_stop: called after every env step; True abandons the rollout
         (:class:`RolloutInterrupted`).
+      info_keys: env ``info`` entries to keep in each turn's record (``TurnRecord.env_info``,
+        as they stood before the action), e.g. ``("expert_action", "expert_subgoal")``.
     """
 
     def __init__(self, spec: EnvSpec, num_envs: int, prompt_cfg: PromptConfig, tokenizer,
                  token_bytes: TokenBytes, max_turns: int, groups: int = 2,
                  envs_per_worker: int = 4, step_timeout_s: float = 60.0, max_replays: int = 2,
-                 max_lost_fraction: float = 1.0, should_stop: Optional[Callable[[], bool]] = None):
+                 max_lost_fraction: float = 1.0, should_stop: Optional[Callable[[], bool]] = None,
+                 info_keys: Sequence[str] = ()):
         if groups not in (1, 2) or num_envs < groups:
             raise ValueError(f"groups must be 1 or 2 and at most num_envs={num_envs}, got {groups}")
         if max_replays < 0 or not 0 <= max_lost_fraction <= 1:
@@ -179,6 +184,7 @@ class Collector:
         self.tokenizer = tokenizer
         self.token_bytes = token_bytes
         self.max_turns = max_turns
+        self.info_keys = tuple(info_keys)
         bounds = np.linspace(0, num_envs, groups + 1).astype(int)
         self.group_rows = [list(range(bounds[g], bounds[g + 1])) for g in range(groups)]
         factory = GymFactory(spec.env_id, **{"max_steps": max_turns, **spec.kwargs})
@@ -281,6 +287,8 @@ class Collector:
                 episode.game = info.get("gamefile", info.get("goal_id"))
                 episode.observation = obs
                 episode.admissible = list(info.get("admissible_actions", ()))
+                episode.subgoals = list(info.get("admissible_subgoals", ()))
+                episode.info = {k: info.get(k) for k in self.info_keys}
                 if info.get("env_crashed") or info.get("env_error"):  # the reset itself failed
                     episode.lost, episode.done = str(info.get("error", "reset failed")), True
         pending = {}
@@ -289,11 +297,11 @@ class Collector:
                 pending[g] = self._dispatch(g, policy, episodes, key)
         while pending:
             for g in list(pending):
-                handle, active, prompts = pending.pop(g)
+                handle, active, inputs = pending.pop(g)
                 responses = handle.result()
                 intervals.append((handle.dispatched_at, handle.done_at))
                 step_start = time.perf_counter()
-                self._apply(g, active, prompts, responses, episodes)
+                self._apply(g, active, inputs, responses, episodes)
                 timing["env_step_s"] += time.perf_counter() - step_start
                 if self.should_stop is not None and self.should_stop():
                     raise RolloutInterrupted("the rollout was stopped between env steps")
@@ -306,11 +314,12 @@ class Collector:
         prompts = [render_prompt(v, self.prompt_cfg, self.tokenizer) for v in views]
         turn = len(episodes[rows[0]].turns)
         handle = policy.dispatch(prompts, views, jax.random.fold_in(key, turn * 2 + g))
-        return handle, rows, prompts
+        return handle, rows, (prompts, views)
 
-    def _apply(self, g: int, rows: list[int], prompts: list[list[int]], responses,
-               episodes: list[_Episode]) -> None:
+    def _apply(self, g: int, rows: list[int], inputs: tuple[list[list[int]], list[AgentView]],
+               responses, episodes: list[_Episode]) -> None:
         """Parses the group's responses, steps its envs and records the turns."""
+        prompts, views = inputs
         decisions, texts = {}, {}
         for k, i in enumerate(rows):
             ids = responses.token_ids[k]
@@ -336,6 +345,7 @@ class Collector:
                 continue
             last_turn = len(episode.turns) + 1 >= self.max_turns
             ids = np.asarray(responses.token_ids[k], np.int32)
+            allowed = responses.allowed[k] if responses.allowed is not None else (None, None)
             record = TurnRecord(
                 prompt_ids=np.asarray(prompts[k], np.int32),
                 response_ids=ids,
@@ -351,11 +361,17 @@ class Collector:
                 invalid=not decision.valid or bool(info.get("invalid", False)),
                 format_valid=decision.valid,
                 response_text=texts[i],
+                allowed_mode=allowed[0],
+                allowed_ids=allowed[1],
+                view=views[k],
+                env_info=episode.info,
             )
             episode.history.append((episode.observation, decision.action))
             episode.turns.append(record)
             episode.subgoal = decision.subgoal
             episode.observation = result.observation
             episode.admissible = list(info.get("admissible_actions", ()))
+            episode.subgoals = list(info.get("admissible_subgoals", episode.subgoals))
+            episode.info = {key: info.get(key) for key in self.info_keys}
             episode.won = episode.won or bool(info.get("won", False))
             episode.done = record.done or record.truncated

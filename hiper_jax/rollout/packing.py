@@ -12,7 +12,7 @@ jitted update compiles for a handful of shapes rather than for every batch.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -55,6 +55,10 @@ class TokenArrays(NamedTuple):
     v_low_read: np.ndarray      # [N] int32
     v_high_read: np.ndarray     # [N] int32
     v_term_read: np.ndarray     # [N] int32
+    # Constrained sampling only (else None): each scored token's allowed set, see
+    # hiper_jax.agent.grammar.allowed_sets; prompt and padding positions are mode 0 (all).
+    allowed_mode: Optional[np.ndarray] = None   # [N, L] int8
+    allowed_ids: Optional[np.ndarray] = None    # [N, L, K] int32, -1 padding
 
 
 def bucket_size(n: int, multiple: int = 1) -> int:
@@ -130,6 +134,12 @@ def pack_tokens(
     traj_index, turn_index = np.zeros(num_rows, np.int32), np.zeros(num_rows, np.int32)
     row_valid = np.zeros(num_rows, bool)
     reads = np.zeros((3, num_rows), np.int32)
+    constrained = [turn for _, _, turn in rows if turn.allowed_mode is not None]
+    allowed_mode = allowed_ids = None
+    if constrained:
+        width = bucket_size(max(turn.allowed_ids.shape[1] for turn in constrained))
+        allowed_mode = np.zeros(shape, np.int8)
+        allowed_ids = np.full(shape + (width,), -1, np.int32)
     for n, (b, t, turn) in enumerate(rows):
         prompt_len, response_len = len(turn.prompt_ids), len(turn.response_ids)
         end = prompt_len + response_len
@@ -141,9 +151,13 @@ def pack_tokens(
         subgoal[n, prompt_len:end] = turn.spans.subgoal
         switch[n, prompt_len:end] = turn.spans.switch
         old_logp[n, prompt_len:end] = turn.response_logp
+        if constrained and turn.allowed_mode is not None:
+            allowed_mode[n, prompt_len:end] = turn.allowed_mode
+            allowed_ids[n, prompt_len:end, : turn.allowed_ids.shape[1]] = turn.allowed_ids
         traj_index[n], turn_index[n], row_valid[n] = b, t, True
         spans = turn.spans
         reads[:, n] = [max(prompt_len + p - 1, 0) for p in (spans.v_low_pos, spans.v_high_pos, spans.v_term_pos)]
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), shape).copy()
     return TokenArrays(tokens, positions, valid, response, action, subgoal, switch, old_logp,
-                       traj_index, turn_index, row_valid, reads[0], reads[1], reads[2])
+                       traj_index, turn_index, row_valid, reads[0], reads[1], reads[2],
+                       allowed_mode, allowed_ids)

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
 
+from hiper_jax.agent.grammar import ResponseGrammar, allowed_sets, pad_tables
 from hiper_jax.agent.prompts import AgentView
 from hiper_jax.rollout.packing import bucket_size
 
 
 class Responses(NamedTuple):
-    """Per prompt: response token ids ``[R_i]`` (stop token included if sampled) and their
-    log-probs under the sampling policy ``[R_i]``."""
+    """Per prompt: response token ids ``[R_i]`` (stop token included if sampled), their
+    log-probs under the sampling policy ``[R_i]`` and, for constrained sampling, the allowed
+    set of each position (``(mode [R_i], ids [R_i, K])`` from
+    :func:`hiper_jax.agent.grammar.allowed_sets`; None when unconstrained)."""
 
     token_ids: list[np.ndarray]
     logprobs: list[np.ndarray]
+    allowed: Optional[list[tuple[np.ndarray, np.ndarray]]] = None
 
 
 class Pending:
@@ -60,8 +64,11 @@ class LLMPolicy:
     """Samples responses with :func:`hiper_jax.sampling.generate`.
 
     Prompts are left-padded to a multiple of ``length_multiple`` tokens and the batch is padded
-    to ``rows`` rows (or a bucketed count when None), so a rollout compiles the sampler for a
-    handful of shapes.
+    to ``rows`` rows (or a bucketed count when None). Shapes only grow: a call is padded to the
+    longest prompt and the largest grammar table this policy has seen, so a rollout compiles
+    the sampler a few times at its start and then never again. With a ``grammar``, each row may
+    only answer with a response the grammar admits for its view (its admissible actions, its
+    subgoal).
 
     Args:
       params, config: the policy model.
@@ -69,32 +76,50 @@ class LLMPolicy:
       pad_id: padding token id.
       length_multiple: prompt length bucket.
       rows: fixed batch rows (at least the largest prompt batch), or None.
+      grammar: a :class:`~hiper_jax.agent.grammar.ResponseGrammar` for constrained decoding.
     """
 
     def __init__(self, params, config, sampling, pad_id: int, length_multiple: int = 64,
-                 rows: int | None = None):
+                 rows: int | None = None, grammar: Optional[ResponseGrammar] = None):
         self.params = params
         self.config = config
         self.sampling = sampling
         self.pad_id = pad_id
         self.length_multiple = length_multiple
         self.rows = rows
+        self.grammar = grammar
+        self._text_mask = None if grammar is None else jax.device_put(grammar.text_mask)
+        self._prompt_length = 0
+        self._table_shape = (1, 1)  # alternatives, depth
 
     def dispatch(self, prompts: Sequence[Sequence[int]], views: Sequence[AgentView],
                  key: jax.Array) -> Pending:
-        from hiper_jax.sampling import generate, pad_prompts
+        from hiper_jax.sampling import DecodeConstraint, generate, pad_prompts
 
-        del views
         num_prompts = len(prompts)
         rows = max(self.rows or 0, bucket_size(num_prompts))
         padded = list(prompts) + [list(prompts[0])] * (rows - num_prompts)
-        tokens, mask = pad_prompts(padded, self.pad_id, length_multiple=self.length_multiple)
-        out = generate(self.params, self.config, tokens, mask, key, self.sampling)
+        tokens, mask = pad_prompts(padded, self.pad_id, length_multiple=self.length_multiple,
+                                   min_length=self._prompt_length)
+        self._prompt_length = tokens.shape[1]
+        constraint = None
+        if self.grammar is not None:
+            tables = self.grammar.tables(list(views) + [views[0]] * (rows - num_prompts),
+                                         self.sampling.max_new_tokens)
+            self._table_shape = tuple(max(a, b) for a, b in zip(self._table_shape, tables.alternatives.shape[1:]))
+            alternatives = pad_tables(tables.alternatives, *self._table_shape)
+            constraint = DecodeConstraint(alternatives, tables.text_budget, self._text_mask)
+        out = generate(self.params, self.config, tokens, mask, key, self.sampling, constraint)
 
         def finish() -> Responses:
             ids, logps, lengths = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths))
+            allowed = None
+            if constraint is not None:
+                sets, text_on = np.asarray(out.allowed), np.asarray(out.text_on)
+                allowed = [allowed_sets(sets[i, : lengths[i]], text_on[i, : lengths[i]],
+                                        self.grammar.text_mask) for i in range(num_prompts)]
             return Responses([ids[i, : lengths[i]] for i in range(num_prompts)],
-                             [logps[i, : lengths[i]] for i in range(num_prompts)])
+                             [logps[i, : lengths[i]] for i in range(num_prompts)], allowed)
 
         return Pending(finish, device_output=out)
 

@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 
+from hiper_jax.agent.prompts import AgentView
 from hiper_jax.agent.spans import ResponseSpans
 
 
@@ -25,6 +26,13 @@ class TurnRecord:
       worker crash.  invalid: the response format was invalid or the env rejected the action.
       format_valid: the response had all three blocks and a KEEP/SWITCH word.
       response_text: the decoded response (for logs).
+      allowed_mode, allowed_ids: for constrained sampling, the allowed set of each response
+        position (``[R]`` int8 and ``[R, K]`` int32, see
+        :func:`hiper_jax.agent.grammar.allowed_sets`); None when sampled unconstrained.
+      view: what the agent saw before acting (task, observation, admissible actions, subgoal,
+        history).
+      env_info: the env ``info`` entries the collector was asked to keep (``info_keys``), as
+        they stood before the action (e.g. an expert's label of the state); empty by default.
     """
 
     prompt_ids: np.ndarray
@@ -41,6 +49,10 @@ class TurnRecord:
     invalid: bool
     format_valid: bool
     response_text: str = ""
+    allowed_mode: Optional[np.ndarray] = None
+    allowed_ids: Optional[np.ndarray] = None
+    view: Optional[AgentView] = None
+    env_info: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

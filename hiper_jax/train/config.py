@@ -18,6 +18,7 @@ from hiper_jax.hae import KEEP_PENALTY_MODES
 ESTIMATOR_NAMES = ("hae", "turn_gae", "grpo", "rloo")
 ENV_NAMES = ("alfworld", "webshop", "choose_word")
 DTYPES = ("float32", "bfloat16", "float16")
+CONSTRAINTS = ("none", "grammar")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -55,6 +56,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling = dict(
         temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=512,
         eval_temperature=0.4, prompt_length_multiple=64,
+        # "grammar": responses follow the prompt style's format and name an admissible action
+        # (hiper_jax.agent.grammar), with exact log-probs of that constrained distribution in
+        # the update; "none": free generation (HiPER's setting, invalid-action penalty).
+        constraint="none",
+        max_text_tokens=24,         # constrained free text (subgoal, slot fillers) at most
     )
     c.advantage = dict(
         estimator="hae", gamma=1.0, lam_turn=1.0, lam_seg=0.95, bootstrap_truncated=True,
@@ -67,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
         kl_coef=0.01, kl_estimator="low_var_kl", entropy_coef=0.001, value_clip=0.5,
         max_grad_norm=1.0, epochs=1, mini_batch_rows=32, micro_batch_rows=8,
         length_multiple=64,
+        # Rows of similar length share a mini-batch (and a log-prob/value pass chunk), cut to
+        # the bucketed width of its longest row: much less padding, a few compiled widths.
+        group_by_length=True,
+        value_coef=1.0,             # value-loss weight; < 1 keeps a shared backbone the policy's
     )
     c.sft = dict(demos="", epochs=1, lr=1e-4, batch_rows=8, max_length=1024)
     c.train = dict(
@@ -259,6 +269,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _require(0 < sampling.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {sampling.top_p}")
     _require(sampling.top_k >= 0, "sampling.top_k", "must be >= 0 (0 = off)")
     _require(sampling.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1")
+    _require(sampling.constraint in CONSTRAINTS, "sampling.constraint",
+             f"must be one of {CONSTRAINTS}, got {sampling.constraint!r}")
+    _require(sampling.max_text_tokens >= 1, "sampling.max_text_tokens", "must be >= 1")
+    if sampling.constraint != "none":
+        _require(sampling.top_p == 1 and sampling.top_k == 0, "sampling.constraint",
+                 "constrained sampling renormalises over the allowed tokens only; set "
+                 "sampling.top_p=1 and sampling.top_k=0 so the update's log-probs stay exact")
     _require(adv.estimator in ESTIMATOR_NAMES, "advantage.estimator",
              f"must be one of {ESTIMATOR_NAMES}, got {adv.estimator!r}")
     for field in ("gamma", "lam_turn", "lam_seg"):
@@ -274,7 +291,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _require(ppo.kl_estimator in ("low_var_kl", "kl", "mse"), "ppo.kl_estimator",
              f"must be low_var_kl, kl or mse, got {ppo.kl_estimator!r}")
     _require(ppo.dual_clip > 1, "ppo.dual_clip", f"must be > 1, got {ppo.dual_clip}")
-    for field in ("actor_lr", "critic_lr", "clip_ratio", "value_clip", "max_grad_norm"):
+    for field in ("actor_lr", "critic_lr", "clip_ratio", "value_clip", "max_grad_norm", "value_coef"):
         _require(ppo[field] > 0, f"ppo.{field}", f"must be > 0, got {ppo[field]}")
     for field in ("epochs", "mini_batch_rows", "micro_batch_rows", "length_multiple"):
         _require(ppo[field] >= 1, f"ppo.{field}", f"must be >= 1, got {ppo[field]}")

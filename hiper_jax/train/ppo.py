@@ -49,6 +49,8 @@ class PPOConfig:
     temperature: float = 1.0
     value_heads: tuple[str, ...] = ("low", "high", "term")
     remat: bool = False
+    length_multiple: int = 0  # > 0: mini-batches of rows of similar length, cut to their width
+    value_coef: float = 1.0   # weight of the value loss (matters when the critic shares the backbone)
 
 
 class TrainState(NamedTuple):
@@ -79,6 +81,9 @@ class PPOBatch(NamedTuple):
     value_targets: Array   # [N, 3] float32
     old_values: Array      # [N, 3] float32
     value_mask: Array      # [N, 3] bool
+    # Constrained sampling only (else None): each scored token's allowed set (mode 0 = all).
+    allowed_mode: Optional[Array] = None  # [N, L] int8
+    allowed_ids: Optional[Array] = None   # [N, L, K] int32
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,11 +124,28 @@ def _scored(stat: Array) -> Array:
 
 
 def policy_token_stats(actor: Params, config: qwen2.Qwen2Config, tokens: Array, valid: Array,
-                       temperature: float = 1.0, remat: bool = False):
-    """Log-probs and entropies of every scored token, ``[N, L]`` each, plus hidden ``[N, L, E]``."""
+                       temperature: float = 1.0, remat: bool = False,
+                       allowed: Optional[qwen2.AllowedTokens] = None):
+    """Log-probs and entropies of every scored token, ``[N, L]`` each, plus hidden ``[N, L, E]``.
+
+    ``allowed`` (``mode``/``ids`` aligned to scored tokens, ``[N, L]`` / ``[N, L, K]``) makes
+    them those of the constrained distribution the tokens were sampled from.
+    """
     hidden, _ = qwen2.forward(actor, config, tokens, segment_ids=_segment_ids(valid), remat=remat)
-    stats = qwen2.token_logprobs(actor, config, hidden[:, :-1], tokens[:, 1:], temperature=temperature)
+    if allowed is not None:
+        allowed = allowed._replace(mode=allowed.mode[:, 1:], ids=allowed.ids[:, 1:])
+    stats = qwen2.token_logprobs(actor, config, hidden[:, :-1], tokens[:, 1:], temperature=temperature,
+                                 allowed=allowed)
     return _scored(stats.logprobs), _scored(stats.entropy), hidden
+
+
+def batch_allowed(batch, text_mask: Optional[Array]) -> Optional[qwen2.AllowedTokens]:
+    """The batch's allowed sets with the grammar's ``text_mask [V]`` (None: unconstrained)."""
+    if batch.allowed_mode is None:
+        return None
+    if text_mask is None:
+        raise ValueError("a batch sampled with a constraint needs the grammar's text_mask")
+    return qwen2.AllowedTokens(batch.allowed_mode, batch.allowed_ids, text_mask)
 
 
 def read_values(critic: Params, config: qwen2.Qwen2Config, tokens: Array, valid: Array,
@@ -136,9 +158,10 @@ def read_values(critic: Params, config: qwen2.Qwen2Config, tokens: Array, valid:
 
 @functools.partial(jax.jit, static_argnames=("config", "temperature"))
 def logprob_pass(params: Params, config: qwen2.Qwen2Config, tokens: Array, valid: Array,
-                 temperature: float = 1.0) -> Array:
-    """Jitted log-probs ``[N, L]`` of every scored token (old or reference policy)."""
-    logp, _, _ = policy_token_stats(params, config, tokens, valid, temperature)
+                 temperature: float = 1.0, allowed: Optional[qwen2.AllowedTokens] = None) -> Array:
+    """Jitted log-probs ``[N, L]`` of every scored token (old or reference policy), under the
+    constraint when ``allowed`` is given."""
+    logp, _, _ = policy_token_stats(params, config, tokens, valid, temperature, allowed=allowed)
     return logp
 
 
@@ -153,16 +176,32 @@ def value_pass(critic: Params, actor: Params, config: qwen2.Qwen2Config, tokens:
     return read_values(critic, config, tokens, valid, value_read, policy_hidden=hidden)
 
 
-def _loss(params, batch: PPOBatch, counts: dict, config: qwen2.Qwen2Config, ppo: PPOConfig):
+@functools.partial(jax.jit, static_argnames=("config", "temperature"))
+def logprob_value_pass(actor: Params, critic: Params, config: qwen2.Qwen2Config, tokens: Array,
+                       valid: Array, value_read: Array, temperature: float = 1.0,
+                       allowed: Optional[qwen2.AllowedTokens] = None) -> tuple[Array, Array]:
+    """:func:`logprob_pass` and :func:`value_pass` in one jitted call: log-probs ``[N, L]``
+    and values ``[N, 3]``. A critic sharing the actor's backbone reads the same forward pass,
+    so the batch costs one forward instead of two."""
+    logp, _, hidden = policy_token_stats(actor, config, tokens, valid, temperature, allowed=allowed)
+    policy_hidden = None if "backbone" in critic else hidden
+    return logp, read_values(critic, config, tokens, valid, value_read, policy_hidden=policy_hidden)
+
+
+def _loss(params, batch: PPOBatch, counts: dict, text_mask: Optional[Array], config: qwen2.Qwen2Config,
+          ppo: PPOConfig):
     """Loss of one micro-batch, scaled so that summing micro-batches gives mini-batch means."""
     actor, critic = params
     logp, entropy, hidden = policy_token_stats(actor, config, batch.tokens, batch.valid,
-                                               ppo.temperature, ppo.remat)
+                                               ppo.temperature, ppo.remat,
+                                               allowed=batch_allowed(batch, text_mask))
     mask = batch.loss_mask
     share = jnp.sum(mask) / jnp.maximum(counts["tokens"], 1.0)
     pg = ppo_dual_clip_loss(logp, batch.old_logp, batch.advantages, mask,
                             clip_ratio=ppo.clip_ratio, dual_clip=ppo.dual_clip)
-    kl = jnp.sum(jnp.where(mask, kl_penalty(logp, batch.ref_logp, ppo.kl_estimator), 0.0))
+    kl = jnp.zeros((), jnp.float32)
+    if ppo.kl_coef:  # without the term the batch carries no reference log-probs
+        kl = jnp.sum(jnp.where(mask, kl_penalty(logp, batch.ref_logp, ppo.kl_estimator), 0.0))
     ent = jnp.sum(jnp.where(mask, entropy, 0.0))
     denominator = jnp.maximum(counts["tokens"], 1.0)
     actor_loss = pg.loss * share + (ppo.kl_coef * kl - ppo.entropy_coef * ent) / denominator
@@ -185,7 +224,7 @@ def _loss(params, batch: PPOBatch, counts: dict, config: qwen2.Qwen2Config, ppo:
         "clip_fraction": pg.clip_fraction * share, "dual_clip_fraction": pg.dual_clip_fraction * share,
         "approx_kl": pg.approx_kl * share, "value_loss": value_loss,
     }
-    return actor_loss + value_loss, metrics
+    return actor_loss + ppo.value_coef * value_loss, metrics
 
 
 def _split(batch: PPOBatch, parts: int) -> PPOBatch:
@@ -205,11 +244,12 @@ def _all_finite(tree) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "ppo", "actor_tx", "critic_tx"), donate_argnums=(0,))
-def ppo_step(state: TrainState, mini: PPOBatch, *, config: qwen2.Qwen2Config, ppo: PPOConfig,
-             actor_tx, critic_tx) -> tuple[TrainState, dict]:
+def ppo_step(state: TrainState, mini: PPOBatch, text_mask: Optional[Array] = None, *,
+             config: qwen2.Qwen2Config, ppo: PPOConfig, actor_tx, critic_tx) -> tuple[TrainState, dict]:
     """One optimizer step on a mini-batch of ``ppo.mini_batch_rows`` rows, accumulating
     gradients over micro-batches of ``ppo.micro_batch_rows`` rows (token means are over the whole
-    mini-batch, so the result does not depend on the micro-batch size)."""
+    mini-batch, so the result does not depend on the micro-batch size). ``text_mask [V]`` is
+    the grammar's, for a batch sampled with a constraint."""
     num_rows = mini.tokens.shape[0]
     if num_rows % ppo.micro_batch_rows:
         raise ValueError(f"a mini-batch of {num_rows} rows does not split into micro-batches of "
@@ -218,7 +258,7 @@ def ppo_step(state: TrainState, mini: PPOBatch, *, config: qwen2.Qwen2Config, pp
     counts = _counts(mini)
 
     def micro_step(grads, micro):
-        (loss, metrics), g = grad_fn((state.actor, state.critic), micro, counts, config, ppo)
+        (loss, metrics), g = grad_fn((state.actor, state.critic), micro, counts, text_mask, config, ppo)
         return jax.tree.map(jnp.add, grads, g), (loss, metrics)
 
     zeros = jax.tree.map(jnp.zeros_like, (state.actor, state.critic))
@@ -238,17 +278,55 @@ def ppo_step(state: TrainState, mini: PPOBatch, *, config: qwen2.Qwen2Config, pp
     return new_state, metrics
 
 
-def mini_batches(batch: PPOBatch, rows: int, rng: np.random.Generator) -> list[PPOBatch]:
+def row_lengths(valid) -> np.ndarray:
+    """``[N]`` real tokens per row of a right-padded ``valid [N, L]``."""
+    return np.asarray(valid).sum(axis=1)
+
+
+def length_groups(lengths: np.ndarray, rows: int, length_multiple: int, width: int,
+                  rng: Optional[np.random.Generator] = None) -> list[tuple[np.ndarray, int]]:
+    """Rows sorted by length (ties in random order with ``rng``) in groups of ``rows``, each
+    with the bucketed width its longest row needs (at most ``width``): ``[(indices, L_g)]``.
+
+    Right-padded rows of similar length then share a narrower array: padding, not real
+    tokens, is what a length bucket of the whole batch wastes.
+    """
+    from hiper_jax.rollout.packing import bucket_size
+
+    tiebreak = rng.random(len(lengths)) if rng is not None else np.arange(len(lengths))
+    order = np.lexsort((tiebreak, lengths))
+    groups = []
+    for start in range(0, len(order), rows):
+        index = order[start: start + rows]
+        groups.append((index, min(bucket_size(int(lengths[index].max(initial=1)), length_multiple), width)))
+    return groups
+
+
+def mini_batches(batch: PPOBatch, rows: int, rng: np.random.Generator,
+                 length_multiple: int = 0) -> list[PPOBatch]:
     """Shuffles the rows that carry a loss and cuts them into mini-batches of ``rows`` rows;
-    the last one is padded with rows that carry none."""
+    the last one is padded with rows that carry none.
+
+    With ``length_multiple > 0`` rows of similar length go together (mini-batches in random
+    order), each mini-batch cut to the bucketed width of its longest row, so the update
+    computes on far fewer padding tokens; a handful of widths compile.
+    """
     carries = np.flatnonzero(np.asarray(batch.loss_mask).any(1) | np.asarray(batch.value_mask).any(1))
-    order = rng.permutation(carries)
     empty = np.flatnonzero(~np.isin(np.arange(np.shape(batch.tokens)[0]), carries))
+    width = np.shape(batch.tokens)[1]
+    if length_multiple > 0:
+        groups = length_groups(row_lengths(batch.valid)[carries], rows, length_multiple, width, rng)
+        groups = [(carries[index], cut) for index, cut in groups]
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+    else:
+        order = rng.permutation(carries)
+        groups = [(order[start: start + rows], width) for start in range(0, max(len(order), 1), rows)]
     out = []
-    for start in range(0, max(len(order), 1), rows):
-        chosen = order[start: start + rows]
-        index = np.concatenate([chosen, np.resize(empty if empty.size else order, rows - len(chosen))])
+    for chosen, cut in groups:
+        index = np.concatenate([chosen, np.resize(empty if empty.size else carries, rows - len(chosen))])
         part = jax.tree.map(lambda x: np.asarray(x)[index], batch)
+        if cut < width:
+            part = _cut_width(part, cut)
         if len(chosen) < rows:  # padding rows: no loss, no value loss
             keep = np.arange(rows) < len(chosen)
             part = part._replace(loss_mask=part.loss_mask & keep[:, None],
@@ -257,20 +335,29 @@ def mini_batches(batch: PPOBatch, rows: int, rng: np.random.Generator) -> list[P
     return out
 
 
+def _cut_width(batch: PPOBatch, width: int) -> PPOBatch:
+    """The first ``width`` positions of every ``[N, L, ...]`` array (value reads lie inside)."""
+    per_token = ("tokens", "valid", "loss_mask", "advantages", "old_logp", "ref_logp",
+                 "allowed_mode", "allowed_ids")
+    return batch._replace(**{name: getattr(batch, name)[:, :width] for name in per_token
+                             if getattr(batch, name) is not None})
+
+
 def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
                config: qwen2.Qwen2Config, ppo: PPOConfig, actor_tx, critic_tx,
-               place=None) -> tuple[TrainState, dict]:
+               place=None, text_mask=None) -> tuple[TrainState, dict]:
     """``ppo.epochs`` passes over ``batch`` in shuffled mini-batches of ``ppo.mini_batch_rows``
     rows, one :func:`ppo_step` each; returns the new state and the metrics averaged over steps.
 
     Every step has the same shape, so the update compiles once per token length. ``place``
-    puts a host mini-batch on devices (default ``jax.device_put``).
+    puts a host mini-batch on devices (default ``jax.device_put``). ``text_mask [V]``: the
+    grammar's, for a batch sampled with a constraint.
     """
     place = place or jax.device_put
     history = []
     for _ in range(ppo.epochs):
-        for mini in mini_batches(batch, ppo.mini_batch_rows, rng):
-            state, metrics = ppo_step(state, place(mini), config=config, ppo=ppo,
+        for mini in mini_batches(batch, ppo.mini_batch_rows, rng, ppo.length_multiple):
+            state, metrics = ppo_step(state, place(mini), text_mask, config=config, ppo=ppo,
                                       actor_tx=actor_tx, critic_tx=critic_tx)
             history.append(metrics)
     means = {k: float(np.mean([float(m[k]) for m in history])) for k in history[0]}

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ import optax
 from tqdm.auto import tqdm
 
 from hiper_jax.agent.demos import DemoTurn, demo_turns, read_demos
+from hiper_jax.agent.grammar import ResponseGrammar
 from hiper_jax.agent.prompts import PromptConfig, render_prompt
 from hiper_jax.models import qwen2
 from hiper_jax.rollout.packing import bucket_size
@@ -51,13 +52,22 @@ class SFTBatch(NamedTuple):
     loss_mask: np.ndarray
 
 
-def make_examples(turns: Sequence[DemoTurn], tokenizer, prompt_cfg: PromptConfig) -> list[SFTExample]:
-    """Tokenizes demonstration turns with the rollout prompt code."""
+def make_examples(turns: Sequence[DemoTurn], tokenizer, prompt_cfg: PromptConfig,
+                  grammar: Optional[ResponseGrammar] = None) -> list[SFTExample]:
+    """Tokenizes demonstration turns with the rollout prompt code.
+
+    With a ``grammar``, the target tokens are those the grammar-constrained sampler emits for
+    that response (:meth:`~hiper_jax.agent.grammar.ResponseGrammar.response_ids`); without
+    one, the tokenizer's own encoding of the response text.
+    """
     stop = tokenizer.eos_token_id
     examples = []
     for turn in turns:
         prompt = render_prompt(turn.view, prompt_cfg, tokenizer)
-        response = tokenizer.encode(turn.response, add_special_tokens=False) + [stop]
+        if grammar is None:
+            response = tokenizer.encode(turn.response, add_special_tokens=False) + [stop]
+        else:
+            response = grammar.response_ids(turn.view, turn.switch, turn.subgoal, turn.action)
         examples.append(SFTExample(np.asarray(prompt, np.int32), np.asarray(response, np.int32)))
     return examples
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from hiper_jax import distributed
 from hiper_jax.advantages import TurnBatch, get_estimator
+from hiper_jax.agent.grammar import ResponseGrammar, forced_tokens
 from hiper_jax.agent.prompts import PromptConfig
 from hiper_jax.agent.spans import TokenBytes
 from hiper_jax.hae import HAEConfig, assign_token_advantages
@@ -52,9 +53,9 @@ from hiper_jax.train.ppo import (
     TrainState,
     init_train_state,
     logprob_pass,
+    logprob_value_pass,
     make_optimizer,
     ppo_update,
-    value_pass,
 )
 
 HEADS = ("low", "high", "term")
@@ -152,22 +153,47 @@ class TaskSchedule:
 # --- batches --------------------------------------------------------------------------------
 
 
-def _chunked(fn, batch_arrays: tuple, rows: int, mesh=None):
-    """Applies a jitted row-wise ``fn`` in chunks of ``rows`` rows (one compiled shape).
+def _chunked(fn, token_arrays: tuple, row_arrays: tuple, rows: int, mesh=None, length_multiple: int = 0,
+             per_token: tuple[bool, ...] = (True,)) -> tuple[np.ndarray, ...]:
+    """Applies a jitted row-wise ``fn(*token_arrays, *row_arrays)`` in chunks of ``rows`` rows.
 
-    With several processes, every process holds the same ``batch_arrays``: each chunk goes in as
-    global arrays split over ``mesh``'s batch axes and comes back whole on every process.
+    ``token_arrays`` are ``[N, L, ...]`` (the second is ``valid``), ``row_arrays`` ``[N, ...]``;
+    ``fn`` returns a tuple whose outputs are per token (``[rows, L_c, ...]``) or per row where
+    ``per_token`` says so. Only rows with real tokens are computed; with ``length_multiple > 0``
+    rows of similar length go together, each chunk cut to the bucketed width of its longest row
+    (a few compiled shapes, little padding), and per-token outputs are padded back to ``L``
+    (zeros elsewhere, as for padding rows).
+
+    With several processes, every process holds the same arrays: each chunk goes in as global
+    arrays split over ``mesh``'s batch axes and comes back whole on every process.
     """
-    num_rows = batch_arrays[0].shape[0]
+    from hiper_jax.train.ppo import length_groups, row_lengths
+
+    num_rows, width = token_arrays[0].shape[:2]
+    lengths = row_lengths(token_arrays[1])
+    real = np.flatnonzero(lengths > 0)
+    if length_multiple > 0:
+        groups = [(real[index], cut) for index, cut in length_groups(lengths[real], rows, length_multiple, width)]
+    else:
+        groups = [(real[i: i + rows], width) for i in range(0, len(real), rows)]
     multihost = mesh is not None and jax.process_count() > 1
-    outs = []
-    for i in range(0, num_rows, rows):
-        chunk = tuple(a[i: i + rows] for a in batch_arrays)
+    outs = None
+    for index, cut in groups:
+        full = np.resize(index, rows)  # the last chunk repeats rows to keep the compiled shape
+        chunk = tuple(a[full][:, :cut] for a in token_arrays) + tuple(a[full] for a in row_arrays)
         if multihost:
-            outs.append(distributed.gather_to_all_hosts(fn(*distributed.global_from_host_copy(chunk, mesh))))
+            results = distributed.gather_to_all_hosts(fn(*distributed.global_from_host_copy(chunk, mesh)))
         else:
-            outs.append(np.asarray(fn(*chunk)))
-    return np.concatenate(outs, axis=0)
+            results = jax.tree.map(np.asarray, fn(*chunk))
+        if outs is None:
+            outs = tuple(np.zeros((num_rows, width) + r.shape[2:] if tok else (num_rows,) + r.shape[1:], r.dtype)
+                         for r, tok in zip(results, per_token))
+        for out, result, tok in zip(outs, results, per_token):
+            if tok:
+                out[index, :cut] = result[: len(index)]
+            else:
+                out[index] = result[: len(index)]
+    return outs
 
 
 def _estimate(spec, turn_batch: TurnBatch, hae_cfg: HAEConfig, mesh=None):
@@ -182,26 +208,54 @@ def _estimate(spec, turn_batch: TurnBatch, hae_cfg: HAEConfig, mesh=None):
     return distributed.gather_to_all_hosts(distributed.sharded_estimator(spec.fn, mesh)(placed, hae_cfg))
 
 
+def logp_mismatch(sampled: np.ndarray, recomputed: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """|sampler log-prob - learner log-prob| per response token (``[N, L]`` arrays): mean and
+    max. Far from 0, the update trains a distribution other than the one that sampled."""
+    diff = np.abs(np.asarray(sampled) - np.asarray(recomputed))[mask]
+    return {"logp_mismatch_mean": float(diff.mean()) if diff.size else 0.0,
+            "logp_mismatch_max": float(diff.max()) if diff.size else 0.0}
+
+
 def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: qwen2.Qwen2Config,
-                    cfg: ml_collections.ConfigDict, hae_cfg: HAEConfig, pad_id: int, mesh=None):
+                    cfg: ml_collections.ConfigDict, hae_cfg: HAEConfig, pad_id: int, mesh=None,
+                    text_mask: Optional[np.ndarray] = None):
     """Packs trajectories, runs the log-prob and value passes, computes advantages; returns
     ``(PPOBatch, turn arrays, estimator output, stats)``. ``mesh`` is needed only with several
-    processes (each holds all trajectories; the passes run on the global mesh)."""
+    processes (each holds all trajectories; the passes run on the global mesh). ``text_mask``:
+    the grammar's, when the trajectories were sampled with a constraint (log-probs are then
+    those of the constrained distribution)."""
     spec = get_estimator(cfg.advantage.estimator)
     rows = cfg.ppo.mini_batch_rows
     turns = pack_turns(trajectories, cfg.env.max_turns)
     tokens = pack_tokens(trajectories, pad_id, row_multiple=rows, length_multiple=cfg.ppo.length_multiple)
     temperature = cfg.sampling.temperature or 1.0
-    old_logp = _chunked(lambda t, v: logprob_pass(state.actor, model_config, t, v, temperature),
-                        (tokens.tokens, tokens.valid), rows, mesh)
-    ref_logp = _chunked(lambda t, v: logprob_pass(ref_params, model_config, t, v, temperature),
-                        (tokens.tokens, tokens.valid), rows, mesh)
+    arrays = (tokens.tokens, tokens.valid)
+    if tokens.allowed_mode is not None:
+        arrays += (tokens.allowed_mode, tokens.allowed_ids)
+    multiple = cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0
+
     reads = np.stack([tokens.v_low_read, tokens.v_high_read, tokens.v_term_read], axis=1)
-    if spec.value_heads:
-        values = _chunked(lambda t, v, r: value_pass(state.critic, state.actor, model_config, t, v, r),
-                          (tokens.tokens, tokens.valid, reads), rows, mesh)
-    else:
+
+    def allowed_of(allowed: tuple):
+        return qwen2.AllowedTokens(*allowed, text_mask) if allowed else None
+
+    # The actor's log-probs and the critic's values of the batch, one chunked pass.
+    def old_pass(t, v, *rest):
+        *allowed, r = rest
+        if not spec.value_heads:
+            return logprob_pass(state.actor, model_config, t, v, temperature, allowed_of(allowed)), r
+        return logprob_value_pass(state.actor, state.critic, model_config, t, v, r, temperature,
+                                  allowed_of(allowed))
+
+    def ref_pass(t, v, *allowed):
+        return (logprob_pass(ref_params, model_config, t, v, temperature, allowed_of(allowed)),)
+
+    old_logp, values = _chunked(old_pass, arrays, (reads,), rows, mesh, multiple, per_token=(True, False))
+    if not spec.value_heads:
         values = np.zeros(reads.shape, np.float32)
+    # Without a KL term the reference policy is never used: skip its pass.
+    ref_logp = (_chunked(ref_pass, arrays, (), rows, mesh, multiple)[0] if cfg.ppo.kl_coef
+                else np.zeros_like(old_logp))
     valid_rows = tokens.row_valid
     values_bt = np.zeros(turns.mask.shape + (3,), np.float32)
     values_bt[tokens.traj_index[valid_rows], tokens.turn_index[valid_rows]] = values[valid_rows]
@@ -221,16 +275,23 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
     value_mask = np.stack([valid_rows & ("low" in spec.value_heads),
                            valid_rows & boundary & ("high" in spec.value_heads),
                            valid_rows & ("term" in spec.value_heads)], axis=1)
-    batch = PPOBatch(tokens=tokens.tokens, valid=tokens.valid, loss_mask=blocks & tokens.response_mask,
+    loss_mask = blocks & tokens.response_mask
+    if tokens.allowed_mode is not None:
+        # A token the grammar forced is no decision: its log-prob is 0 under every policy, so
+        # it would only dilute the token means of the loss.
+        loss_mask &= ~forced_tokens(tokens.allowed_mode, tokens.allowed_ids)
+    batch = PPOBatch(tokens=tokens.tokens, valid=tokens.valid, loss_mask=loss_mask,
                      advantages=advantages.astype(np.float32), old_logp=old_logp, ref_logp=ref_logp,
                      value_read=reads.astype(np.int32), value_targets=targets,
-                     old_values=values.astype(np.float32), value_mask=value_mask)
+                     old_values=values.astype(np.float32), value_mask=value_mask,
+                     allowed_mode=tokens.allowed_mode, allowed_ids=tokens.allowed_ids)
     adv_tokens = advantages[batch.loss_mask]
     stats = {"batch_rows": float(valid_rows.sum()), "batch_tokens": float(tokens.valid.sum()),
              "token_length": float(tokens.tokens.shape[1]),
              "advantage_mean": float(adv_tokens.mean()) if adv_tokens.size else 0.0,
              "advantage_std": float(adv_tokens.std()) if adv_tokens.size else 0.0,
              "value_mean": float(values[valid_rows, 0].mean()) if valid_rows.any() else 0.0}
+    stats.update(logp_mismatch(tokens.old_logp, old_logp, tokens.response_mask))
     return batch, turns, out, stats
 
 
@@ -281,7 +342,9 @@ class Trainer:
             kl_estimator=cfg.ppo.kl_estimator, entropy_coef=cfg.ppo.entropy_coef,
             value_clip=cfg.ppo.value_clip, epochs=cfg.ppo.epochs, mini_batch_rows=cfg.ppo.mini_batch_rows,
             micro_batch_rows=cfg.ppo.micro_batch_rows, temperature=cfg.sampling.temperature or 1.0,
-            value_heads=self.estimator.value_heads)
+            value_heads=self.estimator.value_heads,
+            length_multiple=cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0,
+            value_coef=cfg.ppo.value_coef)
         self._load_model()
         self.data = prepare_env_data(cfg, self.out_dir, progress=progress)
         self.schedule = TaskSchedule(self.data["num_train_tasks"], cfg.env.num_envs,
@@ -292,6 +355,7 @@ class Trainer:
                                        max_steps=cfg.env.max_turns)
         self._checkpoints = None
         self.stop_signal: Optional[int] = None  # the SIGTERM/SIGINT that stopped run()
+        self._policies: dict[float, LLMPolicy] = {}
         self.restored_env_turns: Optional[float] = None  # set by restore()
 
     # set-up -----------------------------------------------------------------------------------
@@ -318,6 +382,10 @@ class Trainer:
         if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
             stops.add(im_end)
         self.stop_ids = tuple(sorted(s for s in stops if s is not None))
+        self.grammar = None
+        if cfg.sampling.constraint == "grammar":
+            self.grammar = ResponseGrammar(self.tokenizer, self.token_bytes, cfg.prompt.style,
+                                           self.tokenizer.eos_token_id, cfg.sampling.max_text_tokens)
 
     def _sampling(self, temperature: float):
         from hiper_jax.sampling import SamplingConfig
@@ -334,6 +402,9 @@ class Trainer:
         return self.env_share.rows if self.multihost else self.config.env.num_envs
 
     def _policy(self, temperature: float) -> LLMPolicy:
+        """The sampling policy at ``temperature`` with the current actor. One policy per
+        temperature lives as long as the trainer, so its padded shapes (which only grow) and
+        compiled sampler carry over from iteration to iteration."""
         dtype = jnp.dtype(self.config.model.compute_dtype)
         actor = self.state.actor
         if self.multihost:
@@ -341,9 +412,14 @@ class Trainer:
             # its first device, so env stepping never waits on another host.
             actor = distributed.local_copy(jax.tree.map(lambda x: x.astype(dtype), actor))
         params = qwen2.unstack_layers(actor, dtype)
-        return LLMPolicy(params, self.model_config, self._sampling(temperature), self.pad_id,
-                         length_multiple=self.config.sampling.prompt_length_multiple,
-                         rows=math.ceil(self.local_envs / 2))
+        policy = self._policies.get(temperature)
+        if policy is None:
+            policy = self._policies[temperature] = LLMPolicy(
+                params, self.model_config, self._sampling(temperature), self.pad_id,
+                length_multiple=self.config.sampling.prompt_length_multiple,
+                rows=math.ceil(self.local_envs / 2), grammar=self.grammar)
+        policy.params = params
+        return policy
 
     def _collector(self, split: str) -> Collector:
         cfg = self.config.env
@@ -510,18 +586,21 @@ class Trainer:
         key = jax.random.fold_in(jax.random.key(cfg.train.seed), iteration)
         trajectories, rollout = self._collect(collector, self._policy(cfg.sampling.temperature), tasks, key, groups)
         rollout_s = time.perf_counter() - start
+        text_mask = self.grammar.text_mask if self.grammar is not None else None
         batch, _, _, batch_stats = build_ppo_batch(trajectories, self.state, self.ref_params,
                                                    self.model_config, cfg, self.hae_cfg, self.pad_id,
-                                                   mesh=self.mesh)
+                                                   mesh=self.mesh, text_mask=text_mask)
         update_start = time.perf_counter()
         self.state, update = ppo_update(self.state, batch, np.random.default_rng([cfg.train.seed, iteration]),
                                         config=self.model_config, ppo=self.ppo,
                                         actor_tx=self.actor_tx, critic_tx=self.critic_tx,
-                                        place=self._place_batch if self.multihost else None)
+                                        place=self._place_batch if self.multihost else None,
+                                        text_mask=text_mask)
         record = {f"train/{k}": v for k, v in rollout_metrics(trajectories).items()}
         record.update({f"update/{k}": v for k, v in update.items()})
         record.update({f"batch/{k}": v for k, v in batch_stats.items()})
-        record.update({"time/rollout_s": rollout_s, "time/update_s": time.perf_counter() - update_start,
+        record.update({"time/rollout_s": rollout_s, "time/batch_s": update_start - start - rollout_s,
+                       "time/update_s": time.perf_counter() - update_start,
                        "time/iteration_s": time.perf_counter() - start,
                        "time/device_busy_fraction": rollout.device_busy_fraction,
                        "env_turns": float(rollout.turns)})

@@ -152,3 +152,53 @@ def test_mini_batches_cover_every_loss_row_once_and_pad_the_last():
     assert int(parts[1].value_mask.any(1).sum()) == 1
     seen = sorted(map(tuple, np.concatenate([p.tokens[p.loss_mask.any(1)] for p in parts])))
     assert seen == sorted(map(tuple, np.asarray(batch.tokens)[:5]))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_logprob_value_pass_equals_the_separate_passes(shared):
+    from hiper_jax.train.ppo import logprob_value_pass
+
+    actor, critic, _, _ = setup(shared)
+    batch = make_batch(actor, critic)
+    logp, values = logprob_value_pass(actor, critic, CONFIG, batch.tokens, batch.valid, batch.value_read)
+    np.testing.assert_allclose(logp, batch.old_logp, atol=1e-6)
+    np.testing.assert_allclose(values, batch.old_values, atol=1e-6)
+
+
+def test_length_grouped_mini_batches_cut_padding_and_keep_every_row():
+    from hiper_jax.train.ppo import length_groups
+
+    lengths = np.array([5, 40, 7, 33, 12, 64, 6, 30])
+    groups = length_groups(lengths, rows=2, length_multiple=8, width=64, rng=np.random.default_rng(0))
+    assert sorted(np.concatenate([g for g, _ in groups]).tolist()) == list(range(8))
+    assert [sorted(lengths[g].tolist()) for g, _ in groups] == [[5, 6], [7, 12], [30, 33], [40, 64]]
+    assert [width for _, width in groups] == [8, 16, 48, 64]
+
+    actor, critic, _, _ = setup()
+    batch = make_batch(actor, critic, num_rows=8, length=64, passes=False)
+    short = np.arange(64)[None] < np.where(np.arange(8) % 2, 64, 12)[:, None]
+    batch = batch._replace(valid=short, loss_mask=batch.loss_mask & short,
+                           value_read=np.minimum(batch.value_read, 11))
+    parts = mini_batches(batch, 4, np.random.default_rng(1), length_multiple=8)
+    widths = sorted(p.tokens.shape[1] for p in parts)
+    assert len(parts) == 2 and widths == [16, 64]
+    for part in parts:
+        assert part.valid.sum(1).max() <= part.tokens.shape[1]  # no real token is cut
+    seen = sorted(map(tuple, np.concatenate([np.pad(p.tokens, ((0, 0), (0, 64 - p.tokens.shape[1])))
+                                             for p in parts])))
+    assert len(seen) == 8
+
+
+def test_length_grouped_update_equals_the_full_width_update():
+    """Cutting a mini-batch to its longest row changes no number: padding columns carry no
+    loss, and attention never reaches them."""
+    actor, critic, actor_tx, critic_tx = setup()
+    batch = make_batch(actor, critic, num_rows=8, length=48)
+    ppo = PPOConfig(kl_coef=0.0, entropy_coef=0.0, micro_batch_rows=2, mini_batch_rows=8)
+    grouped = PPOConfig(kl_coef=0.0, entropy_coef=0.0, micro_batch_rows=2, mini_batch_rows=8, length_multiple=8)
+    results = []
+    for config in (ppo, grouped):  # the step donates its state: fresh copies for each run
+        state = init_train_state(jax.tree.map(jnp.copy, actor), jax.tree.map(jnp.copy, critic), actor_tx, critic_tx)
+        results.append(run(state, batch, config, actor_tx, critic_tx))
+    assert max_diff(results[0][0].actor, results[1][0].actor) < 1e-5  # sums in another row order
+    assert results[0][1]["loss"] == pytest.approx(results[1][1]["loss"], rel=1e-5)

@@ -35,6 +35,22 @@ def test_every_estimator_raises_success(word_checkpoint, tmp_path, estimator):
     assert os.path.exists(tmp_path / "plots" / "curves.png")
 
 
+def test_constrained_run_learns_with_exact_logprobs(word_checkpoint, tmp_path):
+    """With the grammar constraint every response is valid, the update's log-probs equal the
+    sampler's (the mismatch metric is logged every iteration), and the policy still learns."""
+    from hiper_jax.train.trainer import Trainer
+
+    config = word_config(word_checkpoint, tmp_path, "hae", iterations=4)
+    config.sampling.constraint = "grammar"
+    history = Trainer(config, progress=False).run()
+    iterations = [r for r in history if "batch/logp_mismatch_max" in r]
+    assert len(iterations) == 4
+    assert all(0 <= r["batch/logp_mismatch_max"] < 1e-3 for r in iterations), iterations
+    assert all(r["train/invalid_rate"] == 0 and r["train/format_error_rate"] == 0 for r in iterations)
+    evals = success_rates(history, "eval")
+    assert evals[-1] >= evals[0] + 0.1, (evals, success_rates(history, "train"))
+
+
 def run_cli(config_path, out_dir, iterations, resume=False, wait=True):
     args = [sys.executable, "-m", "hiper_jax.train", f"--config={config_path}",
             f"--config.train.out_dir={out_dir}", f"--config.train.iterations={iterations}",

@@ -14,6 +14,7 @@ from hiper_jax.models.qwen2.checkpoint import (
 from hiper_jax.models.qwen2.config import ConfigFileError, Qwen2Config, UnsupportedConfigError
 from hiper_jax.models.qwen2.model import (
     CACHE_AXES,
+    AllowedTokens,
     KVCache,
     ParamSpec,
     Params,
@@ -35,7 +36,8 @@ from hiper_jax.models.qwen2.model import (
 )
 
 __all__ = [
-    "CACHE_AXES", "CheckpointError", "ConfigFileError", "KVCache", "ParamSpec", "Params", "Qwen2Config",
+    "AllowedTokens", "CACHE_AXES", "CheckpointError", "ConfigFileError", "KVCache", "ParamSpec", "Params",
+    "Qwen2Config",
     "TokenStats", "UnsupportedConfigError", "compute_logits", "count_params", "forward",
     "init_cache", "init_params", "lm_head", "load_hf_checkpoint", "param_axes", "param_shapes",
     "param_shardings", "param_specs", "positions_from_segments", "save_hf_checkpoint",

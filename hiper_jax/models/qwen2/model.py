@@ -420,34 +420,74 @@ class TokenStats(NamedTuple):
     entropy: Array
 
 
+class AllowedTokens(NamedTuple):
+    """The allowed set of each scored position (grammar-constrained sampling, see
+    :func:`hiper_jax.agent.grammar.allowed_sets`).
+
+    Attributes:
+        mode: ``[B, L]`` int8: 0 the whole vocabulary, 1 the listed ids, 2 ``text_mask`` plus
+            the listed ids.
+        ids: ``[B, L, K]`` int32 listed ids, -1 for none.
+        text_mask: ``[V]`` bool.
+    """
+
+    mode: Array
+    ids: Array
+    text_mask: Array
+
+
+def _allowed_mask(shape: tuple[int, ...], mode: Array, ids: Array, text_mask: Array) -> Array:
+    """``[B, C, V]`` bool: the allowed set of each position (see :class:`AllowedTokens`)."""
+    vocab = shape[-1]
+    b, c = jnp.meshgrid(jnp.arange(shape[0]), jnp.arange(shape[1]), indexing="ij")
+    listed = jnp.zeros(shape, bool).at[b[..., None], c[..., None], jnp.where(ids >= 0, ids, vocab)
+                                       ].set(True, mode="drop")
+    return listed | (mode == 0)[..., None] | ((mode == 2)[..., None] & text_mask)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "chunk_size"))
 def token_logprobs(params: Params, config: Qwen2Config, hidden: Array, targets: Array,
-                   temperature: float = 1.0, chunk_size: int = 128) -> TokenStats:
+                   temperature: float = 1.0, chunk_size: int = 128,
+                   allowed: Optional[AllowedTokens] = None) -> TokenStats:
     """Log-probability of ``targets`` and entropy of ``softmax(logits / temperature)``.
 
     ``hidden [B, L, E]`` (from :func:`forward`) and ``targets [B, L]`` (usually tokens shifted by
     one) give :class:`TokenStats` ``[B, L]``. Logits are computed ``chunk_size`` positions at a
     time and recomputed in the backward pass, so neither direction ever holds more than a
     ``[B, chunk_size, V]`` slice of the ``[B, L, V]`` logits.
+
+    With ``allowed`` (aligned to ``targets``), both are those of the distribution renormalised
+    over each position's allowed tokens: the distribution a constrained sampler drew from.
     """
     batch, length, width = hidden.shape
     chunk = min(chunk_size, length)
     num_chunks = -(-length // chunk)
     pad = num_chunks * chunk - length
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad)))
-    hidden = hidden.reshape(batch, num_chunks, chunk, width).swapaxes(0, 1)
-    targets = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+
+    def chunked(x: Array, fill=0) -> Array:
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+        return x.reshape((batch, num_chunks, chunk) + x.shape[2:]).swapaxes(0, 1)
+
+    inputs = (chunked(hidden), chunked(targets.astype(jnp.int32)))
+    if allowed is not None:
+        inputs += (chunked(allowed.mode.astype(jnp.int32)), chunked(allowed.ids.astype(jnp.int32), -1))
 
     @jax.checkpoint
-    def chunk_stats(args: tuple[Array, Array]) -> tuple[Array, Array]:
-        h, t = args
+    def chunk_stats(args: tuple[Array, ...]) -> tuple[Array, Array]:
+        h, t = args[:2]
         logits = lm_head(params, config, h) / temperature
-        log_norm = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        probs = jnp.exp(logits - log_norm[..., None])
+        if allowed is None:
+            masked = logits
+        else:
+            keep = _allowed_mask(logits.shape, args[2], args[3], allowed.text_mask)
+            # Masked-out logits enter the entropy as 0 (their probability is 0): a -inf there
+            # would turn the gradient of 0 * -inf into NaN.
+            masked, logits = jnp.where(keep, logits, -jnp.inf), jnp.where(keep, logits, 0.0)
+        log_norm = jax.nn.logsumexp(masked, axis=-1)
+        target_logit = jnp.take_along_axis(masked, t[..., None], axis=-1)[..., 0]
+        probs = jnp.exp(masked - log_norm[..., None])
         return target_logit - log_norm, log_norm - jnp.sum(probs * logits, axis=-1)
 
-    logprobs, entropy = lax.map(chunk_stats, (hidden, targets))
+    logprobs, entropy = lax.map(chunk_stats, inputs)
     unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
     return TokenStats(unchunk(logprobs), unchunk(entropy))

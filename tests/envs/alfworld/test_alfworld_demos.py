@@ -70,7 +70,8 @@ def demo_records(train_games, tmp_path_factory):
 def test_records_follow_the_schema(demo_records, train_games):
     assert [r["game"] for r in demo_records] == train_games
     for record in demo_records:
-        assert set(record) == {"env", "game", "task_type", "task", "won", "num_turns", "turns"}
+        assert set(record) == {"env", "game", "task_type", "task", "admissible_subgoals", "won", "num_turns",
+                               "turns"}
         assert record["env"] == "alfworld" and record["won"] is True
         assert record["task_type"] == read_game_info(record["game"]).task_type
         assert record["num_turns"] == len(record["turns"]) > 0
@@ -89,6 +90,10 @@ def test_switch_marks_exactly_the_subgoal_changes(demo_records):
     for record in demo_records:
         turns = record["turns"]
         assert turns[0]["switch"] == "SWITCH"
+        # Every subgoal the expert pursues is one the env names, in the task's order.
+        named = record["admissible_subgoals"]
+        pursued = list(dict.fromkeys(t["subgoal"] for t in turns))
+        assert set(pursued) <= set(named) and pursued == [s for s in named if s in pursued]
         for previous, turn in zip(turns, turns[1:]):
             assert turn["switch"] == ("SWITCH" if turn["subgoal"] != previous["subgoal"] else "KEEP")
 
