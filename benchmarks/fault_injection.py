@@ -218,7 +218,12 @@ def _drive(args) -> dict:
 
     # Attempt 1: resume and finish.
     process = _launch(args, 1)
-    status = process.wait(timeout=max(deadline - time.time(), 1))
+    try:
+        status = process.wait(timeout=max(deadline - time.time(), 1))
+    except subprocess.TimeoutExpired:
+        process.terminate()  # the trainer checkpoints and stops; its workers go with it
+        process.wait()
+        raise SystemExit("timed out in the resumed attempt; see attempt-1.log") from None
     records = _read_jsonl(metrics_path)
     return _summary(args, records, first_checkpoint, logged_before_kill, orphans, status,
                     time.perf_counter() - start)

@@ -1,7 +1,8 @@
 """The trainer under faults, on the ChooseWord task: a killed env worker is counted and its
 episodes never reach the update; SIGTERM to the whole process group checkpoints the last
 complete iteration and exits 75; a damaged newest checkpoint falls back to an intact one and
-names the bad file; a full disk is one line; diverged updates stop the run."""
+names the bad file; a full disk is one line; diverged updates stop the run. The tests that run
+whole training iterations are marked slow (``pytest -m slow``)."""
 
 import os
 import signal
@@ -28,6 +29,13 @@ def small_config(checkpoint, out_dir, iterations=1):
     return config
 
 
+def without_evaluation(monkeypatch, trainer_lib):
+    """No eval rollouts and no plots: these tests look at training iterations only (and an eval
+    rollout would double their time)."""
+    monkeypatch.setattr(trainer_lib.Trainer, "evaluate", lambda self, iteration, collector: {})
+    monkeypatch.setattr(trainer_lib, "plot_run", lambda *args, **kwargs: None)
+
+
 def played_to_the_end(trajectory, max_turns):
     """Ended by the env (done), or by the step limit at exactly ``max_turns`` turns."""
     turns = trajectory.turns
@@ -35,6 +43,10 @@ def played_to_the_end(trajectory, max_turns):
         t.done or t.truncated for t in turns[:-1])
 
 
+# Slow (kept out of the default suite): a whole training run, whose XLA compilation alone
+# takes about a minute of CPU on 8 simulated devices; the collector tests cover the same
+# fault handling in a second.
+@pytest.mark.slow
 @pytest.mark.parametrize("max_replays", [2, 0])
 def test_a_worker_killed_mid_rollout_is_counted_and_never_trained_on(word_checkpoint, tmp_path, monkeypatch,
                                                                      capsys, max_replays):
@@ -43,6 +55,7 @@ def test_a_worker_killed_mid_rollout_is_counted_and_never_trained_on(word_checkp
 
     config = small_config(word_checkpoint, tmp_path / "run")
     config.env.max_replays = max_replays
+    without_evaluation(monkeypatch, trainer_lib)
     trainer = trainer_lib.Trainer(config, progress=False)
     plan_dir = tmp_path / "plan"
     plan_dir.mkdir()
@@ -75,16 +88,19 @@ def test_a_worker_killed_mid_rollout_is_counted_and_never_trained_on(word_checkp
     assert "1 env worker restart(s); 4 episode(s) cut by env faults" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # two training iterations: about 45 CPU-s, mostly compilation
 def test_too_many_skipped_updates_stop_the_run(word_checkpoint, tmp_path, monkeypatch):
     from hiper_jax.train import trainer as trainer_lib
 
     config = small_config(word_checkpoint, tmp_path / "run", iterations=3)
     config.train.max_skipped_updates = 2
+    without_evaluation(monkeypatch, trainer_lib)
     real_update = trainer_lib.ppo_update
 
     def all_skipped(state, *args, **kwargs):  # what a diverged update reports
-        _, update = real_update(state, *args, **kwargs)
-        return state, {**update, "skipped": 1.0}
+        # The update donates ``state``: keep the state it returns, report every step skipped.
+        new_state, update = real_update(state, *args, **kwargs)
+        return new_state, {**update, "skipped": 1.0}
 
     monkeypatch.setattr(trainer_lib, "ppo_update", all_skipped)
     with pytest.raises(trainer_lib.TrainingDivergedError, match=r"last 2 iterations \(0\.\.1\) skipped every step"):
@@ -123,6 +139,7 @@ def _state(pid):
         return None
 
 
+@pytest.mark.slow  # two command-line training runs in subprocesses: about 4 CPU-minutes
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_sigterm_to_the_process_group_checkpoints_the_last_complete_iteration(word_checkpoint, tmp_path):
     config_path = tmp_path / "word_config.py"
@@ -295,6 +312,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(trainer, smal
     assert trainer.restore() == 2
 
 
+@pytest.mark.slow  # a command-line training run in a subprocess: about 2 CPU-minutes
 def test_the_command_line_reports_a_full_disk_in_one_line(word_checkpoint, small_disk, tmp_path):
     """The whole run on a disk that fills up after the first checkpoint."""
     config_path = tmp_path / "word_config.py"
