@@ -1,6 +1,10 @@
 """ALFWorld on a 2-core CPU: the tiny embedded model, small generated games, a few iterations.
 
     python -m hiper_jax.train --config configs/alfworld_tiny.py [--config.train.iterations=8]
+
+Constrained decoding (responses follow the Plan-Execute grammar and name one admissible action
+and one of the task's subgoals), HAE, and the task types, scene size and prompt settings the
+shipped warm start was trained on (`python -m hiper_jax.tiny`).
 """
 
 from hiper_jax.tiny import TINY_ALFWORLD
@@ -13,35 +17,40 @@ def get_config():
     c.env.num_envs = 16
     c.env.max_turns = 30
     c.env.num_train_games = 120
-    c.env.num_eval_games = 24
+    c.env.num_eval_games = 48
     c.env.envs_per_worker = 4
-    # The task types and scene size the shipped warm start was trained on (hiper_jax.tiny).
-    c.env.task_types = ("pick_and_place_simple", "look_at_obj_in_light")
-    c.env.max_receptacles = 4
-    c.env.max_distractors = 1
+    c.env.task_types = ()  # all six
+    c.env.max_receptacles = 5
+    c.env.max_distractors = 2
+    c.env.env_kwargs = {"subgoals": True}
     c.model.checkpoint = TINY_ALFWORLD
-    c.model.critic = "separate"
+    c.model.critic = "shared"
     c.prompt.history_turns = 2
     c.prompt.max_prompt_tokens = 512
+    c.sampling.constraint = "grammar"
+    c.sampling.temperature = 0.7
     c.sampling.max_new_tokens = 48
+    c.sampling.max_text_tokens = 24
     c.sampling.prompt_length_multiple = 128
     c.advantage.estimator = "hae"
     c.advantage.gamma = 0.95
     c.advantage.lam_turn = 0.95
     c.advantage.lam_seg = 0.95
-    c.advantage.keep_penalty = -0.3
+    c.advantage.keep_penalty = 0.0
     c.advantage.keep_penalty_mode = "normalized"
     c.advantage.keep_consistency_penalty = -0.3
     c.advantage.invalid_action_penalty = 0.1
     c.advantage.bootstrap_truncated = True
-    c.ppo.actor_lr = 2e-5
+    c.ppo.actor_lr = 2e-4
     c.ppo.critic_lr = 1e-3
+    c.ppo.kl_coef = 0.0
+    c.ppo.value_coef = 0.1
     c.ppo.mini_batch_rows = 64
     c.ppo.micro_batch_rows = 16
     c.ppo.length_multiple = 128
     c.ppo.epochs = 1
-    c.train.iterations = 6
-    c.train.eval_every = 6
+    c.train.iterations = 8
+    c.train.eval_every = 4
     c.train.checkpoint_every = 2
     c.train.out_dir = "runs/alfworld_tiny"
     return c

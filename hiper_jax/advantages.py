@@ -8,6 +8,9 @@ so the trainer spreads advantages onto tokens the same way whatever the estimato
   block of a response (switch, subgoal, action) gets the same turn advantage.
 * ``grpo``: group-normalised episode return (several rollouts per task, ``group_ids``).
 * ``rloo``: episode return minus the leave-one-out mean of its group.
+* ``gigpo``: GiGPO (Feng et al., arXiv 2505.10978): the group-normalised episode return plus,
+  weighted, a step-level advantage that compares the discounted return of a turn with those of
+  the other turns of its group that saw the same observation (its *anchor state*).
 
 Flat estimators mark every real turn in ``boundary`` (each turn's subgoal tokens get credit)
 and set ``adv_low = adv_high = adv_term``. Which value heads they train is in
@@ -17,11 +20,13 @@ and set ``adv_low = adv_high = adv_term``. Which value heads they train is in
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hiper_jax.hae import (
     HAEConfig,
@@ -41,9 +46,10 @@ Array = jax.Array
 class TurnBatch(NamedTuple):
     """Per-turn inputs of an estimator, each ``[B, T]`` (``group_ids``: ``[B]`` int).
 
-    ``values_term``, ``invalid``, ``keep_changed`` and ``group_ids`` may be None;
-    ``group_ids`` is required by ``grpo`` and ``rloo`` (rollouts of the same task share an id
-    in ``[0, B)``).
+    ``values_term``, ``invalid``, ``keep_changed``, ``group_ids`` and ``state_ids`` may be None;
+    ``group_ids`` is required by ``grpo``, ``rloo`` and ``gigpo`` (rollouts of the same task
+    share an id in ``[0, B)``); ``state_ids`` (``[B, T]`` int) by ``gigpo``: turns of one group
+    with equal ids saw the same observation (see :func:`anchor_state_ids`).
     """
 
     rewards: Array
@@ -56,6 +62,7 @@ class TurnBatch(NamedTuple):
     invalid: Optional[Array] = None
     keep_changed: Optional[Array] = None
     group_ids: Optional[Array] = None
+    state_ids: Optional[Array] = None
 
 
 def turn_gae(
@@ -134,6 +141,161 @@ def rloo_advantages(returns: Array, group_ids: Array, present: Optional[Array] =
     return jnp.where(count > 1, returns - others_mean, 0.0)
 
 
+GIGPO_MODES = ("mean_norm", "mean_std_norm")
+
+
+def discounted_returns(rewards: Array, gamma: float) -> Array:
+    """``G_t = sum_{j >= t} gamma^(j - t) r_j`` along the last axis (no bootstrap).
+
+    Args:
+      rewards: ``[..., T]`` float, 0 on padding (real turns first, so padding adds nothing).
+    Returns:
+      ``[..., T]`` float32.
+    """
+    rewards = jnp.moveaxis(jnp.asarray(rewards, jnp.float32), -1, 0)
+
+    def step(ret_next, r_t):
+        ret = r_t + gamma * ret_next
+        return ret, ret
+
+    _, returns = jax.lax.scan(step, jnp.zeros_like(rewards[0]), rewards, reverse=True)
+    return jnp.moveaxis(returns, 0, -1)
+
+
+def _segment_normalize(x: Array, segments: Array, weight: Array, num_segments: int, remove_std: bool,
+                       eps: float, lone_mean_zero: bool) -> Array:
+    """``x - mean_s`` (or ``(x - mean_s) / (std_s + eps)``) over the members of each segment.
+
+    ``x``, ``segments``, ``weight``: ``[N]``; members are the entries with ``weight``; std is
+    the unbiased one. A segment of one member has std 1 and mean 0 (``lone_mean_zero``) or its
+    own value. Sums are taken relative to a member's value, so a segment of equal values gets
+    exactly 0 whatever the float rounding. Returns ``[N]``, 0 off ``weight``.
+    """
+    count = jax.ops.segment_sum(weight.astype(jnp.float32), segments, num_segments)[segments]
+    shift = jax.ops.segment_max(jnp.where(weight, x, -jnp.inf), segments, num_segments)[segments]
+    shift = jnp.where(count > 0, shift, 0.0)
+    offset = jax.ops.segment_sum(jnp.where(weight, x - shift, 0.0), segments, num_segments)[segments]
+    mean = shift + offset / jnp.maximum(count, 1.0)
+    square = jax.ops.segment_sum(jnp.where(weight, jnp.square(x - mean), 0.0), segments, num_segments)
+    std = jnp.sqrt(square[segments] / jnp.maximum(count - 1.0, 1.0))
+    lone = count <= 1
+    if lone_mean_zero:
+        mean = jnp.where(lone, 0.0, mean)
+    centred = x - mean
+    if not remove_std:
+        centred = centred / (jnp.where(lone, 1.0, std) + eps)
+    return jnp.where(weight, centred, 0.0)
+
+
+def _anchor_clusters(group_ids: Array, state_ids: Array, mask: Array) -> Array:
+    """Dense ids ``[B, T]`` of the (group, state) pairs of real turns; padding turns get
+    clusters of their own (group -1), so they never join a real one."""
+    groups = jnp.where(mask, jnp.asarray(group_ids)[:, None], -1).ravel()
+    states = jnp.where(mask, jnp.asarray(state_ids), 0).ravel()
+    order = jnp.lexsort((states, groups))
+    sorted_groups, sorted_states = groups[order], states[order]
+    starts = jnp.concatenate([jnp.ones((1,), bool), (sorted_groups[1:] != sorted_groups[:-1])
+                              | (sorted_states[1:] != sorted_states[:-1])])
+    dense = jnp.cumsum(starts) - 1
+    return jnp.zeros_like(dense).at[order].set(dense).reshape(mask.shape)
+
+
+def gigpo_advantages(
+    rewards: Array,
+    mask: Array,
+    group_ids: Array,
+    state_ids: Array,
+    gamma: float,
+    step_weight: float = 1.0,
+    mode: str = "mean_norm",
+    eps: float = 1e-6,
+) -> Array:
+    """GiGPO's per-turn advantage ``A_t = A^E(episode) + step_weight * A^S_t``.
+
+    Episode level (GiGPO eq. 3, with the statistics taken across the group's *turns*, as
+    verl-agent's ``compute_mean_std_cross_steps``): every real turn of a trajectory contributes
+    its episode return ``R = sum_t r_t``; ``A^E = R - mean_g`` (``mean_norm``) or
+    ``(R - mean_g) / (std_g + eps)`` (``mean_std_norm``), unbiased std. A group with one turn
+    in all keeps its raw return (mean 0, std 1).
+
+    Step level (eqs. 5-7): ``G_t`` the discounted return from turn t (no bootstrap); turns of
+    one group with equal ``state_ids`` form an anchor state; ``A^S_t = G_t - mean_anchor`` (or
+    divided by ``std_anchor + eps``). A turn whose state no other turn of its group saw gets 0.
+
+    Args:
+      rewards: ``[B, T]`` (shaped) rewards.  mask: ``[B, T]`` real turns first.
+      group_ids: ``[B]`` ints in ``[0, B)``.  state_ids: ``[B, T]`` ints.
+      gamma: discount of the step returns.  step_weight: weight of the step-level term.
+      mode: ``"mean_norm"`` (GiGPO's default) or ``"mean_std_norm"``.
+    Returns:
+      ``[B, T]`` float32, 0 outside ``mask``. Jittable and vmappable.
+    """
+    if mode not in GIGPO_MODES:
+        raise ValueError(f"GiGPO mode must be one of {GIGPO_MODES}, got {mode!r}")
+    remove_std = mode == "mean_norm"
+    mask = jnp.asarray(mask) != 0
+    rewards = masked_float32(rewards, mask)
+    num_rows, num_turns = mask.shape
+    group_ids = jnp.asarray(group_ids)
+    episode_return = jnp.broadcast_to(rewards.sum(axis=1, keepdims=True), mask.shape)
+    episode = _segment_normalize(
+        episode_return.ravel(), jnp.broadcast_to(group_ids[:, None], mask.shape).ravel(), mask.ravel(),
+        num_rows, remove_std, eps, lone_mean_zero=True)
+    clusters = _anchor_clusters(group_ids, state_ids, mask)
+    step = _segment_normalize(discounted_returns(rewards, gamma).ravel(), clusters.ravel(), mask.ravel(),
+                              num_rows * num_turns, remove_std, eps, lone_mean_zero=False)
+    return (episode + step_weight * step).reshape(mask.shape)
+
+
+def anchor_state_ids(
+    observations: Sequence[Sequence[str]],
+    group_ids: Sequence[int],
+    num_turns: int,
+    similarity: float = 1.0,
+) -> np.ndarray:
+    """GiGPO's anchor states as integer ids ``[B, T]`` (-1 on padding), built on the host.
+
+    Turn t of trajectory b saw ``observations[b][t]`` (the env observation its prompt showed,
+    without history). With ``similarity == 1`` two turns of one group share an id exactly when
+    their observations are equal. With ``similarity < 1`` (verl-agent's ``enable_similarity``)
+    a group's turns are clustered greedily in trajectory-major order: a turn joins the first
+    cluster whose first member's text has ``difflib`` ratio >= ``similarity`` with its own,
+    else opens a cluster.
+
+    Args:
+      observations: per trajectory, one string per turn (``len(observations[b]) <= num_turns``).
+      group_ids: ``[B]`` group of each trajectory.
+      num_turns: T.
+      similarity: in (0, 1].
+    """
+    if not 0.0 < similarity <= 1.0:
+        raise ValueError(f"GiGPO similarity must be in (0, 1], got {similarity}")
+    if len(observations) != len(group_ids):
+        raise ValueError(f"{len(observations)} observation lists for {len(group_ids)} group ids")
+    ids = np.full((len(observations), num_turns), -1, np.int32)
+    exact: dict[tuple[int, str], int] = {}
+    firsts: dict[int, list[tuple[str, int]]] = {}  # group -> (first member's text, id) per cluster
+    num_clusters = 0
+    for b, (texts, group) in enumerate(zip(observations, group_ids)):
+        if len(texts) > num_turns:
+            raise ValueError(f"trajectory {b} has {len(texts)} observations, more than num_turns={num_turns}")
+        for t, text in enumerate(texts):
+            if similarity == 1.0:
+                key = (int(group), text)
+                if key not in exact:
+                    exact[key], num_clusters = num_clusters, num_clusters + 1
+                ids[b, t] = exact[key]
+                continue
+            clusters = firsts.setdefault(int(group), [])
+            found = next((cluster_id for first, cluster_id in clusters
+                          if difflib.SequenceMatcher(None, text, first).ratio() >= similarity), None)
+            if found is None:
+                found, num_clusters = num_clusters, num_clusters + 1
+                clusters.append((text, found))
+            ids[b, t] = found
+    return ids
+
+
 def _flat_output(adv: Array, ret: Array, mask: Array) -> HAEOutput:
     zeros = jnp.zeros_like(adv)
     return HAEOutput(adv_low=adv, ret_low=ret, adv_high=adv, ret_high=zeros, adv_term=adv,
@@ -147,12 +309,14 @@ def _shaped(batch: TurnBatch, cfg: HAEConfig) -> tuple[Array, Array]:
     return shaped, mask
 
 
-def _check(batch: TurnBatch, needs_groups: bool) -> None:
+def _check(batch: TurnBatch, needs_groups: bool, needs_states: bool = False) -> None:
     fields = {k: v for k, v in batch._asdict().items() if k != "group_ids"}
     num_rows, _ = check_turn_arrays(**fields)
+    if needs_states and batch.state_ids is None:
+        raise ValueError("state_ids [B, T] is required by gigpo (anchor_state_ids builds it)")
     if needs_groups:
         if batch.group_ids is None:
-            raise ValueError("group_ids is required by group-based estimators (grpo, rloo)")
+            raise ValueError("group_ids is required by group-based estimators (grpo, rloo, gigpo)")
         if tuple(jnp.shape(batch.group_ids)) != (num_rows,):
             raise ValueError(
                 f"group_ids must have shape [B]=({num_rows},), got {tuple(jnp.shape(batch.group_ids))}"
@@ -204,6 +368,47 @@ def _episode_jit(batch: TurnBatch, *, cfg: HAEConfig, advantage_fn) -> HAEOutput
 
 
 @dataclasses.dataclass(frozen=True)
+class GiGPOConfig:
+    """Options of the ``gigpo`` estimator (verl-agent's ``algorithm.gigpo``).
+
+    Attributes:
+      step_weight: weight of the step-level advantage (``step_advantage_w``).
+      mode: ``"mean_norm"`` (no std, the default) or ``"mean_std_norm"``.
+      epsilon: added to the std in ``mean_std_norm``.
+    """
+
+    step_weight: float = 1.0
+    mode: str = "mean_norm"
+    epsilon: float = 1e-6
+
+    def __post_init__(self):
+        if self.mode not in GIGPO_MODES:
+            raise ValueError(f"GiGPOConfig.mode must be one of {GIGPO_MODES}, got {self.mode!r}")
+        for name in ("step_weight", "epsilon"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+                raise ValueError(f"GiGPOConfig.{name} must be a finite number, got {value!r}")
+
+
+def gigpo_estimator(batch: TurnBatch, cfg: HAEConfig, axis_name=None,
+                    options: GiGPOConfig = GiGPOConfig()) -> HAEOutput:
+    """``gigpo``: :func:`gigpo_advantages` of the shaped rewards with ``gamma = cfg.gamma``
+    (``cfg.normalize`` does not apply: GiGPO normalises within groups)."""
+    _check(batch, needs_groups=True, needs_states=True)
+    if axis_name is not None:
+        raise ValueError("group-based estimators need whole groups: call them unsharded")
+    return _gigpo_jit(batch, cfg=cfg, options=options)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "options"))
+def _gigpo_jit(batch: TurnBatch, *, cfg: HAEConfig, options: GiGPOConfig) -> HAEOutput:
+    shaped, mask = _shaped(batch, cfg)
+    adv = gigpo_advantages(shaped, mask, batch.group_ids, batch.state_ids, cfg.gamma,
+                           options.step_weight, options.mode, options.epsilon)
+    return _flat_output(adv, jnp.zeros_like(adv), mask)
+
+
+@dataclasses.dataclass(frozen=True)
 class EstimatorSpec:
     """An estimator and what the trainer needs to know about it.
 
@@ -211,11 +416,15 @@ class EstimatorSpec:
       fn: ``fn(batch: TurnBatch, cfg: HAEConfig, axis_name=None) -> HAEOutput``.
       value_heads: value heads trained on this estimator's returns (subset of low/high/term).
       needs_groups: whether several rollouts per task (``group_ids``) are required.
+      needs_states: whether per-turn observation identities (``state_ids``) are required.
+      options: the frozen dataclass of the estimator's own options, if it has any.
     """
 
     fn: Callable[..., HAEOutput]
     value_heads: tuple[str, ...]
     needs_groups: bool
+    needs_states: bool = False
+    options: Optional[type] = None
 
 
 ESTIMATORS: dict[str, EstimatorSpec] = {
@@ -223,12 +432,26 @@ ESTIMATORS: dict[str, EstimatorSpec] = {
     "turn_gae": EstimatorSpec(turn_gae_estimator, ("low",), needs_groups=False),
     "grpo": EstimatorSpec(_episode_estimator(grpo_advantages), (), needs_groups=True),
     "rloo": EstimatorSpec(_episode_estimator(rloo_advantages), (), needs_groups=True),
+    "gigpo": EstimatorSpec(gigpo_estimator, (), needs_groups=True, needs_states=True, options=GiGPOConfig),
 }
 
 
-def get_estimator(name: str) -> EstimatorSpec:
-    """Looks up an estimator by config name; the error lists the known names."""
+def get_estimator(name: str, **options) -> EstimatorSpec:
+    """Looks up an estimator by config name; the error lists the known names.
+
+    ``options`` (e.g. ``step_weight=0.5`` for ``gigpo``) are bound into the returned spec's
+    ``fn``; an estimator without options, or an unknown option, is an error.
+    """
     try:
-        return ESTIMATORS[name]
+        spec = ESTIMATORS[name]
     except KeyError:
         raise ValueError(f"unknown advantage estimator {name!r}; known: {sorted(ESTIMATORS)}") from None
+    if not options:
+        return spec
+    if spec.options is None:
+        raise ValueError(f"advantage estimator {name!r} takes no options, got {sorted(options)}")
+    known = {f.name for f in dataclasses.fields(spec.options)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for estimator {name!r}; known: {sorted(known)}")
+    return dataclasses.replace(spec, fn=functools.partial(spec.fn, options=spec.options(**options)))

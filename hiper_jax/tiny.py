@@ -2,12 +2,18 @@
 
 The shipped checkpoint (``hiper_jax/assets/tiny_alfworld``) is made by this module::
 
-    python -m hiper_jax.tiny --out hiper_jax/assets/tiny_alfworld
+    python -m hiper_jax.tiny --out hiper_jax/assets/tiny_alfworld --work-dir build/tiny
 
-which generates ALFWorld games, writes expert demonstrations, trains the tokenizer on the
-prompts and responses the agent will see (plus WebShop text, so one tokenizer serves both
-envs), initialises the model from a seed and warm-starts it with supervised fine-tuning
-(:mod:`hiper_jax.train.sft`). Weights are stored in bfloat16 to keep the repository small; the
+which generates ALFWorld games of all six task types in scenes that vary, writes expert
+demonstrations (with the task's subgoals), trains the tokenizer on the prompts and responses the
+agent will see (plus WebShop text, so one tokenizer serves both envs), initialises the model from
+a seed and warm-starts it: round 0 is supervised fine-tuning on the demonstrations
+(:mod:`hiper_jax.train.sft`, targets in the grammar's tokenisation); each DAgger round then plays
+the model on training games under the Plan-Execute constraint, has the expert label every state
+it reached and fine-tunes on everything so far (:mod:`hiper_jax.train.dagger`). Every round is
+evaluated on held-out games with and without the constraint (``rounds.jsonl`` in the work
+directory, ``build_summary.json`` next to the checkpoint), and the build resumes from the rounds
+already in its work directory. Weights are stored in bfloat16 to keep the repository small; the
 trainer loads them as float32 master weights.
 """
 
@@ -78,7 +84,8 @@ class Recipe:
     DAgger rounds plays the model on ``dagger_games`` training games (constrained, at
     ``dagger_temperature``), adds the expert's labels of every state it reached and trains
     ``round_epochs`` more on everything so far. ``ship_round`` is the round written to the
-    output directory; every round is evaluated on the held-out games.
+    output directory; every round is evaluated on the held-out games. A build resumes: rounds
+    whose checkpoint and states are complete in the work directory are loaded, not redone.
     """
 
     num_games: int = 600
@@ -156,12 +163,15 @@ def build(out_dir: str, work_dir: str, recipe: Recipe = Recipe(), progress: bool
     demos = read_demos(demos_path)
     prompt_cfg = PromptConfig(env="alfworld", history_turns=recipe.history_turns,
                               max_prompt_tokens=recipe.max_prompt_tokens, max_steps=recipe.max_steps)
-    texts = training_texts(demos, [prompt_cfg, dataclasses.replace(prompt_cfg, style="flat")])
-    texts += webshop_texts()
-    tokenizer = train_byte_level_bpe(texts, vocab_size=recipe.vocab_size)
-    os.makedirs(out_dir, exist_ok=True)
-    tokenizer.save_pretrained(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    if _finished_rounds(work_dir) and os.path.exists(os.path.join(out_dir, "tokenizer.json")):
+        tokenizer = AutoTokenizer.from_pretrained(out_dir)  # resuming: the rounds' own tokenizer
+    else:
+        texts = training_texts(demos, [prompt_cfg, dataclasses.replace(prompt_cfg, style="flat")])
+        texts += webshop_texts()
+        tokenizer = train_byte_level_bpe(texts, vocab_size=recipe.vocab_size)
+        os.makedirs(out_dir, exist_ok=True)
+        tokenizer.save_pretrained(out_dir)
+        tokenizer = AutoTokenizer.from_pretrained(out_dir)
 
     config = tiny_model_config(len(tokenizer), recipe.hidden_size, recipe.num_layers, recipe.intermediate_size)
     config = dataclasses.replace(config, eos_token_id=tokenizer.eos_token_id)
@@ -190,12 +200,23 @@ def build(out_dir: str, work_dir: str, recipe: Recipe = Recipe(), progress: bool
 
     rows = []
     rounds_dir = os.path.join(work_dir, "rounds")
-    rng = np.random.default_rng(recipe.seed)
+    done = _finished_rounds(work_dir)
     shipped = dataclasses.replace(config, param_dtype="bfloat16", compute_dtype="bfloat16")
     for round_index in range(recipe.rounds + 1):
+        round_dir = os.path.join(rounds_dir, str(round_index))
+        if round_index in done:
+            # Resume: this round's checkpoint (bfloat16, as shipped) and its DAgger states.
+            _, params = qwen2.load_hf_checkpoint(round_dir, dtype=jnp.float32, progress=False)
+            examples = examples + _load_examples(os.path.join(round_dir, "dagger_examples.npz"))
+            rows.append(done[round_index])
+            if progress:
+                print(f"round {round_index}: resumed from {round_dir}", flush=True)
+            continue
         round_start = time.perf_counter()
         row = {"round": round_index}
+        labelled = []
         if round_index:
+            rng = np.random.default_rng(recipe.seed + round_index)
             tasks = rng.choice(num_train, size=min(recipe.dagger_games, num_train), replace=False).tolist()
             sampling = SamplingConfig(max_new_tokens=recipe.max_new_tokens, temperature=recipe.dagger_temperature,
                                       stop_token_ids=stop, pad_token_id=pad)
@@ -221,8 +242,8 @@ def build(out_dir: str, work_dir: str, recipe: Recipe = Recipe(), progress: bool
                         or k.startswith("success/")})
         row["minutes"] = (time.perf_counter() - round_start) / 60
         rows.append(row)
-        qwen2.save_hf_checkpoint(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), shipped,
-                                 os.path.join(rounds_dir, str(round_index)))
+        qwen2.save_hf_checkpoint(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), shipped, round_dir)
+        _save_examples(os.path.join(round_dir, "dagger_examples.npz"), labelled)
         with open(os.path.join(work_dir, "rounds.jsonl"), "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         if progress:
@@ -244,6 +265,42 @@ def build(out_dir: str, work_dir: str, recipe: Recipe = Recipe(), progress: bool
     with open(os.path.join(out_dir, "build_summary.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2)
     return summary
+
+
+def _finished_rounds(work_dir: str) -> dict[int, dict]:
+    """``{round: table row}`` of the rounds in ``work_dir`` whose checkpoint is complete."""
+    path = os.path.join(work_dir, "rounds.jsonl")
+    if not os.path.exists(path):
+        return {}
+    done = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            round_dir = os.path.join(work_dir, "rounds", str(row["round"]))
+            if all(os.path.exists(os.path.join(round_dir, name))
+                   for name in ("config.json", "model.safetensors", "dagger_examples.npz")):
+                done[row["round"]] = row
+    return done
+
+
+def _save_examples(path: str, examples) -> None:
+    """Writes SFT examples as flat ``int32`` prompt/response arrays plus their lengths."""
+    lengths = np.array([[len(e.prompt_ids), len(e.response_ids)] for e in examples], np.int64).reshape(-1, 2)
+    flat = [np.zeros(0, np.int32)]
+    np.savez(path, lengths=lengths,
+             prompts=np.concatenate(flat + [e.prompt_ids for e in examples]).astype(np.int32),
+             responses=np.concatenate(flat + [e.response_ids for e in examples]).astype(np.int32))
+
+
+def _load_examples(path: str) -> list:
+    """Inverse of :func:`_save_examples`."""
+    from hiper_jax.train.sft import SFTExample
+
+    with np.load(path) as data:
+        lengths, prompts, responses = data["lengths"], data["prompts"], data["responses"]
+    p_end, r_end = np.cumsum(lengths[:, 0]), np.cumsum(lengths[:, 1])
+    return [SFTExample(prompts[pe - pl: pe], responses[re - rl: re])
+            for (pl, rl), pe, re in zip(lengths, p_end, r_end)]
 
 
 def _flag_bool(text: str) -> bool:

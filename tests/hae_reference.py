@@ -166,3 +166,41 @@ def rloo_ref(returns, group_ids):
         others = [returns[j] for j in range(len(returns)) if group_ids[j] == group_ids[i] and j != i]
         out.append(r - sum(others) / len(others) if others else 0.0)
     return out
+
+
+def _std_unbiased(values):
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def gigpo_ref(rewards, mask, group_ids, state_ids, gamma, step_weight=1.0, mode="mean_norm",
+              eps=1e-6):
+    """GiGPO from its definition, one turn at a time: episode return normalised over the group's
+    turns (a group of one turn keeps its return), plus ``step_weight`` times the discounted
+    return normalised over the turns of the group with the same state (0 for a lone turn)."""
+    num_b, num_t = len(rewards), len(rewards[0])
+    lengths = [sum(1 for m in mask[b] if m) for b in range(num_b)]
+    episode = [sum(float(rewards[b][t]) for t in range(lengths[b])) for b in range(num_b)]
+    step_return = [[0.0] * num_t for _ in range(num_b)]
+    for b in range(num_b):
+        for t in range(lengths[b]):
+            step_return[b][t] = sum(gamma ** (j - t) * float(rewards[b][j]) for j in range(t, lengths[b]))
+
+    def normalise(value, members, lone_mean):
+        if len(members) == 1:
+            mean, std = lone_mean, 1.0
+        else:
+            mean, std = sum(members) / len(members), _std_unbiased(members)
+        return value - mean if mode == "mean_norm" else (value - mean) / (std + eps)
+
+    out = [[0.0] * num_t for _ in range(num_b)]
+    for b in range(num_b):
+        group_turns = [(c, u) for c in range(num_b) if group_ids[c] == group_ids[b]
+                       for u in range(lengths[c])]
+        episode_members = [episode[c] for c, _ in group_turns]
+        episode_adv = normalise(episode[b], episode_members, lone_mean=0.0)
+        for t in range(lengths[b]):
+            anchor = [step_return[c][u] for c, u in group_turns if state_ids[c][u] == state_ids[b][t]]
+            step_adv = normalise(step_return[b][t], anchor, lone_mean=step_return[b][t])
+            out[b][t] = episode_adv + step_weight * step_adv
+    return out

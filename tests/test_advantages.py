@@ -1,12 +1,18 @@
-"""Flat estimators and the registry against the plain-loop references."""
+"""Flat estimators, GiGPO and the registry against the plain-loop references."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from hiper_jax.advantages import (
     ESTIMATORS,
+    GiGPOConfig,
     TurnBatch,
+    anchor_state_ids,
+    discounted_returns,
     get_estimator,
+    gigpo_advantages,
     grpo_advantages,
     rloo_advantages,
     turn_gae,
@@ -14,6 +20,7 @@ from hiper_jax.advantages import (
 from hiper_jax.hae import HAEConfig, compute_hae
 from tests.hae_reference import (
     episode_returns_ref,
+    gigpo_ref,
     grpo_ref,
     rloo_ref,
     shaped_rewards_ref,
@@ -104,7 +111,7 @@ def test_turn_gae_estimator_shapes_and_normalises():
 
 
 def test_registry():
-    assert set(ESTIMATORS) == {"hae", "turn_gae", "grpo", "rloo"}
+    assert set(ESTIMATORS) == {"hae", "turn_gae", "grpo", "rloo", "gigpo"}
     with pytest.raises(ValueError, match="known"):
         get_estimator("gigpo_v9")
     rng = np.random.default_rng(1)
@@ -137,3 +144,154 @@ def test_a_row_without_turns_joins_no_group(name):
     without = spec.fn(TurnBatch(**{k: v[kept] for k, v in batch.items()}, group_ids=group_ids[kept]), cfg)
     np.testing.assert_allclose(np.asarray(with_lost.adv_low)[kept], np.asarray(without.adv_low), atol=1e-5)
     assert not np.asarray(with_lost.adv_low)[2].any()
+
+
+# --- GiGPO ----------------------------------------------------------------------------------
+
+# Jitted once per shape and mode: run op by op, its segment sums and sort would compile every
+# primitive separately and take most of this file's time.
+gigpo_jit = jax.jit(gigpo_advantages, static_argnames="mode")
+
+
+def gigpo_batch(rng, batch=12, turns=9, num_states=3, group_size=3):
+    """Random ragged batch in groups of ``group_size`` with states drawn from ``num_states``
+    values (so anchors repeat within and across trajectories); padding holds NaN / garbage."""
+    data = random_batch(rng, batch=batch, turns=turns)
+    group_ids = np.repeat(np.arange(batch // group_size), group_size)
+    rng.shuffle(group_ids)
+    states = rng.integers(0, num_states, size=(batch, turns)).astype(np.int32)
+    states[~data["mask"]] = rng.integers(0, num_states, size=int((~data["mask"]).sum()))
+    # Sparse, success-like rewards make anchors with equal returns (the exact-zero case) likely.
+    rewards = np.where(rng.random((batch, turns)) < 0.3, 10.0, 0.0).astype(np.float32)
+    rewards[~data["mask"]] = np.nan
+    return data["mask"], rewards, group_ids, states
+
+
+def clean(x, mask):
+    return np.where(mask, x, 0.0)
+
+
+@pytest.mark.parametrize("mode", ["mean_norm", "mean_std_norm"])
+@pytest.mark.parametrize("gamma,step_weight", [(0.95, 1.0), (1.0, 0.5), (0.5, 2.0)])
+def test_gigpo_matches_reference(mode, gamma, step_weight):
+    rng = np.random.default_rng(21)
+    for _ in range(3):
+        mask, rewards, groups, states = gigpo_batch(rng)
+        got = gigpo_jit(rewards, mask, groups, states, gamma, step_weight, mode)
+        want = gigpo_ref(clean(rewards, mask), mask, groups, states, gamma, step_weight, mode)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+        assert np.all(np.asarray(got)[~mask] == 0)
+
+
+@pytest.mark.parametrize("mode", ["mean_norm", "mean_std_norm"])
+def test_gigpo_without_repeated_states_is_the_episode_term(mode):
+    rng = np.random.default_rng(22)
+    mask, rewards, groups, _ = gigpo_batch(rng)
+    unique = np.arange(mask.size, dtype=np.int32).reshape(mask.shape)  # no state repeats
+    got = np.asarray(gigpo_jit(rewards, mask, groups, unique, 0.9, 1.0, mode))
+    np.testing.assert_allclose(got, gigpo_ref(clean(rewards, mask), mask, groups, unique, 0.9, 1.0, mode),
+                               rtol=1e-5, atol=1e-4)
+    # Every anchor is a lone turn: the step weight changes nothing.
+    np.testing.assert_array_equal(got, np.asarray(gigpo_jit(rewards, mask, groups, unique, 0.9, 7.0, mode)))
+    # The episode term is constant along a trajectory and, with mean_norm, sums to 0 over a
+    # group's turns.
+    for b in range(len(mask)):
+        assert np.allclose(got[b, mask[b]], got[b, 0])
+    if mode == "mean_norm":
+        for g in np.unique(groups):
+            assert abs(got[groups == g][mask[groups == g]].sum()) < 1e-3
+
+
+def test_gigpo_with_one_state_per_group_compares_all_turns():
+    rng = np.random.default_rng(23)
+    mask, rewards, groups, _ = gigpo_batch(rng)
+    same = np.zeros(mask.shape, np.int32)  # every state repeats: one anchor per group
+    got = np.asarray(gigpo_jit(rewards, mask, groups, same, 0.8, 1.0, "mean_norm"))
+    np.testing.assert_allclose(got, gigpo_ref(clean(rewards, mask), mask, groups, same, 0.8),
+                               rtol=1e-5, atol=1e-4)
+    returns = np.asarray(discounted_returns(clean(rewards, mask), 0.8))
+    step_only = np.asarray(gigpo_jit(rewards, mask, groups, same, 0.8, 1.0, "mean_norm")
+                           - gigpo_jit(rewards, mask, groups, same, 0.8, 0.0, "mean_norm"))
+    for g in np.unique(groups):
+        rows = groups == g
+        members = returns[rows][mask[rows]]
+        np.testing.assert_allclose(step_only[rows][mask[rows]], members - members.mean(), atol=1e-4)
+
+
+def test_gigpo_equal_returns_give_exact_zeros_and_lone_groups_keep_their_return():
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [1, 0, 0, 0]], bool)
+    rewards = np.array([[0.1, 0.1, 0.1, 0], [0.1, 0.1, 0.1, 0], [3.0, 0, 0, 0]], np.float32)
+    states = np.array([[0, 1, 2, 0], [0, 1, 2, 0], [0, 0, 0, 0]], np.int32)
+    groups = np.array([0, 0, 2])
+    for mode in ("mean_norm", "mean_std_norm"):
+        got = np.asarray(gigpo_jit(rewards, mask, groups, states, 0.9, 1.0, mode))
+        np.testing.assert_array_equal(got[:2], 0.0)  # identical rollouts: nothing to prefer
+        assert got[2, 0] == pytest.approx(3.0, rel=1e-5)  # one turn in its group: mean 0, std 1
+
+
+def test_gigpo_jit_and_vmap():
+    rng = np.random.default_rng(24)
+    batches = [gigpo_batch(rng) for _ in range(4)]
+    stacked = [np.stack(x) for x in zip(*batches)]
+    fn = jax.jit(jax.vmap(lambda r, m, g, s: gigpo_advantages(r, m, g, s, 0.95, 1.0, "mean_std_norm")))
+    got = np.asarray(fn(stacked[1], stacked[0], stacked[2], stacked[3]))
+    for k, (mask, rewards, groups, states) in enumerate(batches):
+        want = gigpo_ref(clean(rewards, mask), mask, groups, states, 0.95, 1.0, "mean_std_norm")
+        np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-4)
+
+
+def test_gigpo_estimator_uses_shaped_rewards_and_options():
+    rng = np.random.default_rng(25)
+    mask, rewards, groups, states = gigpo_batch(rng)
+    data = random_batch(np.random.default_rng(26), batch=12, turns=9, lengths=mask.sum(axis=1))
+    data["rewards"] = rewards
+    cfg = HAEConfig(gamma=0.9, keep_penalty=-0.3, keep_penalty_mode="normalized",
+                    invalid_action_penalty=0.5, keep_consistency_penalty=-0.2, normalize=True)
+    spec = get_estimator("gigpo", step_weight=0.5, mode="mean_std_norm")
+    out = spec.fn(TurnBatch(**data, group_ids=groups, state_ids=states), cfg)
+    shaped = padded(shaped_rewards_ref(data["rewards"], data["switch"], mask, cfg, data["invalid"],
+                                       data["keep_changed"]), 9)
+    want = np.array(gigpo_ref(shaped, mask, groups, states, 0.9, 0.5, "mean_std_norm"))
+    for field in ("adv_low", "adv_high", "adv_term"):
+        np.testing.assert_allclose(np.asarray(getattr(out, field)), want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(out.boundary), mask)
+    assert spec.needs_groups and spec.needs_states and spec.value_heads == ()
+    default = get_estimator("gigpo").fn(TurnBatch(**data, group_ids=groups, state_ids=states), cfg)
+    np.testing.assert_allclose(np.asarray(default.adv_low),
+                               gigpo_ref(shaped, mask, groups, states, 0.9), rtol=1e-5, atol=1e-4)
+
+
+def test_gigpo_bad_inputs_fail_clearly():
+    batch = TurnBatch(**random_batch(np.random.default_rng(2), batch=4, turns=5), group_ids=np.zeros(4, int))
+    with pytest.raises(ValueError, match="state_ids"):
+        get_estimator("gigpo").fn(batch, HAEConfig())
+    with pytest.raises(ValueError, match="state_ids has shape"):
+        get_estimator("gigpo").fn(batch._replace(state_ids=np.zeros((4, 3), int)), HAEConfig())
+    with pytest.raises(ValueError, match="unknown option"):
+        get_estimator("gigpo", step_weigth=1.0)
+    with pytest.raises(ValueError, match="takes no options"):
+        get_estimator("grpo", mode="mean_norm")
+    with pytest.raises(ValueError, match="mode"):
+        GiGPOConfig(mode="std_norm")
+    with pytest.raises(ValueError, match="similarity"):
+        anchor_state_ids([["a"]], [0], 2, similarity=0.0)
+
+
+def test_anchor_state_ids_exact_and_similar():
+    observations = [["You see a fridge 1.", "Nothing happens.", "You see a fridge 1."],
+                    ["You see a fridge 1.", "You see a fridge 2."],
+                    ["Nothing happens."]]
+    exact = anchor_state_ids(observations, [0, 0, 1], 4)
+    assert exact.shape == (3, 4) and exact.dtype == np.int32
+    assert exact[0, 0] == exact[0, 2] == exact[1, 0]
+    assert len({exact[0, 0], exact[0, 1], exact[1, 1], exact[2, 0]}) == 4  # other group: own id
+    assert np.all(exact[1, 2:] == -1) and np.all(exact[2, 1:] == -1)
+    # "fridge 2" is one character away from "fridge 1": the same anchor at 0.9, not at 0.99.
+    similar = anchor_state_ids(observations, [0, 0, 1], 4, similarity=0.9)
+    assert similar[1, 1] == similar[0, 0] != similar[0, 1]
+    assert anchor_state_ids(observations, [0, 0, 1], 4, similarity=0.99)[1, 1] != similar[0, 0]
+    # Greedy against each cluster's first member, in trajectory-major order.
+    chain = anchor_state_ids([["aaaa", "aaab", "aabb"]], [0], 3, similarity=0.7)
+    assert chain[0, 0] == chain[0, 1] != chain[0, 2]
+    with pytest.raises(ValueError, match="num_turns"):
+        anchor_state_ids(observations, [0, 0, 1], 2)

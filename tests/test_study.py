@@ -130,6 +130,7 @@ def test_bad_study_config_names_the_field(tmp_path):
     study_lib.validate_study(study_config(run, tmp_path), check_paths=False)
 
 
+@pytest.mark.slow
 def test_small_study_runs_and_skips_finished_runs(word_checkpoint, tmp_path, capsys):
     run = word_config(word_checkpoint, tmp_path / "unused", iterations=10)
     run.advantage.rollouts_per_task = 4

@@ -73,7 +73,7 @@ def word_config(checkpoint, out_dir, estimator="hae", iterations=4):
     c.sampling.prompt_length_multiple = 256
     c.sampling.eval_temperature = 1.0
     c.advantage.estimator = estimator
-    c.advantage.rollouts_per_task = 4 if estimator in ("grpo", "rloo") else 1
+    c.advantage.rollouts_per_task = 4 if estimator in ("grpo", "rloo", "gigpo") else 1
     c.advantage.gamma = 0.95
     c.advantage.lam_turn = 0.95
     # A format error costs as much as success earns: the 64-wide model's tags are fragile, and

@@ -13,9 +13,10 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from hiper_jax.advantages import GIGPO_MODES
 from hiper_jax.hae import KEEP_PENALTY_MODES
 
-ESTIMATOR_NAMES = ("hae", "turn_gae", "grpo", "rloo")
+ESTIMATOR_NAMES = ("hae", "turn_gae", "grpo", "rloo", "gigpo")
 ENV_NAMES = ("alfworld", "webshop", "choose_word")
 DTYPES = ("float32", "bfloat16", "float16")
 CONSTRAINTS = ("none", "grammar")
@@ -66,7 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
         estimator="hae", gamma=1.0, lam_turn=1.0, lam_seg=0.95, bootstrap_truncated=True,
         keep_penalty=-0.3, keep_penalty_mode="normalized", invalid_action_penalty=0.1,
         keep_consistency_penalty=-0.3, normalize=True,
-        rollouts_per_task=1,        # > 1 groups rollouts of one task (needed by grpo/rloo)
+        rollouts_per_task=1,        # > 1 groups rollouts of one task (needed by grpo/rloo/gigpo)
+        gigpo_step_weight=1.0,      # gigpo: weight of the step-level (anchor state) advantage
+        gigpo_mode="mean_norm",     # gigpo: "mean_norm" (no std) or "mean_std_norm"
+        gigpo_similarity=1.0,       # gigpo: 1 = anchors are equal observations; < 1 = difflib ratio
     )
     c.ppo = dict(
         actor_lr=1e-6, critic_lr=1e-5, weight_decay=0.0, clip_ratio=0.2, dual_clip=3.0,
@@ -283,7 +287,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _require(adv.keep_penalty_mode in KEEP_PENALTY_MODES, "advantage.keep_penalty_mode",
              f"must be one of {KEEP_PENALTY_MODES}, got {adv.keep_penalty_mode!r}")
     _require(adv.rollouts_per_task >= 1, "advantage.rollouts_per_task", "must be >= 1")
-    if adv.estimator in ("grpo", "rloo"):
+    _require(adv.gigpo_mode in GIGPO_MODES, "advantage.gigpo_mode",
+             f"must be one of {GIGPO_MODES}, got {adv.gigpo_mode!r}")
+    _require(0 < adv.gigpo_similarity <= 1, "advantage.gigpo_similarity",
+             f"must be in (0, 1] (1 = exact match), got {adv.gigpo_similarity}")
+    if adv.estimator in ("grpo", "rloo", "gigpo"):
         _require(adv.rollouts_per_task >= 2, "advantage.rollouts_per_task",
                  f"must be >= 2 for the group-based estimator {adv.estimator!r}")
     _require(env.num_envs % adv.rollouts_per_task == 0, "env.num_envs",
@@ -323,6 +331,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
             if path:
                 _require(os.path.exists(path), field, f"path does not exist: {path}")
         _require(bool(model.checkpoint), "model.checkpoint", "must name a HF checkpoint directory")
+
+
+def estimator_options(adv: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword options for :func:`hiper_jax.advantages.get_estimator` from the ``advantage``
+    section (GiGPO's step weight and mode; none for the other estimators)."""
+    if adv.estimator == "gigpo":
+        return {"step_weight": float(adv.gigpo_step_weight), "mode": adv.gigpo_mode}
+    return {}
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

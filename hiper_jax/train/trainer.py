@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hiper_jax import distributed
-from hiper_jax.advantages import TurnBatch, get_estimator
+from hiper_jax.advantages import TurnBatch, anchor_state_ids, get_estimator
 from hiper_jax.agent.grammar import ResponseGrammar, forced_tokens
 from hiper_jax.agent.prompts import PromptConfig
 from hiper_jax.agent.spans import TokenBytes
@@ -43,6 +43,7 @@ from hiper_jax.rollout.collector import Collector, EnvSpec, FaultCounts, Rollout
 from hiper_jax.rollout.metrics import rollout_metrics
 from hiper_jax.rollout.packing import pack_tokens, pack_turns
 from hiper_jax.rollout.policies import LLMPolicy
+from hiper_jax.rollout.types import Trajectory
 from hiper_jax.train import checkpoints as checkpoint_lib
 from hiper_jax.train import config as config_lib
 from hiper_jax.train.logger import MetricsLogger
@@ -199,7 +200,7 @@ def _chunked(fn, token_arrays: tuple, row_arrays: tuple, rows: int, mesh=None, l
 def _estimate(spec, turn_batch: TurnBatch, hae_cfg: HAEConfig, mesh=None):
     """The estimator's output as NumPy. On a mesh with several batch shards, HAE and turn-GAE
     run under ``shard_map`` with trajectories split over the batch axes (normalisation
-    statistics reduced across devices); GRPO/RLOO need whole groups and run unsharded."""
+    statistics reduced across devices); GRPO/RLOO/GiGPO need whole groups and run unsharded."""
     shards = distributed.num_batch_shards(mesh) if mesh is not None else 1
     rows = np.shape(turn_batch.rewards)[0]
     if shards == 1 or spec.needs_groups or rows % shards:
@@ -216,6 +217,11 @@ def logp_mismatch(sampled: np.ndarray, recomputed: np.ndarray, mask: np.ndarray)
             "logp_mismatch_max": float(diff.max()) if diff.size else 0.0}
 
 
+def turn_observations(trajectories) -> list[list[str]]:
+    """The env observation each turn's prompt showed (its view's), per trajectory."""
+    return [[t.view.observation if t.view is not None else "" for t in traj.turns] for traj in trajectories]
+
+
 def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: qwen2.Qwen2Config,
                     cfg: ml_collections.ConfigDict, hae_cfg: HAEConfig, pad_id: int, mesh=None,
                     text_mask: Optional[np.ndarray] = None):
@@ -224,7 +230,7 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
     processes (each holds all trajectories; the passes run on the global mesh). ``text_mask``:
     the grammar's, when the trajectories were sampled with a constraint (log-probs are then
     those of the constrained distribution)."""
-    spec = get_estimator(cfg.advantage.estimator)
+    spec = get_estimator(cfg.advantage.estimator, **config_lib.estimator_options(cfg.advantage))
     rows = cfg.ppo.mini_batch_rows
     turns = pack_turns(trajectories, cfg.env.max_turns)
     tokens = pack_tokens(trajectories, pad_id, row_multiple=rows, length_multiple=cfg.ppo.length_multiple)
@@ -262,7 +268,10 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
     turn_batch = TurnBatch(
         rewards=turns.rewards, values_low=values_bt[..., 0], values_high=values_bt[..., 1],
         switch=turns.switch, dones=turns.dones, mask=turns.mask, values_term=values_bt[..., 2],
-        invalid=turns.invalid, keep_changed=turns.keep_changed, group_ids=turns.group_ids)
+        invalid=turns.invalid, keep_changed=turns.keep_changed, group_ids=turns.group_ids,
+        state_ids=anchor_state_ids(turn_observations(trajectories), turns.group_ids, cfg.env.max_turns,
+                                   cfg.advantage.gigpo_similarity)
+        if spec.needs_states else None)
     out = _estimate(spec, turn_batch, hae_cfg, mesh)
     advantages = np.asarray(assign_token_advantages(out, tokens.traj_index, tokens.turn_index,
                                                     tokens.action_mask, tokens.subgoal_mask,
@@ -421,10 +430,12 @@ class Trainer:
         policy.params = params
         return policy
 
-    def _collector(self, split: str) -> Collector:
+    def _collector(self, split: str | EnvSpec) -> Collector:
+        """A collector for ``"train"``, ``"eval"`` or another :class:`EnvSpec`."""
         cfg = self.config.env
-        return Collector(self.data[split], self.local_envs, self.prompt_cfg, self.tokenizer,
-                         self.token_bytes, cfg.max_turns, groups=2 if self.local_envs >= 2 else 1,
+        spec = self.data[split] if isinstance(split, str) else split
+        return Collector(spec, self.local_envs, self.prompt_cfg, self.tokenizer, self.token_bytes,
+                         cfg.max_turns, groups=2 if self.local_envs >= 2 else 1,
                          envs_per_worker=cfg.envs_per_worker, step_timeout_s=cfg.step_timeout_s,
                          max_replays=cfg.max_replays, max_lost_fraction=cfg.max_lost_fraction,
                          should_stop=lambda: self.stop_signal is not None)
@@ -569,14 +580,30 @@ class Trainer:
         num_tasks = self.data["num_eval_tasks"]
         if cfg.train.eval_episodes:
             num_tasks = min(num_tasks, cfg.train.eval_episodes)
-        policy = self._policy(cfg.sampling.eval_temperature)
-        trajectories = []
         key = jax.random.fold_in(jax.random.key(cfg.train.seed + 1), iteration)
-        for start in range(0, num_tasks, cfg.env.num_envs):
-            tasks = [(start + k) % num_tasks for k in range(cfg.env.num_envs)]
-            batch, _ = self._collect(collector, policy, tasks, jax.random.fold_in(key, start))
-            trajectories.extend(batch[: num_tasks - start])
+        trajectories = self.play_tasks(collector, list(range(num_tasks)), key, cfg.sampling.eval_temperature)
         return {f"eval/{k}": v for k, v in rollout_metrics(trajectories).items()}
+
+    def play_tasks(self, collector: Collector | EnvSpec, tasks: list[int], key: jax.Array,
+                   temperature: float, progress: bool = False) -> list[Trajectory]:
+        """Plays each of ``tasks`` once with the current actor at ``temperature``, in batches
+        of ``env.num_envs`` (the last one filled up with repeats); returns the trajectories in
+        task order. ``collector``: an open one (kept open), or the :class:`EnvSpec` of the
+        tasks (a collector is opened for the call)."""
+        if isinstance(collector, EnvSpec):
+            with self._collector(collector) as opened:
+                return self.play_tasks(opened, tasks, key, temperature, progress)
+        policy = self._policy(temperature)
+        num_envs = self.config.env.num_envs
+        trajectories = []
+        bar = tqdm(total=len(tasks), desc="episodes", disable=not (progress and self.is_main))
+        for start in range(0, len(tasks), num_envs):
+            chunk = [tasks[(start + k) % len(tasks)] for k in range(num_envs)]
+            batch, _ = self._collect(collector, policy, chunk, jax.random.fold_in(key, start))
+            trajectories.extend(batch[: len(tasks) - start])
+            bar.update(min(num_envs, len(tasks) - start))
+        bar.close()
+        return trajectories
 
     def train_iteration(self, iteration: int, collector: Collector) -> dict[str, Any]:
         """One collect + update iteration; returns its metrics."""

@@ -37,6 +37,7 @@ def check_against_demos(trajectories, demos, tokenizer):
     for traj, demo in zip(trajectories, demos):
         assert traj.num_turns == demo["num_turns"]
         assert [turn.action for turn in traj.turns] == [t["action"] for t in demo["turns"]]
+        assert [turn.view.observation for turn in traj.turns] == [t["observation"] for t in demo["turns"]]
         assert [turn.switch for turn in traj.turns] == [t["switch"] == "SWITCH" for t in demo["turns"]]
         assert all(turn.format_valid and not turn.invalid for turn in traj.turns)
         assert traj.turns[-1].done and not any(turn.done for turn in traj.turns[:-1])

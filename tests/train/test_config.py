@@ -22,6 +22,9 @@ def test_base_config_is_valid(tmp_path):
     (lambda c: c.advantage.__setattr__("gamma", 1.5), "advantage.gamma"),
     (lambda c: c.advantage.__setattr__("estimator", "ppo"), "advantage.estimator"),
     (lambda c: c.advantage.__setattr__("estimator", "grpo"), "advantage.rollouts_per_task"),
+    (lambda c: c.advantage.__setattr__("estimator", "gigpo"), "advantage.rollouts_per_task"),
+    (lambda c: c.advantage.__setattr__("gigpo_mode", "std_norm"), "advantage.gigpo_mode"),
+    (lambda c: c.advantage.__setattr__("gigpo_similarity", 0.0), "advantage.gigpo_similarity"),
     (lambda c: c.advantage.__setattr__("keep_penalty_mode", "scaled"), "advantage.keep_penalty_mode"),
     (lambda c: c.model.__setattr__("checkpoint", "/no/such/dir"), "model.checkpoint"),
     (lambda c: c.model.__setattr__("critic", "none"), "model.critic"),
@@ -96,3 +99,19 @@ def test_an_unknown_command_line_key_is_one_line():
                              "--config.train.seeds=1"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: config field train.seeds: unknown key; the closest valid key is train.seed"
+
+
+def test_gigpo_options_reach_the_estimator(tmp_path):
+    from hiper_jax.advantages import GiGPOConfig, get_estimator
+    from hiper_jax.train.config import estimator_options
+
+    config = valid_config(tmp_path)
+    config.advantage.estimator = "gigpo"
+    config.advantage.rollouts_per_task = 4
+    config.advantage.gigpo_step_weight = 0.25
+    config.advantage.gigpo_mode = "mean_std_norm"
+    validate(config)
+    spec = get_estimator("gigpo", **estimator_options(config.advantage))
+    assert spec.fn.keywords["options"] == GiGPOConfig(step_weight=0.25, mode="mean_std_norm")
+    config.advantage.estimator = "hae"
+    assert estimator_options(config.advantage) == {}

@@ -53,6 +53,7 @@ def compare_records(single, multi):
                 assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (a["iteration"], key)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_restore_on_another_mesh(word_checkpoint, tmp_path):
     config_path = write_config(tmp_path, word_checkpoint)
     single, multi = tmp_path / "single", tmp_path / "multi"
