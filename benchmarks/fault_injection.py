@@ -39,12 +39,20 @@ ENV_ID = "hiper_bench/KillingEnv-v0"
 # --- the injected env (runs in env worker processes) ---------------------------------------------
 
 _IN_PROGRESS: dict[int, str] = {}  # id(env) -> episode key, for every env of this process
+# Episodes that ended inside the worker command being served: their last step's result goes back
+# only with the whole command's answer, so a kill before that answer cuts them too.
+_ENDED_IN_COMMAND: dict[int, str] = {}
+_PROCESS = {"envs": 0, "last_local": -1}
 
 
 class KillingEnv(gymnasium.Env):
     """``inner_id`` (e.g. ``hiper/ALFWorld-v0``) whose ``step`` kills its worker process with
-    probability ``kill_prob``, after appending the episodes in progress here to
-    ``log_dir/kills-<attempt>.jsonl``."""
+    probability ``kill_prob``, after appending the episodes that kill cuts to
+    ``log_dir/kills-<attempt>.jsonl``: those in progress in this process, and those that ended
+    within the command being served (an env worker answers a command for all its envs at once).
+
+    A worker steps its envs in the order they were made, so a step of an env made no later than
+    the last one stepped starts a new command; a reset follows every answered command."""
 
     def __init__(self, inner_id: str, log_dir: str, attempt: int, kill_prob: float, seed: int = 0, **kwargs):
         import hiper_envs  # noqa: F401 - registers the inner ids
@@ -55,24 +63,31 @@ class KillingEnv(gymnasium.Env):
         self.kill_prob = kill_prob
         self.rng = np.random.default_rng([seed, attempt, os.getpid(), id(self) % 100_003])
         self.episode = 0
+        self.local = _PROCESS["envs"]
+        _PROCESS["envs"] += 1
 
     def reset(self, *, seed=None, options=None):
+        _ENDED_IN_COMMAND.clear()  # every earlier command was answered
+        _PROCESS["last_local"] = -1
         obs, info = self.inner.reset(seed=seed, options=options)
         self.episode += 1
         _IN_PROGRESS[id(self)] = f"{os.getpid()}:{id(self)}:{self.episode}:{options}"
         return obs, info
 
     def step(self, action):
+        if self.local <= _PROCESS["last_local"]:  # a new command: the previous one was answered
+            _ENDED_IN_COMMAND.clear()
+        _PROCESS["last_local"] = self.local
         if self.rng.random() < self.kill_prob:
+            cut = sorted({*_IN_PROGRESS.values(), *_ENDED_IN_COMMAND.values()})
             with open(self.log_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"pid": os.getpid(), "time": time.time(),
-                                         "episodes_cut": sorted(_IN_PROGRESS.values())}) + "\n")
+                handle.write(json.dumps({"pid": os.getpid(), "time": time.time(), "episodes_cut": cut}) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
             os.kill(os.getpid(), signal.SIGKILL)
         obs, reward, terminated, truncated, info = self.inner.step(action)
         if terminated or truncated:
-            _IN_PROGRESS.pop(id(self), None)
+            _ENDED_IN_COMMAND[id(self)] = _IN_PROGRESS.pop(id(self))
         return obs, reward, terminated, truncated, info
 
     def close(self):
@@ -103,6 +118,9 @@ def _attempt(args) -> None:
     config.train.out_dir = os.path.join(args.out, "run")
     config.train.resume = args.attempt > 0
     config.train.tensorboard = False
+    # Kills this frequent can cut most of one rollout's episodes; the lost-fraction limit (tested
+    # in the collector's tests) would stop the run that this script checks for recovery.
+    config.env.max_lost_fraction = 1.0
     audit_path = os.path.join(args.out, f"audit-{args.attempt}.jsonl")
 
     def audit(record: dict) -> None:
