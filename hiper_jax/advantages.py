@@ -95,41 +95,48 @@ def turn_gae(
     return adv, jnp.where(mask, adv + v, 0.0)
 
 
-def _group_stats(values: Array, group_ids: Array) -> tuple[Array, Array, Array]:
-    """Per-row group count, sum and sum of squares; ``values``/``group_ids``: ``[B]``."""
+def _group_stats(values: Array, group_ids: Array, present: Optional[Array] = None
+                 ) -> tuple[Array, Array, Array]:
+    """Per-row group count, sum and sum of squares over the rows that are ``present``;
+    ``values``/``group_ids``/``present``: ``[B]`` (``present`` None: every row)."""
     num_segments = values.shape[0]
-    count = jax.ops.segment_sum(jnp.ones_like(values), group_ids, num_segments)[group_ids]
-    total = jax.ops.segment_sum(values, group_ids, num_segments)[group_ids]
-    total_sq = jax.ops.segment_sum(values * values, group_ids, num_segments)[group_ids]
+    weight = jnp.ones_like(values) if present is None else jnp.asarray(present, values.dtype)
+    count = jax.ops.segment_sum(weight, group_ids, num_segments)[group_ids]
+    total = jax.ops.segment_sum(weight * values, group_ids, num_segments)[group_ids]
+    total_sq = jax.ops.segment_sum(weight * values * values, group_ids, num_segments)[group_ids]
     return count, total, total_sq
 
 
-def grpo_advantages(returns: Array, group_ids: Array, eps: float = 1e-6) -> Array:
+def grpo_advantages(returns: Array, group_ids: Array, eps: float = 1e-6,
+                    present: Optional[Array] = None) -> Array:
     """GRPO: ``(R_i - mean_g) / (std_g + eps)`` with the unbiased group std (0 for a lone row).
 
     Args:
       returns: ``[B]`` episode returns.  group_ids: ``[B]`` ints in ``[0, B)``.
+      present: ``[B]`` bool, rows that count in the group statistics (None: all); an episode
+        lost to an env fault has no turns and must not pull its group's mean to 0.
     Returns:
       ``[B]`` float32 advantages.
     """
     returns = jnp.asarray(returns, jnp.float32)
-    count, total, total_sq = _group_stats(returns, group_ids)
+    count, total, total_sq = _group_stats(returns, group_ids, present)
     mean = total / count
     var = jnp.maximum(total_sq - count * mean * mean, 0.0) / jnp.maximum(count - 1.0, 1.0)
     std = jnp.where(count > 1, jnp.sqrt(var), 0.0)
     return (returns - mean) / (std + eps)
 
 
-def rloo_advantages(returns: Array, group_ids: Array) -> Array:
+def rloo_advantages(returns: Array, group_ids: Array, present: Optional[Array] = None) -> Array:
     """RLOO: ``R_i - mean_{j != i in group} R_j`` (0 for a lone row).
 
     Args:
       returns: ``[B]`` episode returns.  group_ids: ``[B]`` ints in ``[0, B)``.
+      present: ``[B]`` bool, rows that count in the group statistics (None: all).
     Returns:
       ``[B]`` float32 advantages.
     """
     returns = jnp.asarray(returns, jnp.float32)
-    count, total, _ = _group_stats(returns, group_ids)
+    count, total, _ = _group_stats(returns, group_ids, present)
     others_mean = (total - returns) / jnp.maximum(count - 1.0, 1.0)
     return jnp.where(count > 1, returns - others_mean, 0.0)
 
@@ -355,7 +362,8 @@ def _episode_estimator(advantage_fn: Callable[[Array, Array], Array]):
 def _episode_jit(batch: TurnBatch, *, cfg: HAEConfig, advantage_fn) -> HAEOutput:
     shaped, mask = _shaped(batch, cfg)
     returns = shaped.sum(axis=1)
-    adv = jnp.where(mask, advantage_fn(returns, jnp.asarray(batch.group_ids))[:, None], 0.0)
+    present = mask.any(axis=1)  # rows without turns (lost episodes, padding) join no group
+    adv = jnp.where(mask, advantage_fn(returns, jnp.asarray(batch.group_ids), present=present)[:, None], 0.0)
     return _flat_output(adv, jnp.zeros_like(adv), mask)
 
 

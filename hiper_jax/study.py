@@ -121,7 +121,7 @@ def run_study(config: ml_collections.ConfigDict, progress: bool = True,
               variance: bool = True) -> dict:
     """Runs (or finishes) every run of the study, then the gradient-variance measurement, then
     writes the summary; returns :func:`summarize`'s result."""
-    from hiper_jax.train.trainer import Trainer
+    from hiper_jax.train.trainer import EXIT_INTERRUPTED, Trainer
 
     validate_study(config)
     os.makedirs(config.study.out_dir, exist_ok=True)
@@ -133,7 +133,11 @@ def run_study(config: ml_collections.ConfigDict, progress: bool = True,
                 print(f"{estimator} seed {seed}: finished earlier, skipped")
                 continue
             print(f"{estimator} seed {seed}: training into {directory}")
-            Trainer(run_config(config, estimator, seed), progress=progress).run()
+            trainer = Trainer(run_config(config, estimator, seed), progress=progress)
+            trainer.run()
+            if trainer.stop_signal is not None:  # checkpointed: the next call resumes this run
+                print(f"{estimator} seed {seed}: stopped by a signal; run the study again to resume")
+                raise SystemExit(EXIT_INTERRUPTED)
     if variance and config.study.variance_estimators:
         path = os.path.join(config.study.out_dir, "gradient_variance.json")
         if not os.path.exists(path):

@@ -59,3 +59,50 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int = 1024, min_frequ
         additional_special_tokens=[IM_START],
         clean_up_tokenization_spaces=False,
     )
+
+
+# The JSON files `AutoTokenizer` may read from a tokenizer directory.
+_TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                         "added_tokens.json", "vocab.json", "config.json")
+
+
+class TokenizerFileError(ValueError):
+    """A tokenizer directory cannot be loaded; the message names the file (and field)."""
+
+
+def load_tokenizer(path: str):
+    """``AutoTokenizer.from_pretrained(path)`` with errors that name the bad file.
+
+    Every JSON file of the directory is parsed first, so a truncated ``tokenizer.json`` reports
+    its path and position instead of a bare ``JSONDecodeError``; ``tokenizer.json`` must hold a
+    ``model`` object.
+
+    Raises:
+      FileNotFoundError: ``path`` is not a directory.
+      TokenizerFileError: a file is not valid JSON, lacks a required field, or the tokenizer
+        cannot be built from the files.
+    """
+    import json
+    import os
+
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    for name in _TOKENIZER_JSON_FILES:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        try:
+            with open(file, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise TokenizerFileError(f"{file}: not valid JSON ({error})") from None
+        if name == "tokenizer.json" and not (isinstance(data, dict) and isinstance(data.get("model"), dict)):
+            raise TokenizerFileError(f"{file}: field 'model' must be an object (the tokenizer's "
+                                     "vocabulary and merges)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as error:  # noqa: BLE001 - reported with the directory; the cause is chained
+        raise TokenizerFileError(f"{path}: cannot load the tokenizer "
+                                 f"({type(error).__name__}: {error})") from error

@@ -127,6 +127,25 @@ def test_registry():
     np.testing.assert_array_equal(np.asarray(hae.adv_high), np.asarray(direct.adv_high))
 
 
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_a_row_without_turns_joins_no_group(name):
+    """An episode lost to an env fault arrives with no turns: its group's other rollouts get the
+    advantages they would get without it, and it gets none."""
+    rng = np.random.default_rng(15)
+    batch = random_batch(rng, batch=8, turns=6)
+    batch["mask"][:, 0] = True
+    group_ids = np.repeat(np.arange(2), 4)
+    cfg = HAEConfig()
+    spec = get_estimator(name)
+    lost = {k: v.copy() for k, v in batch.items()}
+    lost["mask"][2] = False
+    with_lost = spec.fn(TurnBatch(**lost, group_ids=group_ids), cfg)
+    kept = [b for b in range(8) if b != 2]
+    without = spec.fn(TurnBatch(**{k: v[kept] for k, v in batch.items()}, group_ids=group_ids[kept]), cfg)
+    np.testing.assert_allclose(np.asarray(with_lost.adv_low)[kept], np.asarray(without.adv_low), atol=1e-5)
+    assert not np.asarray(with_lost.adv_low)[2].any()
+
+
 # --- GiGPO ----------------------------------------------------------------------------------
 
 # Jitted once per shape and mode: run op by op, its segment sums and sort would compile every

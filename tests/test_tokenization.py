@@ -38,3 +38,33 @@ def test_encoding_survives_save_and_load_next_to_a_qwen2_config(tmp_path):
     messages = [{"role": "user", "content": "hi"}]
     assert (after_config.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             == trained.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def test_a_damaged_tokenizer_directory_names_the_file(tmp_path):
+    import json
+    import shutil
+
+    import pytest
+
+    from hiper_jax.tiny import TINY_ALFWORLD
+    from hiper_jax.tokenization import TokenizerFileError, load_tokenizer
+
+    path = tmp_path / "tok"
+    shutil.copytree(TINY_ALFWORLD, path)
+    assert len(load_tokenizer(str(path))) > 256
+    tokenizer_file = path / "tokenizer.json"
+    text = tokenizer_file.read_text()
+    tokenizer_file.write_text(text[: len(text) // 2])
+    with pytest.raises(TokenizerFileError, match=r"tok/tokenizer\.json: not valid JSON \(.*line \d+"):
+        load_tokenizer(str(path))
+    data = json.loads(text)
+    del data["model"]
+    tokenizer_file.write_text(json.dumps(data))
+    with pytest.raises(TokenizerFileError, match=r"tokenizer\.json: field 'model' must be an object"):
+        load_tokenizer(str(path))
+    tokenizer_file.write_text(text)
+    (path / "tokenizer_config.json").write_text("{")
+    with pytest.raises(TokenizerFileError, match=r"tokenizer_config\.json: not valid JSON"):
+        load_tokenizer(str(path))
+    with pytest.raises(FileNotFoundError, match="tokenizer directory not found"):
+        load_tokenizer(str(tmp_path / "nowhere"))

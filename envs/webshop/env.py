@@ -13,7 +13,8 @@ WebShop reward 1), ``task`` (the instruction), ``task_type`` (the goal's product
 ``goal_id``, ``page`` and ``pos_tagger`` (which title-noun tagger the reward uses). The reward
 is `success_reward` (10, HiPER's setting) on a won purchase and 0 otherwise, or WebShop's reward
 itself with ``reward_type="score"``. Episodes end on "buy now" and are truncated after
-`max_steps` actions (15).
+`max_steps` actions (15). As in ALFWorld, ``step`` before the first ``reset`` or after the
+episode ended (either way) raises ``RuntimeError`` until ``reset`` is called.
 
 The catalog is generated (``num_products``, default 1000; ``catalog_seed``; ``verbosity``) or
 read from ``data_dir`` (official WebShop files or generated ones; ``num_products`` keeps the
@@ -101,6 +102,7 @@ class WebShopEnv(gymnasium.Env[str, str]):
         self.session = pages.Session()
         self.num_steps = 0
         self._details: RewardDetails | None = None
+        self._ended: bool | None = None  # None: never reset
 
     def _load_catalog(self) -> Catalog:
         k = self._kwargs
@@ -143,12 +145,15 @@ class WebShopEnv(gymnasium.Env[str, str]):
         self.session = pages.Session()
         self.num_steps = 0
         self._details = None
+        self._ended = False
         return self._observation(), self._info(invalid=False)
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
         """Apply one action; invalid actions (any string at all) leave the page unchanged."""
-        if self.session.page == "done":
-            return self._observation(), 0.0, True, False, self._info(invalid=True)
+        if self._ended is None:
+            raise RuntimeError("call reset() before step()")
+        if self._ended:
+            raise RuntimeError("the episode has ended; call reset()")
         self.num_steps += 1
         valid = pages.step(self.session, self.catalog, action)
         reward = 0.0
@@ -162,6 +167,7 @@ class WebShopEnv(gymnasium.Env[str, str]):
             )
         terminated = self.session.page == "done"
         truncated = not terminated and self.num_steps >= self.max_steps
+        self._ended = terminated or truncated
         return self._observation(), float(reward), terminated, truncated, self._info(invalid=not valid)
 
     def render(self) -> str | None:
@@ -203,12 +209,12 @@ class WebShopEnv(gymnasium.Env[str, str]):
     def __getstate__(self) -> dict[str, Any]:
         return {
             "kwargs": self._kwargs,
-            "episode": (self.goal_index, self.session, self.num_steps, self._details),
+            "episode": (self.goal_index, self.session, self.num_steps, self._details, self._ended),
             "np_random": self._np_random,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state["kwargs"])
-        self.goal_index, self.session, self.num_steps, self._details = state["episode"]
+        self.goal_index, self.session, self.num_steps, self._details, self._ended = state["episode"]
         self.goal = self.goals[self.goal_index]
         self._np_random = state["np_random"]

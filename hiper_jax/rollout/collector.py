@@ -4,13 +4,21 @@ Envs live in host worker processes (:class:`~hiper_jax.rollout.env_pool.EnvPool`
 ``groups=2`` the envs are split into two halves, each with its own pool, and the halves are
 pipelined: while the device generates for one half, the host steps the other half's envs and
 builds its prompts. Every call of :meth:`Collector.run` plays one episode per env.
+
+Episodes cut by a fault (the env's worker died or hung and was restarted, or the env raised)
+are never returned as ordinary truncated episodes: each is played again from its start, on the
+same task with a fresh worker, up to ``max_replays`` times, and otherwise returned with no turns
+and ``lost=True`` (its batch row stays masked). The counts are in :class:`RolloutStats` and
+accumulate in :attr:`Collector.faults`; a rollout that loses more than ``max_lost_fraction`` of
+its episodes raises :class:`RolloutFaultError`. ``should_stop`` (checked after every env step)
+abandons a rollout with :class:`RolloutInterrupted`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -51,6 +59,7 @@ class _Episode:
     turns: list = dataclasses.field(default_factory=list)
     won: bool = False
     done: bool = False
+    lost: Optional[str] = None  # why a fault cut the episode short (None: not cut)
     info: dict = dataclasses.field(default_factory=dict)  # the kept info keys of the last step
 
     def view(self) -> AgentView:
@@ -59,14 +68,56 @@ class _Episode:
                          history=list(self.history), admissible_subgoals=list(self.subgoals))
 
 
+class RolloutFaultError(RuntimeError):
+    """Too many episodes of one rollout were cut by env worker faults."""
+
+
+class RolloutInterrupted(Exception):
+    """The rollout was abandoned because ``should_stop`` asked for it (e.g. after SIGTERM)."""
+
+
+@dataclasses.dataclass
+class FaultCounts:
+    """Env faults seen by a collector (cumulative) or one rollout.
+
+    Attributes:
+      worker_restarts: env worker processes restarted after dying, hanging or failing to reset.
+      lost_episodes: episode plays cut short by a fault (a replay cut again counts again).
+      replayed_episodes: replays of lost episodes that were played to their end.
+      dropped_episodes: episodes given up after ``max_replays`` replays (masked rows).
+      last_error: the first line of the last fault's error ("" when none).
+    """
+
+    worker_restarts: int = 0
+    lost_episodes: int = 0
+    replayed_episodes: int = 0
+    dropped_episodes: int = 0
+    last_error: str = ""
+
+    def add(self, other: "FaultCounts") -> None:
+        self.worker_restarts += other.worker_restarts
+        self.lost_episodes += other.lost_episodes
+        self.replayed_episodes += other.replayed_episodes
+        self.dropped_episodes += other.dropped_episodes
+        self.last_error = other.last_error or self.last_error
+
+    def metrics(self) -> dict[str, float]:
+        """``rollout/...`` metric keys and values."""
+        return {"rollout/worker_restarts": float(self.worker_restarts),
+                "rollout/lost_episodes": float(self.lost_episodes),
+                "rollout/replayed_episodes": float(self.replayed_episodes),
+                "rollout/dropped_episodes": float(self.dropped_episodes)}
+
+
 @dataclasses.dataclass
 class RolloutStats:
-    """Timing of one :meth:`Collector.run`."""
+    """Timing and faults of one :meth:`Collector.run` (``turns`` counts kept episodes' turns)."""
 
     wall_s: float
     device_busy_s: float
     env_step_s: float
     turns: int
+    faults: FaultCounts = dataclasses.field(default_factory=FaultCounts)
 
     @property
     def device_busy_fraction(self) -> float:
@@ -75,6 +126,12 @@ class RolloutStats:
     @property
     def turns_per_s(self) -> float:
         return self.turns / max(self.wall_s, 1e-9)
+
+
+def _error_summary(error: str) -> str:
+    """The last non-empty line of a traceback (the exception), else its first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def _busy_time(intervals: list[tuple[float, float]]) -> float:
@@ -98,16 +155,29 @@ class Collector:
       max_turns: turns per episode at most (the env is also built with ``max_steps``).
       groups: 1, or 2 to pipeline generation of one half with env stepping of the other.
       envs_per_worker, step_timeout_s: passed to the env pools.
+      max_replays: replays of an episode cut by a fault before it is dropped (0: drop at once).
+      max_lost_fraction: raise :class:`RolloutFaultError` when more than this fraction of a
+        rollout's episodes is cut by faults (1: never).
+      should_stop: called after every env step; True abandons the rollout
+        (:class:`RolloutInterrupted`).
       info_keys: env ``info`` entries to keep in each turn's record (``TurnRecord.env_info``,
         as they stood before the action), e.g. ``("expert_action", "expert_subgoal")``.
     """
 
     def __init__(self, spec: EnvSpec, num_envs: int, prompt_cfg: PromptConfig, tokenizer,
                  token_bytes: TokenBytes, max_turns: int, groups: int = 2,
-                 envs_per_worker: int = 4, step_timeout_s: float = 60.0,
+                 envs_per_worker: int = 4, step_timeout_s: float = 60.0, max_replays: int = 2,
+                 max_lost_fraction: float = 1.0, should_stop: Optional[Callable[[], bool]] = None,
                  info_keys: Sequence[str] = ()):
         if groups not in (1, 2) or num_envs < groups:
             raise ValueError(f"groups must be 1 or 2 and at most num_envs={num_envs}, got {groups}")
+        if max_replays < 0 or not 0 <= max_lost_fraction <= 1:
+            raise ValueError(f"need max_replays >= 0 and max_lost_fraction in [0, 1], got "
+                             f"{max_replays}, {max_lost_fraction}")
+        self.max_replays = max_replays
+        self.max_lost_fraction = max_lost_fraction
+        self.should_stop = should_stop
+        self.faults = FaultCounts()
         self.spec = spec
         self.num_envs = num_envs
         self.prompt_cfg = prompt_cfg
@@ -139,45 +209,104 @@ class Collector:
 
     def run(self, policy, task_indices: Sequence[int], key: jax.Array,
             group_ids: Optional[Sequence[int]] = None) -> tuple[list[Trajectory], RolloutStats]:
-        """Plays one episode per env on the given tasks; returns trajectories in env order."""
+        """Plays one episode per env on the given tasks; returns trajectories in env order.
+
+        Raises:
+          RolloutFaultError: more than ``max_lost_fraction`` of the episodes were cut by faults.
+          RolloutInterrupted: ``should_stop()`` became true.
+        """
         if len(task_indices) != self.num_envs:
             raise ValueError(f"need {self.num_envs} task indices, got {len(task_indices)}")
         start = time.perf_counter()
+        restarts_before = self._worker_restarts()
         episodes = [_Episode() for _ in range(self.num_envs)]
-        for g, rows in enumerate(self.group_rows):
-            options = [{self.spec.task_option: int(task_indices[i])} for i in rows]
-            for i, (obs, info) in zip(rows, self.pools[g].reset(seeds=[int(task_indices[i]) for i in rows],
-                                                                  options=options)):
-                episodes[i].task = str(info.get("task", ""))
-                episodes[i].task_type = str(info.get("task_type", ""))
-                episodes[i].game = info.get("gamefile", info.get("goal_id"))
-                episodes[i].observation = obs
-                episodes[i].admissible = list(info.get("admissible_actions", ()))
-                episodes[i].subgoals = list(info.get("admissible_subgoals", ()))
-                episodes[i].info = {k: info.get(k) for k in self.info_keys}
+        rows = list(range(self.num_envs))
         intervals: list[tuple[float, float]] = []
-        env_step_s = 0.0
-        pending = {}
-        for g in range(len(self.group_rows)):
-            pending[g] = self._dispatch(g, policy, episodes, key)
-        while pending:
-            for g in list(pending):
-                handle, rows, inputs = pending.pop(g)
-                responses = handle.result()
-                intervals.append((handle.dispatched_at, handle.done_at))
-                step_start = time.perf_counter()
-                self._apply(g, rows, inputs, responses, episodes)
-                env_step_s += time.perf_counter() - step_start
-                if any(not episodes[i].done for i in self.group_rows[g]):
-                    pending[g] = self._dispatch(g, policy, episodes, key)
+        timing = {"env_step_s": 0.0}
+        faults = FaultCounts()
+        self._play(policy, episodes, rows, task_indices, key, intervals, timing)
+        lost = [i for i in rows if episodes[i].lost]
+        faults.lost_episodes = len(lost)
+        if lost:
+            faults.last_error = _error_summary(episodes[lost[-1]].lost)
+        if len(lost) > self.max_lost_fraction * self.num_envs:
+            faults.worker_restarts = self._worker_restarts() - restarts_before
+            self.faults.add(faults)
+            raise RolloutFaultError(
+                f"{len(lost)} of {self.num_envs} episodes were cut by env worker faults "
+                f"({faults.worker_restarts} worker restarts), more than env.max_lost_fraction="
+                f"{self.max_lost_fraction}; last error: {faults.last_error}")
+        for replay in range(1, self.max_replays + 1):
+            if not lost:
+                break
+            for i in lost:
+                episodes[i] = _Episode()
+            self._play(policy, episodes, lost, task_indices, jax.random.fold_in(key, 1_000_003 * replay),
+                       intervals, timing)
+            still_lost = [i for i in lost if episodes[i].lost]
+            faults.lost_episodes += len(still_lost)
+            faults.replayed_episodes += len(lost) - len(still_lost)
+            if still_lost:
+                faults.last_error = _error_summary(episodes[still_lost[-1]].lost)
+            lost = still_lost
+        faults.dropped_episodes = len(lost)
+        faults.worker_restarts = self._worker_restarts() - restarts_before
+        self.faults.add(faults)
         trajectories = [
-            Trajectory(turns=e.turns, task=e.task, task_type=e.task_type, won=e.won,
-                       group_id=int(group_ids[i]) if group_ids is not None else i, game=e.game)
+            Trajectory(turns=[] if e.lost else e.turns, task=e.task, task_type=e.task_type,
+                       won=e.won and not e.lost,
+                       group_id=int(group_ids[i]) if group_ids is not None else i, game=e.game,
+                       lost=e.lost is not None)
             for i, e in enumerate(episodes)
         ]
         stats = RolloutStats(wall_s=time.perf_counter() - start, device_busy_s=_busy_time(intervals),
-                             env_step_s=env_step_s, turns=sum(t.num_turns for t in trajectories))
+                             env_step_s=timing["env_step_s"],
+                             turns=sum(t.num_turns for t in trajectories), faults=faults)
         return trajectories, stats
+
+    def _worker_restarts(self) -> int:
+        return sum(pool.restarts for pool in self.pools)
+
+    def _play(self, policy, episodes: list[_Episode], rows: Sequence[int], task_indices: Sequence[int],
+              key: jax.Array, intervals: list, timing: dict) -> None:
+        """Resets the envs of ``rows`` on their tasks and plays them to the end; the other
+        episodes must be done already."""
+        rows = set(rows)
+        for g, group in enumerate(self.group_rows):
+            mine = [i for i in group if i in rows]
+            if not mine:
+                continue
+            local = [i - group[0] for i in mine]
+            options = [{self.spec.task_option: int(task_indices[i])} for i in mine]
+            answers = self.pools[g].reset(seeds=[int(task_indices[i]) for i in mine], options=options,
+                                          indices=local)
+            for i, (obs, info) in zip(mine, answers):
+                episode = episodes[i]
+                episode.task = str(info.get("task", ""))
+                episode.task_type = str(info.get("task_type", ""))
+                episode.game = info.get("gamefile", info.get("goal_id"))
+                episode.observation = obs
+                episode.admissible = list(info.get("admissible_actions", ()))
+                episode.subgoals = list(info.get("admissible_subgoals", ()))
+                episode.info = {k: info.get(k) for k in self.info_keys}
+                if info.get("env_crashed") or info.get("env_error"):  # the reset itself failed
+                    episode.lost, episode.done = str(info.get("error", "reset failed")), True
+        pending = {}
+        for g in range(len(self.group_rows)):
+            if any(not episodes[i].done for i in self.group_rows[g]):
+                pending[g] = self._dispatch(g, policy, episodes, key)
+        while pending:
+            for g in list(pending):
+                handle, active, inputs = pending.pop(g)
+                responses = handle.result()
+                intervals.append((handle.dispatched_at, handle.done_at))
+                step_start = time.perf_counter()
+                self._apply(g, active, inputs, responses, episodes)
+                timing["env_step_s"] += time.perf_counter() - step_start
+                if self.should_stop is not None and self.should_stop():
+                    raise RolloutInterrupted("the rollout was stopped between env steps")
+                if any(not episodes[i].done for i in self.group_rows[g]):
+                    pending[g] = self._dispatch(g, policy, episodes, key)
 
     def _dispatch(self, g: int, policy, episodes: list[_Episode], key: jax.Array):
         rows = [i for i in self.group_rows[g] if not episodes[i].done]
@@ -209,6 +338,11 @@ class Collector:
             parsed, decision = decisions[i]
             result = results[local[i]]
             info = result.info
+            if info.get("env_crashed") or info.get("env_error"):
+                # The env never completed this step (its worker died, hung or raised): the
+                # episode is cut, not truncated, and is replayed or dropped by run().
+                episode.lost, episode.done = str(info.get("error", "env worker fault")), True
+                continue
             last_turn = len(episode.turns) + 1 >= self.max_turns
             ids = np.asarray(responses.token_ids[k], np.int32)
             allowed = responses.allowed[k] if responses.allowed is not None else (None, None)

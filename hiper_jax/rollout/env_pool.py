@@ -25,13 +25,22 @@ an env is caught in the worker and reported the same way for that env alone. An 
 fails (its exception, or its worker crashing twice) answers `("", info)` with the error and
 stays done, its step results repeating that, until a `reset` succeeds; a worker that cannot be
 restarted is retried at the next call that needs it.
+
+Shutdown belongs to the parent: workers ignore SIGINT and SIGTERM, so a signal sent to the
+whole process group (Ctrl-C, `timeout`, Slurm, systemd, preemption scripts) cannot cut their
+episodes short while the parent finishes its step and closes them. A worker whose parent dies
+exits too (the kernel kills it on Linux; elsewhere it exits when it finds the pipe closed).
+Linux ties that to the thread that started the worker, so use a pool from a thread that
+outlives it (the main thread, as the collector does).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import multiprocessing
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -76,9 +85,23 @@ def _error_text(error: BaseException) -> str:
     return "".join(traceback.format_exception(type(error), error, error.__traceback__))
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Asks Linux to SIGKILL this process when its parent dies (even one stuck in an env step)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # no libc symbol: the closed pipe still ends the loop
+            pass
+
+
 def _worker_main(conn: Connection, factories: Sequence[EnvFactory], auto_reset: bool) -> None:
     """Worker loop: owns `len(factories)` envs; answers ("reset"|"step", payload) requests."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the parent owns shutdown (module doc)
+        signal.signal(signum, signal.SIG_IGN)
+    _die_with_parent()
     try:
         envs = [factory() for factory in factories]
     except BaseException as error:  # noqa: BLE001 - reported to the parent, which raises it

@@ -16,8 +16,10 @@ def rollout_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     Keys: ``success`` (fraction won), ``success/<task_type>``, ``episodes``, ``mean_turns``,
     ``mean_return`` (sum of env rewards), ``invalid_rate`` and ``format_error_rate`` (per
     turn), ``switch_rate`` (SWITCH turns after the first, per turn after the first),
-    ``mean_segment_turns`` (turns per subgoal segment; turn 0 opens one).
+    ``mean_segment_turns`` (turns per subgoal segment; turn 0 opens one). Episodes lost to env
+    worker faults (``lost``) are left out of every metric.
     """
+    trajectories = [traj for traj in trajectories if not traj.lost]
     if not trajectories:
         return {"episodes": 0.0}
     turns = [turn for traj in trajectories for turn in traj.turns]

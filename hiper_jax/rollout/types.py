@@ -64,6 +64,8 @@ class Trajectory:
       task: the goal sentence / instruction.  task_type: e.g. ALFWorld's task type.
       won: the episode ended in success.  group_id: rollouts of the same task share it (GRPO).
       game: the game file or goal id (for evaluation breakdowns).
+      lost: an env worker fault cut the episode and its replays short; it has no turns, its
+        batch row is masked and metrics leave it out.
     """
 
     turns: list[TurnRecord]
@@ -72,6 +74,7 @@ class Trajectory:
     won: bool = False
     group_id: int = 0
     game: Optional[str] = None
+    lost: bool = False
 
     @property
     def num_turns(self) -> int:

@@ -7,8 +7,9 @@ field of the first problem it finds: an unknown key, a wrong type, or an impossi
 
 from __future__ import annotations
 
+import difflib
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import ml_collections
 
@@ -35,6 +36,12 @@ def base_config() -> ml_collections.ConfigDict:
         env_kwargs={},              # extra keyword arguments for the env constructor
         envs_per_worker=4,
         step_timeout_s=60.0,
+        # An episode cut by an env worker that died, hung or raised is played again from its
+        # start on a fresh worker up to this many times, then dropped from the update (its
+        # batch row masked); 0 = drop at once. Cut episodes are never trained on.
+        max_replays=2,
+        # A rollout whose fraction of cut episodes exceeds this stops the run with an error.
+        max_lost_fraction=0.5,
     )
     c.model = dict(
         checkpoint="",              # HF checkpoint directory (config.json + safetensors)
@@ -78,6 +85,12 @@ def base_config() -> ml_collections.ConfigDict:
         max_env_turns=0,            # > 0: stop once this many training env turns were played
         checkpoint_every=10, keep_checkpoints=3, out_dir="runs/default", seed=0,
         resume=False, tensorboard=True, wandb_project="",
+        # On resume, a damaged newest checkpoint is reported and the newest intact one is
+        # restored; False: stop with the error instead.
+        restore_fallback=True,
+        # Stop (non-zero exit) after this many consecutive iterations whose update skipped
+        # every step for a non-finite loss or gradient.
+        max_skipped_updates=3,
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)
@@ -141,16 +154,68 @@ def published_hiper_config(env_name: str, checkpoint: str) -> ml_collections.Con
     return c
 
 
+class ConfigError(ValueError):
+    """A config problem; the message names the field (``config field section.key: ...``)."""
+
+
 def _fail(field: str, message: str):
-    raise ValueError(f"config field {field}: {message}")
+    raise ConfigError(f"config field {field}: {message}")
+
+
+def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every section and key path of ``config`` (``env``, ``env.num_envs``, ...)."""
+    keys = []
+    for key in config.keys():
+        keys.append(f"{prefix}{key}")
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict) and key != "env_kwargs":
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def closest_key(field: str, reference: ml_collections.ConfigDict | None = None) -> str:
+    """The valid dotted key most like ``field`` (e.g. ``train.seeds`` -> ``train.seed``):
+    among the siblings in the same section when that section exists, else among all keys."""
+    reference = base_config() if reference is None else reference
+    parent, _, name = field.rpartition(".")
+    node = reference
+    for part in parent.split(".") if parent else ():
+        node = node[part] if isinstance(node, ml_collections.ConfigDict) and part in node else None
+    if isinstance(node, ml_collections.ConfigDict) and len(node):
+        best = difflib.get_close_matches(name, list(node.keys()), n=1, cutoff=0.0)[0]
+        return f"{parent}.{best}" if parent else best
+    return difflib.get_close_matches(field, _dotted_keys(reference), n=1, cutoff=0.0)[0]
+
+
+def _unknown_key(field: str) -> None:
+    _fail(field, f"unknown key; the closest valid key is {closest_key(field)}")
+
+
+def check_override_paths(argv: Sequence[str], flag: str = "config") -> None:
+    """Checks the dotted paths of ``--config.a.b=value`` command-line overrides against the
+    known keys before any flag parsing (the parser's own error is a long traceback ending in
+    ``AttributeError: 'b'``); raises :class:`ConfigError` for the first unknown one. Keys
+    under ``env.env_kwargs`` are free-form and not checked."""
+    reference = base_config()
+    for arg in argv:
+        if not arg.startswith(f"--{flag}."):
+            continue
+        path = arg[len(flag) + 3:].split("=", 1)[0]
+        node, walked = reference, []
+        for part in path.split("."):
+            walked.append(part)
+            if not isinstance(node, ml_collections.ConfigDict) or walked[-2:-1] == ["env_kwargs"]:
+                break
+            if part not in node:
+                _unknown_key(".".join(walked))
+            node = node[part]
 
 
 def _check_types(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix=""):
     for key in config.keys():
         field = f"{prefix}{key}"
         if key not in reference:
-            known = ", ".join(sorted(reference.keys()))
-            _fail(field, f"unknown key (known keys here: {known})")
+            _unknown_key(field)
         value, default = config[key], reference[key]
         if isinstance(default, ml_collections.ConfigDict) and key != "env_kwargs":
             if not isinstance(value, ml_collections.ConfigDict):
@@ -178,7 +243,7 @@ def _require(condition: bool, field: str, message: str):
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
              check_paths: bool = True) -> None:
-    """Raises ValueError naming the first bad field; returns None when the config is usable.
+    """Raises :class:`ConfigError` (a ValueError) naming the first bad field; returns None when the config is usable.
 
     Args:
       num_devices: the global device count the mesh must divide (None: not checked).
@@ -243,6 +308,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     for field in ("iterations", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _require(train[field] >= 0 if field == "iterations" else train[field] >= 1,
                  f"train.{field}", f"must be positive, got {train[field]}")
+    _require(env.max_replays >= 0, "env.max_replays", f"must be >= 0, got {env.max_replays}")
+    _require(0 <= env.max_lost_fraction <= 1, "env.max_lost_fraction",
+             f"must be in [0, 1] (1 = never stop), got {env.max_lost_fraction}")
+    _require(train.max_skipped_updates >= 1, "train.max_skipped_updates",
+             f"must be >= 1, got {train.max_skipped_updates}")
     _require(train.max_env_turns >= 0, "train.max_env_turns",
              f"must be >= 0 (0 = no budget), got {train.max_env_turns}")
     _require(ppo.mini_batch_rows % ppo.micro_batch_rows == 0, "ppo.mini_batch_rows",

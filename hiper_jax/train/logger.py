@@ -2,13 +2,15 @@
 
 Only the main process writes. Records are flat dicts of numbers keyed by ``iteration``; on
 resume, records past the restored iteration (logged after the last checkpoint by a run that
-was killed) are dropped so the file tells one consistent history.
+was killed) are dropped so the file tells one consistent history, and TensorBoard is told to
+purge the same steps from the earlier event files (``purge_step``), so no step shows twice.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Optional
 
 
@@ -49,7 +51,11 @@ class MetricsLogger:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            # tensorboardX names event files by the second: a resume within the same second
+            # would overwrite the earlier file, so a nanosecond suffix keeps them apart (and
+            # in the order TensorBoard reads, which the purge relies on).
+            self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=resume_from,
+                                     filename_suffix=f".{time.time_ns()}")
         if wandb_project:
             try:
                 import wandb

@@ -164,7 +164,7 @@ def train_sft(params, config: qwen2.Qwen2Config, examples: Sequence[SFTExample],
 
 
 def main(argv=None) -> None:
-    from transformers import AutoTokenizer
+    from hiper_jax.tokenization import load_tokenizer
 
     parser = argparse.ArgumentParser(description="Supervised warm start on demonstrations.")
     parser.add_argument("--checkpoint", required=True, help="HF checkpoint directory to start from")
@@ -181,7 +181,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint)
     config, params = qwen2.load_hf_checkpoint(args.checkpoint, dtype=jnp.float32)
     prompt_cfg = PromptConfig(env=args.env, style=args.style, history_turns=args.history_turns,
                               max_prompt_tokens=args.max_prompt_tokens, max_steps=args.max_steps)

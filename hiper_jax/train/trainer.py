@@ -3,14 +3,24 @@
 Everything random is derived from ``(train.seed, iteration)``: the rollout key, the task order
 and the mini-batch shuffles. A checkpoint therefore only needs the train state and the
 iteration, and a resumed run continues exactly as an uninterrupted one would.
+
+Faults: env episodes cut by worker deaths or hangs are replayed or dropped by the collector and
+counted per iteration (``rollout/*`` metrics and a warning line). SIGTERM or SIGINT (to this
+process or its whole group; env workers ignore both) abandons a rollout in progress after its
+current env step, or lets an update in progress finish, then checkpoints the last complete
+iteration and returns with :attr:`Trainer.stop_signal` set (the command line then exits with
+:data:`EXIT_INTERRUPTED`); a second signal stops at once. Checkpoints carry a manifest that
+restore verifies (:mod:`hiper_jax.train.checkpoints`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from typing import Any, Optional
@@ -29,11 +39,12 @@ from hiper_jax.agent.spans import TokenBytes
 from hiper_jax.hae import HAEConfig, assign_token_advantages
 from hiper_jax.models import qwen2
 from hiper_jax.models.value_heads import CriticConfig, critic_param_shardings, init_critic
-from hiper_jax.rollout.collector import Collector, EnvSpec
+from hiper_jax.rollout.collector import Collector, EnvSpec, FaultCounts, RolloutInterrupted
 from hiper_jax.rollout.metrics import rollout_metrics
 from hiper_jax.rollout.packing import pack_tokens, pack_turns
 from hiper_jax.rollout.policies import LLMPolicy
 from hiper_jax.rollout.types import Trajectory
+from hiper_jax.train import checkpoints as checkpoint_lib
 from hiper_jax.train import config as config_lib
 from hiper_jax.train.logger import MetricsLogger
 from hiper_jax.train.plots import plot_run
@@ -49,6 +60,13 @@ from hiper_jax.train.ppo import (
 )
 
 HEADS = ("low", "high", "term")
+# Exit status of a run stopped by SIGTERM/SIGINT after checkpointing (EX_TEMPFAIL: try again,
+# i.e. resume with --config.train.resume=True).
+EXIT_INTERRUPTED = 75
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive updates skipped every step for a non-finite loss or gradient."""
 
 
 # --- environments and tasks ------------------------------------------------------------------
@@ -345,17 +363,17 @@ class Trainer:
                                        max_prompt_tokens=cfg.prompt.max_prompt_tokens,
                                        max_steps=cfg.env.max_turns)
         self._checkpoints = None
+        self.stop_signal: Optional[int] = None  # the SIGTERM/SIGINT that stopped run()
         self._policies: dict[float, LLMPolicy] = {}
-        self._stop_requested = False
         self.restored_env_turns: Optional[float] = None  # set by restore()
 
     # set-up -----------------------------------------------------------------------------------
 
     def _load_model(self) -> None:
-        from transformers import AutoTokenizer
+        from hiper_jax.tokenization import load_tokenizer
 
         cfg = self.config
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.checkpoint)
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.checkpoint)
         self.model_config, actor = qwen2.load_hf_checkpoint(
             cfg.model.checkpoint, dtype=jnp.dtype(cfg.model.param_dtype),
             compute_dtype=jnp.dtype(cfg.model.compute_dtype), mesh=self.mesh, progress=False)
@@ -418,7 +436,9 @@ class Trainer:
         spec = self.data[split] if isinstance(split, str) else split
         return Collector(spec, self.local_envs, self.prompt_cfg, self.tokenizer, self.token_bytes,
                          cfg.max_turns, groups=2 if self.local_envs >= 2 else 1,
-                         envs_per_worker=cfg.envs_per_worker, step_timeout_s=cfg.step_timeout_s)
+                         envs_per_worker=cfg.envs_per_worker, step_timeout_s=cfg.step_timeout_s,
+                         max_replays=cfg.max_replays, max_lost_fraction=cfg.max_lost_fraction,
+                         should_stop=lambda: self.stop_signal is not None)
 
     def _collect(self, collector: Collector, policy: LLMPolicy, tasks: list[int], key: jax.Array,
                  groups: Optional[list[int]] = None):
@@ -443,49 +463,110 @@ class Trainer:
 
     # checkpoints --------------------------------------------------------------------------------
 
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.abspath(os.path.join(self.out_dir, "checkpoints"))
+
     def _checkpoint_manager(self):
         import orbax.checkpoint as ocp
 
         if self._checkpoints is None:
+            if self.is_main:  # folders of saves cut short by a kill or a full disk
+                checkpoint_lib.remove_tmp_dirs(self.checkpoint_dir)
             self._checkpoints = ocp.CheckpointManager(
-                os.path.abspath(os.path.join(self.out_dir, "checkpoints")),
+                self.checkpoint_dir,
                 options=ocp.CheckpointManagerOptions(max_to_keep=self.config.train.keep_checkpoints,
-                                                     create=True))
+                                                     create=True, cleanup_tmp_directories=True))
         return self._checkpoints
 
     def save(self, iteration: int, env_turns_total: float = 0.0) -> None:
-        """Checkpoints the train state after ``iteration`` iterations."""
+        """Checkpoints the train state after ``iteration`` iterations, with a manifest.
+
+        Raises:
+          DiskFullError: the disk filled up; the partial checkpoint is removed and the previous
+            ones are kept (the message names the newest).
+        """
         import orbax.checkpoint as ocp
 
         manager = self._checkpoint_manager()
         meta = {"iteration": iteration, "seed": self.config.train.seed,
                 "task_cursor": iteration * (self.config.env.num_envs // self.config.advantage.rollouts_per_task),
                 "env_turns_total": float(env_turns_total)}
-        manager.save(iteration, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
-        manager.wait_until_finished()
+        try:
+            manager.save(iteration, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
+            manager.wait_until_finished()
+            if self.is_main:
+                checkpoint_lib.write_manifest(os.path.join(self.checkpoint_dir, str(iteration)))
+        except Exception as error:
+            if not checkpoint_lib.is_disk_full(error):
+                raise
+            if self.is_main:
+                checkpoint_lib.remove_tmp_dirs(self.checkpoint_dir)
+                shutil.rmtree(os.path.join(self.checkpoint_dir, str(iteration)), ignore_errors=True)
+            kept = [s for s in manager.all_steps(read=True) if s != iteration] if self.is_main else []
+            raise checkpoint_lib.DiskFullError(
+                errno.ENOSPC, f"no space left on device writing checkpoint {iteration} to "
+                f"{self.checkpoint_dir}; the newest complete checkpoint is "
+                f"{max(kept) if kept else 'none'}: free space and resume with "
+                "--config.train.resume=True") from None
 
     def restore(self, directory: Optional[str] = None) -> int:
-        """Restores the latest checkpoint if there is one; returns the iteration to start at.
+        """Restores the newest intact checkpoint if there is one; returns the iteration to start at.
+
+        Each checkpoint, newest first, is checked against its manifest and then restored; a
+        damaged one is reported (naming the bad file) and, on this run's own folder, moved to
+        ``checkpoints_damaged/``, and the next older one is tried (with
+        ``train.restore_fallback=False`` the first damaged one raises instead).
 
         Args:
           directory: another run's ``checkpoints/`` folder to restore from (default: this run's).
             The state is restored onto this trainer's mesh, whatever mesh wrote it.
+
+        Raises:
+          CheckpointDamagedError: the newest checkpoint is damaged and fallback is off, or none
+            is intact.
         """
         import orbax.checkpoint as ocp
 
-        if directory is None:
-            manager = self._checkpoint_manager()
+        own = directory is None
+        if own:
+            root, manager = self.checkpoint_dir, self._checkpoint_manager()
         else:
             if not os.path.isdir(directory):
                 raise FileNotFoundError(f"no checkpoint folder at {directory}")
-            manager = ocp.CheckpointManager(os.path.abspath(directory))
-        step = manager.latest_step()
-        if step is None:
+            root, manager = os.path.abspath(directory), ocp.CheckpointManager(os.path.abspath(directory))
+        steps = sorted(manager.all_steps(read=True), reverse=True)
+        if not steps:
             return 0
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        damaged, restored = [], None
+        for step in steps:
+            problem = checkpoint_lib.verify_step(os.path.join(root, str(step)))
+            if problem is None:
+                try:
+                    restored = manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                    int(restored["meta"]["iteration"])
+                except Exception as error:  # noqa: BLE001 - any failure to read it is damage
+                    restored = None
+                    problem = f"{os.path.join(root, str(step))}: cannot be restored ({checkpoint_lib.short_error(error)})"
+            if restored is not None:
+                break
+            damaged.append(step)
+            if not self.config.train.restore_fallback:
+                raise checkpoint_lib.CheckpointDamagedError(
+                    f"checkpoint {step} is damaged: {problem} (train.restore_fallback=False; set it "
+                    "to True to restore the newest intact checkpoint instead)")
+            if self.is_main:
+                tqdm.write(f"checkpoint {step} is damaged: {problem}; trying an older one")
+        if restored is None:
+            raise checkpoint_lib.CheckpointDamagedError(
+                f"no intact checkpoint in {root} (damaged: {', '.join(map(str, damaged))})")
+        if damaged and own and self.is_main and jax.process_count() == 1:
+            moved = [checkpoint_lib.move_aside(os.path.join(root, str(step))) for step in damaged]
+            manager.reload()
+            tqdm.write(f"restored checkpoint {step}; moved the damaged one(s) to {', '.join(moved)}")
         self.state = restored["state"]
         self.restored_env_turns = restored["meta"].get("env_turns_total")
         return int(restored["meta"]["iteration"])
@@ -558,43 +639,84 @@ class Trainer:
     def _place_batch(self, mini: PPOBatch) -> PPOBatch:
         return distributed.global_from_host_copy(mini, self.mesh)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        del signum, frame
-        self._stop_requested = True
+    def _on_signal(self, signum, frame) -> None:
+        """SIGTERM/SIGINT: stop after the current env step (see the module docstring); a second
+        one stops at once. Prints nothing: the handler may interrupt a print."""
+        del frame
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+        self.stop_signal = signum
+
+    def _iteration_faults(self, collectors: list[Collector]) -> FaultCounts:
+        """The env faults every collector (of every process) saw since the last call."""
+        faults = FaultCounts()
+        for collector in collectors:
+            faults.add(collector.faults)
+            collector.faults = FaultCounts()
+        if self.multihost:
+            total = FaultCounts()
+            for part in distributed.gather_objects(faults):
+                total.add(part)
+            faults = total
+        return faults
 
     def run(self) -> list[dict]:
-        """Trains for ``train.iterations`` iterations (resuming if asked); returns the metrics."""
+        """Trains for ``train.iterations`` iterations (resuming if asked); returns the metrics.
+
+        Returns early, with :attr:`stop_signal` set, after SIGTERM or SIGINT (the last complete
+        iteration is checkpointed).
+
+        Raises:
+          RolloutFaultError: a rollout lost more than ``env.max_lost_fraction`` of its episodes.
+          TrainingDivergedError: ``train.max_skipped_updates`` consecutive updates were skipped.
+          DiskFullError: a checkpoint did not fit on the disk.
+        """
         cfg = self.config
+        self.stop_signal = None
         start_iteration = self.restore() if cfg.train.resume else 0
         logger = MetricsLogger(self.out_dir, enabled=self.is_main, tensorboard=cfg.train.tensorboard,
                                wandb_project=cfg.train.wandb_project,
                                resume_from=start_iteration if cfg.train.resume else None,
                                config=config_lib.to_dict(cfg))
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        train_collector = self._collector("train")
-        eval_collector = self._collector("eval")
-        env_turns = 0.0
-        if start_iteration:  # from the checkpoint (every process has it), else from the log
-            env_turns = self.restored_env_turns
-            if env_turns is None:
-                env_turns = sum(r.get("env_turns", 0.0) for r in logger.history())
-        budget = cfg.train.max_env_turns  # 0: none
-
-        def budget_spent(turns: float) -> bool:
-            return 0 < budget <= turns
-
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+        collectors: list[Collector] = []
         try:
+            train_collector = self._collector("train")
+            collectors.append(train_collector)
+            eval_collector = self._collector("eval")
+            collectors.append(eval_collector)
+            env_turns = 0.0
+            if start_iteration:  # from the checkpoint (every process has it), else from the log
+                env_turns = self.restored_env_turns
+                if env_turns is None:
+                    env_turns = sum(r.get("env_turns", 0.0) for r in logger.history())
+            budget = cfg.train.max_env_turns  # 0: none
+
+            def budget_spent(turns: float) -> bool:
+                return 0 < budget <= turns
+
             bar = tqdm(range(start_iteration, cfg.train.iterations), desc="HiPER training",
                        initial=start_iteration, total=cfg.train.iterations,
                        disable=not (self.progress and self.is_main))
-            done = start_iteration
+            done = saved = start_iteration
+            skipped_in_a_row = 0
             for iteration in bar:
-                if budget_spent(env_turns):  # by the last iteration, or before a resume
-                    break
+                if budget_spent(env_turns) or self.stop_signal is not None:  # budget: by the last
+                    break                                                    # iteration or a resume
                 record = {"iteration": iteration}
-                if iteration % cfg.train.eval_every == 0:
-                    record.update(self.evaluate(iteration, eval_collector))
-                record.update(self.train_iteration(iteration, train_collector))
+                try:
+                    if iteration % cfg.train.eval_every == 0:
+                        record.update(self.evaluate(iteration, eval_collector))
+                    record.update(self.train_iteration(iteration, train_collector))
+                except RolloutInterrupted:  # a signal mid-rollout: this iteration is discarded
+                    break
+                faults = self._iteration_faults(collectors)
+                record.update(faults.metrics())
+                if faults.worker_restarts or faults.lost_episodes:
+                    tqdm.write(f"iteration {iteration}: {faults.worker_restarts} env worker restart(s); "
+                               f"{faults.lost_episodes} episode(s) cut by env faults, "
+                               f"{faults.replayed_episodes} replayed, {faults.dropped_episodes} dropped "
+                               f"from the update (last error: {faults.last_error})")
                 env_turns += record["env_turns"]
                 record["env_turns_total"] = env_turns
                 logger.log(record)
@@ -602,15 +724,32 @@ class Trainer:
                                 eval=f"{record.get('eval/success', float('nan')):.2f}")
                 done = iteration + 1
                 if (done % cfg.train.checkpoint_every == 0 or done == cfg.train.iterations
-                        or self._stop_requested or budget_spent(env_turns)):
+                        or self.stop_signal is not None or budget_spent(env_turns)):
                     self.save(done, env_turns)
-                if self._stop_requested:
-                    tqdm.write(f"SIGTERM: checkpoint written after iteration {done}; resume with "
-                               "--config.train.resume=True")
-                    return logger.history()
+                    saved = done
+                skipped_in_a_row = skipped_in_a_row + 1 if record.get("update/skipped", 0.0) >= 1.0 else 0
+                if skipped_in_a_row >= cfg.train.max_skipped_updates:
+                    raise TrainingDivergedError(
+                        f"the updates of the last {skipped_in_a_row} iterations ({done - skipped_in_a_row}"
+                        f"..{done - 1}) skipped every step for a non-finite loss or gradient "
+                        f"(train.max_skipped_updates={cfg.train.max_skipped_updates}); the parameters "
+                        f"are those after iteration {done - skipped_in_a_row}")
             bar.close()
-            final = {"iteration": done, "final": 1.0, "env_turns_total": env_turns}
-            final.update(self.evaluate(done, eval_collector))
+            if self.stop_signal is None:
+                final = {"iteration": done, "final": 1.0, "env_turns_total": env_turns}
+                try:
+                    final.update(self.evaluate(done, eval_collector))
+                    final.update(self._iteration_faults(collectors).metrics())
+                except RolloutInterrupted:
+                    final = None
+            if self.stop_signal is not None:
+                if saved != done:
+                    self.save(done, env_turns)
+                name = signal.Signals(self.stop_signal).name
+                where = (f"checkpoint {done} holds the last complete iteration" if done
+                         else "no iteration completed, nothing to checkpoint")
+                tqdm.write(f"{name}: stopped; {where}; resume with --config.train.resume=True")
+                return logger.history()
             logger.log(final)
             history = logger.history()
             if self.is_main:
@@ -618,7 +757,8 @@ class Trainer:
                          title=f"{cfg.env.name} / {cfg.advantage.estimator}")
             return history
         finally:
-            signal.signal(signal.SIGTERM, previous)
-            train_collector.close()
-            eval_collector.close()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            for collector in collectors:
+                collector.close()
             logger.close()

@@ -2,6 +2,8 @@
 
 import string
 
+import pytest
+
 from hypothesis import given, settings, strategies as st
 
 from hiper_jax.agent.parsing import decide_turn, format_response, parse_response
@@ -101,3 +103,43 @@ def test_format_then_parse_round_trips(switch, subgoal, action):
     parsed = parse_response(format_response(switch, subgoal, action))
     assert parsed.valid and parsed.is_switch == switch
     assert parsed.subgoal == " ".join(subgoal.split()) and parsed.action == " ".join(action.split())
+
+
+def _reference_blocks(text):
+    """The blocks as one ``<tag>(.*?)</tag>`` regex finds them (quadratic on unclosed tags)."""
+    import re
+
+    flags = re.IGNORECASE | re.DOTALL | re.ASCII
+    found = {}
+    for name in ("switch", "subgoal", "action"):
+        pattern = rf"<\s*{name}\s*>(.*?)<\s*/\s*{name}\s*>"
+        match = re.search(pattern.encode() if isinstance(text, bytes) else pattern, text, flags)
+        if match is not None:
+            found[name] = (match.start(), match.end())
+    return found
+
+
+@settings(max_examples=300, deadline=None)
+@given(TAG_SOUP)
+def test_blocks_are_the_leftmost_matches_of_the_single_regex(text):
+    from hiper_jax.agent.parsing import find_blocks
+
+    for value in (text, text.encode("utf-8")):
+        got = {name: (block.start, block.end) for name, block in find_blocks(value).items()}
+        assert got == _reference_blocks(value)
+
+
+@pytest.mark.parametrize("text", [
+    "<action>" * 16000,                                   # 128 KB of unclosed tags
+    "<switch>KEEP</switch><subgoal>" + "<subgoal>" * 14000 + "x",
+    "< action" + " " * 128_000,                           # an opening tag that never closes
+    "</action>" * 14000 + "<action>",
+])
+def test_parsing_is_linear_on_unclosed_tags(text):
+    import time
+
+    start = time.perf_counter()
+    parsed = parse_response(text)
+    elapsed = time.perf_counter() - start
+    assert not parsed.valid
+    assert elapsed < 0.1, f"{len(text)} characters took {elapsed:.2f} s"

@@ -194,3 +194,48 @@ def test_published_qwen25_config_parses_without_warnings(recwarn):
     assert 1.5e9 < qwen2.count_params(config) < 1.6e9
     with pytest.warns(UserWarning, match="mystery_option"):
         qwen2.Qwen2Config.from_hf_config(dict(published, mystery_option=3))
+
+
+def test_truncated_safetensors_is_named(hf_dir, tmp_path):
+    path = _copy(hf_dir[1], tmp_path / "c")
+    file = os.path.join(path, "model.safetensors")
+    data = open(file, "rb").read()
+    open(file, "wb").write(data[: len(data) - 100])
+    with pytest.raises(qwen2.CheckpointError, match=r"c/model\.safetensors: not a readable safetensors file"):
+        qwen2.load_hf_checkpoint(path, progress=False)
+
+
+def test_non_finite_weights_are_refused(hf_dir, tmp_path):
+    path = _copy(hf_dir[1], tmp_path / "c")
+
+    def poison(tensors):
+        tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
+        tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = np.inf
+
+    _rewrite_weights(path, poison)
+    with pytest.raises(qwen2.CheckpointError,
+                       match=r"model\.safetensors: tensor model\.layers\.1\.mlp\.up_proj\.weight has 2 "
+                             r"non-finite value"):
+        qwen2.load_hf_checkpoint(path, progress=False)
+    _rewrite_weights(path, lambda t: t.update({k: np.full_like(v, np.nan) for k, v in t.items()}))
+    with pytest.raises(qwen2.CheckpointError, match="non-finite"):
+        qwen2.load_hf_checkpoint(path, progress=False)
+
+
+def test_unreadable_config_json_is_named(hf_dir, tmp_path):
+    path = _copy(hf_dir[1], tmp_path / "c")
+    config_file = os.path.join(path, "config.json")
+    text = open(config_file).read()
+    open(config_file, "w").write(text[: len(text) // 2])
+    with pytest.raises(qwen2.ConfigFileError, match=r"c/config\.json: not valid JSON \(.*line"):
+        qwen2.load_hf_checkpoint(path, progress=False)
+    for field, value, kind in (("num_hidden_layers", "two", "an integer"), ("hidden_size", 31.5, "an integer"),
+                               ("rms_norm_eps", "tiny", "a number"),
+                               ("rope_parameters.rope_theta", [1], "a number"),
+                               ("tie_word_embeddings", "yes", "true or false")):
+        config = json.loads(text)
+        section, _, key = field.rpartition(".")
+        (config[section] if section else config)[key] = value
+        open(config_file, "w").write(json.dumps(config))
+        with pytest.raises(qwen2.ConfigFileError, match=rf"config\.json: field '{field}' must be {kind}"):
+            qwen2.load_hf_checkpoint(path, progress=False)

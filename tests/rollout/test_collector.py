@@ -1,6 +1,8 @@
 """The collector: scripted expert replays reach the expert's success on ALFWorld and WebShop,
 and a tiny random LLM runs end to end."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -124,3 +126,106 @@ def test_tiny_random_llm_rollout(tiny_tokenizer):
 def test_busy_time_is_the_union_of_intervals():
     assert _busy_time([(0, 2), (1, 3), (5, 6)]) == pytest.approx(4)
     assert _busy_time([]) == 0
+
+
+# --- env worker faults ------------------------------------------------------------------------
+
+FAULT_ENVS = 4
+
+
+@pytest.fixture(scope="module")
+def faulty(tiny_tokenizer, tmp_path_factory):
+    """A collector over FaultyChooseWord (one env per worker) and its fault-plan folder; the
+    scripted policy says beta, then alpha, so every fault-free episode wins in 2 turns."""
+    from tests.rollout.faulty_envs import ENV_ID
+
+    plan_dir = tmp_path_factory.mktemp("faults")
+    spec = EnvSpec(f"tests.rollout.faulty_envs:{ENV_ID}", {"plan_dir": str(plan_dir), "num_tasks": 8}, "task")
+    prompt_cfg = PromptConfig(env="choose_word", max_steps=3, max_prompt_tokens=1024)
+    policy = ScriptedPolicy(lambda view: format_response(view.step == 0, "open the door",
+                                                         "say beta" if view.step == 0 else "say alpha"),
+                            tiny_tokenizer)
+    collector = Collector(spec, FAULT_ENVS, prompt_cfg, tiny_tokenizer, TokenBytes(tiny_tokenizer),
+                          max_turns=3, groups=2, envs_per_worker=1, step_timeout_s=5.0, max_replays=1)
+    yield collector, policy, plan_dir
+    collector.close()
+
+
+def _play(collector, policy):
+    return collector.run(policy, list(range(FAULT_ENVS)), jax.random.key(0), group_ids=[0, 0, 1, 1])
+
+
+def _complete(trajectory):
+    """Won in the two scripted turns, and no turn cut short."""
+    return (trajectory.won and not trajectory.lost and [t.action for t in trajectory.turns] == ["say beta", "say alpha"]
+            and trajectory.turns[-1].done and not any(t.truncated for t in trajectory.turns))
+
+
+@pytest.mark.parametrize("kind", ["die", "hang", "raise"])
+def test_an_episode_cut_by_a_worker_fault_is_replayed_not_truncated(faulty, kind):
+    from tests.rollout.faulty_envs import plan_fault
+
+    collector, policy, plan_dir = faulty
+    plan_fault(plan_dir, task=1, step=2, kind=kind)
+    before = collector.faults.lost_episodes
+    trajectories, stats = _play(collector, policy)
+    assert all(_complete(t) for t in trajectories), [(t.won, t.num_turns) for t in trajectories]
+    restarts = 0 if kind == "raise" else 1  # an exception is caught in the worker
+    assert (stats.faults.worker_restarts, stats.faults.lost_episodes, stats.faults.replayed_episodes,
+            stats.faults.dropped_episodes) == (restarts, 1, 1, 0)
+    assert stats.turns == 2 * FAULT_ENVS and collector.faults.lost_episodes == before + 1
+    assert stats.faults.last_error
+
+
+def test_an_episode_that_keeps_failing_is_dropped_with_no_turns(faulty):
+    from hiper_jax.rollout.metrics import rollout_metrics
+    from tests.rollout.faulty_envs import plan_fault
+
+    collector, policy, plan_dir = faulty
+    plan_fault(plan_dir, task=2, step=1, kind="die", always=True)
+    try:
+        trajectories, stats = _play(collector, policy)
+    finally:
+        os.remove(plan_dir / "2-1-die-always")
+    assert trajectories[2].lost and trajectories[2].num_turns == 0 and not trajectories[2].won
+    assert all(_complete(t) for i, t in enumerate(trajectories) if i != 2)
+    assert (stats.faults.worker_restarts, stats.faults.lost_episodes, stats.faults.replayed_episodes,
+            stats.faults.dropped_episodes) == (2, 2, 0, 1)  # cut twice: once, then in its replay
+    metrics = rollout_metrics(trajectories)
+    assert metrics["episodes"] == FAULT_ENVS - 1 and metrics["success"] == 1.0 and metrics["mean_turns"] == 2
+    turns = pack_turns(trajectories, max_turns=3)
+    assert not turns.mask[2].any() and turns.mask[[0, 1, 3]].sum() == 6
+    tokens = pack_tokens(trajectories, pad_id=0)
+    assert 2 not in set(tokens.traj_index[tokens.row_valid])
+
+
+def test_too_many_lost_episodes_stop_the_rollout(faulty):
+    from hiper_jax.rollout.collector import RolloutFaultError
+    from tests.rollout.faulty_envs import plan_fault
+
+    collector, policy, plan_dir = faulty
+    for task in (0, 3):
+        plan_fault(plan_dir, task=task, step=1, kind="raise")
+    collector.max_lost_fraction = 0.25
+    try:
+        with pytest.raises(RolloutFaultError, match=r"2 of 4 episodes were cut .*max_lost_fraction=0.25"
+                                                    r".*injected fault in task"):
+            _play(collector, policy)
+    finally:
+        collector.max_lost_fraction = 1.0
+    assert all(_complete(t) for t in _play(collector, policy)[0])  # the envs play on afterwards
+
+
+def test_should_stop_abandons_the_rollout_between_env_steps(faulty):
+    from hiper_jax.rollout.collector import RolloutInterrupted
+
+    collector, policy, _ = faulty
+    calls = []
+    collector.should_stop = lambda: calls.append(1) or True
+    try:
+        with pytest.raises(RolloutInterrupted):
+            _play(collector, policy)
+    finally:
+        collector.should_stop = None
+    assert len(calls) == 1
+    assert all(_complete(t) for t in _play(collector, policy)[0])

@@ -236,3 +236,52 @@ def test_alfworld_envs_in_a_pool_match_standalone_envs(tmp_path):
         return [StepResult(*env.step(a)) for env, a in zip(lone, actions)]
 
     assert play(reset_out, lone_step) == pooled
+
+
+def test_workers_ignore_sigterm_and_sigint_sent_to_the_group(pool):
+    envs = pool(num_envs=2, envs_per_worker=1, auto_reset=False)
+    first = envs.reset(seeds=[1, 2])
+    for _, info in first:
+        os.kill(info["pid"], signal.SIGTERM)
+        os.kill(info["pid"], signal.SIGINT)
+    time.sleep(0.5)
+    results = envs.step(["x", "x"])
+    assert [r.observation for r in results] == ["1:1", "2:1"]
+    assert envs.restarts == 0 and not any(r.info.get("env_crashed") for r in results)
+
+
+def _process_gone(pid):
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return any(line.startswith("State:") and "Z" in line for line in handle)  # a zombie
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_a_worker_stuck_in_a_step_dies_with_its_parent(tmp_path):
+    """kill -9 of the parent while a worker hangs inside env.step: the worker is not orphaned."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import functools, os, signal, sys, threading, time\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from pool_dummy_env import make_counting_env\n"
+        "from hiper_jax.rollout import EnvPool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = EnvPool(functools.partial(make_counting_env, 3), num_envs=1, step_timeout_s=3600)\n"
+        "    [(_, info)] = pool.reset(seeds=[1])\n"
+        "    print(info['pid'], flush=True)\n"
+        "    threading.Thread(target=pool.step, args=(['hang'],), daemon=True).start()\n"
+        "    time.sleep(1.0)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    worker = int(result.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while not _process_gone(worker):
+        assert time.monotonic() < deadline, f"worker {worker} outlived its parent"
+        time.sleep(0.1)

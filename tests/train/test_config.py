@@ -59,6 +59,48 @@ def test_unknown_section(tmp_path):
         validate(config)
 
 
+@pytest.mark.parametrize("field,closest", [
+    ("train.seeds", "train.seed"),
+    ("sampling.temprature", "sampling.temperature"),
+    ("env.max_replay", "env.max_replays"),
+    ("trian", "train"),
+])
+def test_unknown_keys_name_the_closest_valid_key(tmp_path, field, closest):
+    from hiper_jax.train.config import ConfigError, check_override_paths, closest_key
+
+    assert closest_key(field) == closest
+    message = f"config field {field}: unknown key; the closest valid key is {closest}"
+    with pytest.raises(ConfigError) as caught:
+        check_override_paths(["--config=configs/x.py", f"--config.{field}.x=1" if "." not in field
+                              else f"--config.{field}=1"])
+    assert str(caught.value) == message
+    if "." in field:
+        config = valid_config(tmp_path)
+        section, key = field.split(".")
+        with config.unlocked():
+            config[section][key] = 1
+        with pytest.raises(ConfigError) as caught:
+            validate(config)
+        assert str(caught.value) == message
+
+
+def test_override_paths_that_exist_pass():
+    from hiper_jax.train.config import check_override_paths
+
+    check_override_paths(["--config=configs/alfworld_tiny.py", "--config.train.seed=3", "--config.ppo.epochs", "2",
+                          "--config.env.env_kwargs.num_tasks=4", "--other=1"])
+
+
+def test_an_unknown_command_line_key_is_one_line():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "hiper_jax.train", "--config=configs/alfworld_tiny.py",
+                             "--config.train.seeds=1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: config field train.seeds: unknown key; the closest valid key is train.seed"
+
+
 def test_gigpo_options_reach_the_estimator(tmp_path):
     from hiper_jax.advantages import GiGPOConfig, get_estimator
     from hiper_jax.train.config import estimator_options

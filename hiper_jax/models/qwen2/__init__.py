@@ -11,7 +11,7 @@ from hiper_jax.models.qwen2.checkpoint import (
     load_hf_checkpoint,
     save_hf_checkpoint,
 )
-from hiper_jax.models.qwen2.config import Qwen2Config, UnsupportedConfigError
+from hiper_jax.models.qwen2.config import ConfigFileError, Qwen2Config, UnsupportedConfigError
 from hiper_jax.models.qwen2.model import (
     CACHE_AXES,
     AllowedTokens,
@@ -36,7 +36,8 @@ from hiper_jax.models.qwen2.model import (
 )
 
 __all__ = [
-    "AllowedTokens", "CACHE_AXES", "CheckpointError", "KVCache", "ParamSpec", "Params", "Qwen2Config",
+    "AllowedTokens", "CACHE_AXES", "CheckpointError", "ConfigFileError", "KVCache", "ParamSpec", "Params",
+    "Qwen2Config",
     "TokenStats", "UnsupportedConfigError", "compute_logits", "count_params", "forward",
     "init_cache", "init_params", "lm_head", "load_hf_checkpoint", "param_axes", "param_shapes",
     "param_shardings", "param_specs", "positions_from_segments", "save_hf_checkpoint",

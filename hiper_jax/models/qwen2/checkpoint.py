@@ -10,6 +10,7 @@ tensor.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -35,7 +36,30 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class CheckpointError(ValueError):
-    """A checkpoint does not match its config; the message names the tensor."""
+    """A checkpoint does not match its config, cannot be read, or holds non-finite weights;
+    the message names the file and the tensor."""
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: str):
+    """``safe_open`` whose errors (a truncated or corrupt file) name the file."""
+    try:
+        handle = safe_open(file, framework="numpy")
+    except Exception as error:  # noqa: BLE001 - SafetensorError, OSError: reported with the path
+        raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from None
+    with handle as f:
+        yield f
+
+
+def _check_finite(array: np.ndarray, name: str, file: str) -> None:
+    """Refuses a tensor with NaN or inf entries (a diverged or corrupt checkpoint)."""
+    # A float64 sum of float32/16 values cannot overflow, so it is finite exactly when every
+    # entry is; only then is the (memory-hungry) element-wise count skipped.
+    if np.isfinite(np.sum(array, dtype=np.float64)):
+        return
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    raise CheckpointError(f"{file}: tensor {name} has {bad} non-finite value(s) (NaN or inf) "
+                          f"of {array.size}; refusing to load it")
 
 
 class _Tensor(NamedTuple):
@@ -100,7 +124,12 @@ def _checkpoint_files(path: str) -> dict[str, str]:
     single_path = os.path.join(path, SINGLE_FILE)
     if os.path.isfile(index_path):
         with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise CheckpointError(f"{index_path}: not valid JSON ({error})") from None
+            except (KeyError, TypeError):
+                raise CheckpointError(f"{index_path}: has no 'weight_map' object") from None
         files = {name: os.path.join(path, file) for name, file in weight_map.items()}
         for file in sorted(set(files.values())):
             if not os.path.isfile(file):
@@ -108,7 +137,7 @@ def _checkpoint_files(path: str) -> dict[str, str]:
                                         f"missing from {path}")
         return files
     if os.path.isfile(single_path):
-        with safe_open(single_path, framework="numpy") as f:
+        with _open_safetensors(single_path) as f:
             return {name: single_path for name in f.keys()}
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
 
@@ -162,7 +191,9 @@ def load_hf_checkpoint(path: PathLike, dtype: Any = jnp.float32, *,
 
     Raises:
         FileNotFoundError: a missing directory, config or weights file.
-        CheckpointError: a missing, unexpected or mis-shaped tensor (named in the message).
+        CheckpointError: a missing, unexpected, mis-shaped or non-finite tensor, or an unreadable
+            file (named in the message).
+        ConfigFileError: a ``config.json`` that is not JSON or has a field of the wrong type.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -190,7 +221,7 @@ def load_hf_checkpoint(path: PathLike, dtype: Any = jnp.float32, *,
     for name in expected:
         by_file.setdefault(files[name], []).append(name)
     for file, names in by_file.items():  # headers only: fail before any data is read
-        with safe_open(file, framework="numpy") as f:
+        with _open_safetensors(file) as f:
             for name in names:
                 _check_tensor(f, name, expected[name], file)
 
@@ -199,10 +230,13 @@ def load_hf_checkpoint(path: PathLike, dtype: Any = jnp.float32, *,
     with tqdm(total=len(expected), desc="loading " + os.path.basename(path.rstrip("/")),
               disable=not progress, unit="tensor") as bar:
         for file, names in by_file.items():
-            with safe_open(file, framework="numpy") as f:
+            with _open_safetensors(file) as f:
                 for name in names:
                     spec = expected[name]
-                    array = spec.to_ours(f.get_tensor(name)).astype(dtype, copy=False)
+                    raw = f.get_tensor(name)
+                    _check_finite(raw, name, file)
+                    array = spec.to_ours(raw).astype(dtype, copy=False)
+                    del raw
                     target = _get(targets, spec.path)
                     if spec.layer is None:
                         _set(params, spec.path, _place(array, target))

@@ -34,7 +34,12 @@ _IGNORED_HF_KEYS = frozenset({
 })
 
 
-class UnsupportedConfigError(ValueError):
+class ConfigFileError(ValueError):
+    """A HF config cannot be read: not JSON, or a field of the wrong type. The message names the
+    file and the field."""
+
+
+class UnsupportedConfigError(ConfigFileError):
     """A HF config asks for something this port does not implement; the message names the field."""
 
 
@@ -158,7 +163,13 @@ def _read_hf_dict(source: Any) -> tuple[dict[str, Any], str]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"HF config not found: {path}")
         with open(path, encoding="utf-8") as f:
-            return json.load(f), path
+            try:
+                raw = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ConfigFileError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(raw, dict):
+            raise ConfigFileError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
+        return raw, path
     if hasattr(source, "to_dict"):
         return source.to_dict(), type(source).__name__
     raise TypeError(f"cannot read a Qwen2 config from {type(source).__name__}")
@@ -191,7 +202,7 @@ def _parse_hf_dict(raw: Mapping[str, Any], origin: str) -> dict[str, Any]:
         if field not in raw:
             raise UnsupportedConfigError(f"{origin}: missing required field {field!r}")
 
-    rope_theta = _parse_rope(raw, unsupported)
+    rope_theta = _parse_rope(raw, unsupported, origin)
     known = {
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
@@ -205,27 +216,53 @@ def _parse_hf_dict(raw: Mapping[str, Any], origin: str) -> dict[str, Any]:
         warnings.warn(f"{origin}: ignoring config fields the Qwen2 architecture does not use: "
                       f"{', '.join(unknown)}", stacklevel=3)
 
-    num_heads = int(raw["num_attention_heads"])
+    def number(field: str, kind: type, default: Any = None) -> Any:
+        return _number(raw.get(field), field, kind, origin, default)
+
+    def token_ids(field: str) -> Any:
+        value = raw.get(field)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ConfigFileError(f"{origin}: field {field!r} must be a token id or a list of them, "
+                                  f"got {value!r}")
+        return value
+
+    tie = raw.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise ConfigFileError(f"{origin}: field 'tie_word_embeddings' must be true or false, got {tie!r}")
+    num_heads = number("num_attention_heads", int)
     return dict(
-        vocab_size=int(raw["vocab_size"]),
-        hidden_size=int(raw["hidden_size"]),
-        intermediate_size=int(raw["intermediate_size"]),
-        num_hidden_layers=int(raw["num_hidden_layers"]),
+        vocab_size=number("vocab_size", int),
+        hidden_size=number("hidden_size", int),
+        intermediate_size=number("intermediate_size", int),
+        num_hidden_layers=number("num_hidden_layers", int),
         num_attention_heads=num_heads,
-        num_key_value_heads=int(raw.get("num_key_value_heads") or num_heads),
-        head_dim=raw.get("head_dim"),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        num_key_value_heads=number("num_key_value_heads", int) or num_heads,
+        head_dim=number("head_dim", int),
+        rms_norm_eps=number("rms_norm_eps", float, 1e-6),
         rope_theta=rope_theta,
         # transformers 5 defaults this to False for Qwen2; older files always spell it out.
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
-        initializer_range=float(raw.get("initializer_range", 0.02)),
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_id=raw.get("eos_token_id"),
+        tie_word_embeddings=tie,
+        max_position_embeddings=number("max_position_embeddings", int, 32768),
+        initializer_range=number("initializer_range", float, 0.02),
+        bos_token_id=token_ids("bos_token_id"),
+        eos_token_id=token_ids("eos_token_id"),
     )
 
 
-def _parse_rope(raw: Mapping[str, Any], unsupported) -> float:
+def _number(value: Any, field: str, kind: type, origin: str, default: Any = None) -> Any:
+    """``value`` as ``kind`` (int or float); a string, bool or fraction where a number belongs
+    is a broken file, reported with the field, not a value to coerce."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and value != int(value)):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigFileError(f"{origin}: field {field!r} must be {what}, got {value!r}")
+    return kind(value)
+
+
+def _parse_rope(raw: Mapping[str, Any], unsupported, origin: str) -> float:
     scaling = raw.get("rope_scaling")
     if scaling:
         rope_type = scaling.get("rope_type", scaling.get("type"))
@@ -242,5 +279,5 @@ def _parse_rope(raw: Mapping[str, Any], unsupported) -> float:
             raise unsupported("rope_parameters", extra,
                               "only rope_type and rope_theta are understood")
         if "rope_theta" in params:
-            return float(params["rope_theta"])
-    return float(raw.get("rope_theta", 10000.0))
+            return _number(params["rope_theta"], "rope_parameters.rope_theta", float, origin)
+    return _number(raw.get("rope_theta"), "rope_theta", float, origin, 10000.0)

@@ -128,8 +128,9 @@ def test_buying_the_goal_product_with_its_options_wins(env):
     assert info["reward_details"]["reward"] == 1.0 and info["page"] == "done"
     assert observation.startswith("Thank you for shopping with us!")
     assert info["purchased"] == {"asin": goal.asin, "options": goal.options_dict()}
-    # Stepping after the end changes nothing and raises nothing.
-    assert env.step("click[buy now]")[1:4] == (0.0, True, False)
+    # As in ALFWorld, the ended episode refuses further steps until reset.
+    with pytest.raises(RuntimeError, match="the episode has ended; call reset"):
+        env.step("click[buy now]")
 
 
 def test_buying_without_options_scores_partially(env):
@@ -171,6 +172,17 @@ def test_truncation_after_max_steps():
         *_, terminated, truncated, info = env.step("click[nothing]")
         assert not terminated and truncated == (step == 15)
     assert info["invalid"]
+    # A truncated episode takes no more actions (a purchase at step 16 of 15 used to count).
+    with pytest.raises(RuntimeError, match="the episode has ended; call reset"):
+        env.step("search[shampoo]")
+    env.reset(seed=0)
+    *_, terminated, truncated, info = env.step("search[shampoo]")
+    assert not (terminated or truncated) and not info["invalid"]
+
+
+def test_step_before_reset_is_refused():
+    with pytest.raises(RuntimeError, match=r"call reset\(\) before step\(\)"):
+        make(split="eval").unwrapped.step("search[shampoo]")
 
 
 def test_instruction_can_be_left_out_of_pages():
@@ -226,11 +238,12 @@ def test_admissible_actions_are_all_valid(env):
             env.unwrapped.session.results.insert(10, goal.asin)  # onto the current page
         *_, info = env.step(action)
         assert not info["invalid"], action
-        saved = copy.deepcopy(env.unwrapped.session)
+        saved = copy.deepcopy((env.unwrapped.session, env.unwrapped.num_steps))
         for admissible in info["admissible_actions"]:
             *_, step_info = env.step(admissible)
             assert not step_info["invalid"], (info["page"], admissible)
-            env.unwrapped.session = copy.deepcopy(saved)
+            env.unwrapped.session, env.unwrapped.num_steps = copy.deepcopy(saved)
+            env.unwrapped._ended = False  # "buy now" ends the episode; this walk goes on
 
 
 def test_best_options_pick_the_goal_values(env):
