@@ -213,24 +213,107 @@ def regroup_by_task(trajectories: Sequence, tasks: Sequence[int]) -> list:
             for t, task in zip(trajectories, tasks)]
 
 
-def turn_advantages(trainer, trajectories: Sequence) -> np.ndarray:
-    """``[B, T, 3]`` per-turn advantages (low/action, high/subgoal at segment starts else 0,
-    term/switch) of the trajectories under the trainer's estimator and critic, from the
-    trainer's own batch building."""
+def estimator_output(trainer, trajectories: Sequence):
+    """The trainer's estimator output for ``trajectories`` under its critic, from the trainer's
+    own batch building (:func:`~hiper_jax.train.trainer.build_ppo_batch`): an
+    :class:`~hiper_jax.hae.HAEOutput`-shaped tuple of NumPy ``[B, T]`` arrays (``adv_low``,
+    ``adv_high``, ``adv_term``, ``boundary`` = segment starts, ...)."""
+    import jax
+
     from hiper_jax.train.trainer import build_ppo_batch
 
     text_mask = trainer.grammar.text_mask if trainer.grammar is not None else None
     _, _, out, _ = build_ppo_batch(list(trajectories), trainer.state, trainer.ref_params,
                                    trainer.model_config, trainer.config, trainer.hae_cfg,
                                    trainer.pad_id, mesh=trainer.mesh, text_mask=text_mask)
+    return jax.tree.map(np.asarray, out)
+
+
+def per_turn_advantages(out) -> np.ndarray:
+    """``[B, T, 3]`` per-turn advantages from an estimator output: low (action), high (subgoal;
+    0 off segment starts), term (switch)."""
     high = np.where(np.asarray(out.boundary), np.asarray(out.adv_high), 0.0)
     return np.stack([np.asarray(out.adv_low), high, np.asarray(out.adv_term)], axis=-1)
 
 
+def turn_advantages(trainer, trajectories: Sequence) -> np.ndarray:
+    """``[B, T, 3]`` per-turn advantages (low/action, high/subgoal at segment starts else 0,
+    term/switch) of the trajectories under the trainer's estimator and critic, from the
+    trainer's own batch building."""
+    return per_turn_advantages(estimator_output(trainer, trajectories))
+
+
+BLOCKS = ("switch", "subgoal", "action")
+
+
+def token_advantages(trajectories: Sequence, token_bytes, out=None) -> list[list[dict]]:
+    """Each turn's response tokens, their block and the advantage the update gives them.
+
+    The assignment is :func:`hiper_jax.hae.assign_token_advantages`, the one the batch builder
+    uses: action tokens get A_low, subgoal tokens of segment starts A_high, switch tokens A_term,
+    all other tokens 0.
+
+    Args:
+      trajectories: ``B`` episodes (their turns' ``response_ids`` and ``spans``).
+      token_bytes: the tokenizer's :class:`~hiper_jax.agent.spans.TokenBytes` table.
+      out: the estimator output for these trajectories (:func:`estimator_output`), fields
+        ``[B, T]``; None gives no ``adv``.
+    Returns:
+      ``[b][t]`` dicts over the turn's ``R`` response tokens: ``text`` (``R`` strings, invalid
+      UTF-8 replaced), ``block`` (``R`` of ``"switch"``/``"subgoal"``/``"action"``/``""``),
+      ``forced`` (``R`` bools: the grammar allowed only this token, so it carries no gradient)
+      and, with ``out``, ``adv`` (``R`` floats).
+    """
+    from hiper_jax.agent.grammar import forced_tokens
+
+    rows = [(b, t, turn) for b, traj in enumerate(trajectories) for t, turn in enumerate(traj.turns)]
+    width = max((len(turn.response_ids) for _, _, turn in rows), default=1) or 1
+    masks = np.zeros((3, len(rows), width), bool)   # [block, N, R]: switch, subgoal, action
+    for n, (_, _, turn) in enumerate(rows):
+        length = len(turn.response_ids)
+        for k, name in enumerate(BLOCKS):
+            masks[k, n, :length] = getattr(turn.spans, name)
+    adv = None
+    if out is not None and rows:
+        from hiper_jax.hae import assign_token_advantages
+
+        index = np.array([(b, t) for b, t, _ in rows], np.int32)
+        adv = np.asarray(assign_token_advantages(out, index[:, 0], index[:, 1], masks[2], masks[1],
+                                                 masks[0]))
+    result: list[list[dict]] = [[] for _ in trajectories]
+    for n, (b, _, turn) in enumerate(rows):
+        length = len(turn.response_ids)
+        block = np.full(length, "", object)
+        for k, name in enumerate(BLOCKS):
+            block[masks[k, n, :length]] = name
+        forced = (forced_tokens(turn.allowed_mode, turn.allowed_ids) if turn.allowed_mode is not None
+                  else np.zeros(length, bool))
+        item = {"text": [token_bytes.pieces[int(i)].decode("utf-8", errors="replace")
+                         for i in turn.response_ids],
+                "block": [str(x) for x in block], "forced": [bool(x) for x in forced]}
+        if adv is not None:
+            item["adv"] = [round(float(x), 5) for x in adv[n, :length]]
+        result[b].append(item)
+    return result
+
+
+def read_episodes(path: str) -> list[dict]:
+    """The transcripts of an ``episodes.jsonl`` written by :func:`evaluate_checkpoint` (a file
+    or the evaluation's output directory)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "episodes.jsonl")
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 def episode_records(trajectories: Sequence, seeds: Sequence[int], tasks: Sequence[int],
-                    advantages: Optional[np.ndarray] = None, tokenizer=None) -> list[dict]:
+                    advantages: Optional[np.ndarray] = None, tokenizer=None,
+                    segment_starts: Optional[np.ndarray] = None,
+                    tokens: Optional[list[list[dict]]] = None) -> list[dict]:
     """One JSON-able transcript per episode (prompt text when ``tokenizer`` is given; the
-    per-turn advantages ``adv = [low, high, term]`` when ``advantages`` is)."""
+    per-turn advantages ``adv = [low, high, term]`` when ``advantages`` ``[B, T, 3]`` is;
+    ``segment_start`` when ``segment_starts`` ``[B, T]`` is; each turn's ``tokens`` (see
+    :func:`token_advantages`) when ``tokens`` is)."""
     records = []
     per_seed = len(tasks)
     for b, traj in enumerate(trajectories):
@@ -245,6 +328,10 @@ def episode_records(trajectories: Sequence, seeds: Sequence[int], tasks: Sequenc
                 item["prompt"] = tokenizer.decode(list(turn.prompt_ids))
             if advantages is not None:
                 item["adv"] = [round(float(x), 5) for x in advantages[b, t]]
+            if segment_starts is not None:
+                item["segment_start"] = bool(segment_starts[b, t])
+            if tokens is not None:
+                item["tokens"] = tokens[b][t]
             turns.append(item)
         records.append({"seed": int(seeds[b // per_seed]), "episode": b % per_seed,
                         "task_index": int(tasks[b % per_seed]), "game": traj.game, "task": traj.task,
@@ -371,7 +458,7 @@ def prepare(checkpoint: str, config=None, split: str = "eval", out_dir: Optional
 def evaluate_checkpoint(checkpoint: str, config=None, split: str = "eval", episodes: int = 128,
                         temperature: float = 0.4, seeds: Sequence[int] = (0,),
                         out_dir: Optional[str] = None, prompts: bool = False, html_episodes: int = 48,
-                        progress: bool = True) -> EvalResult:
+                        progress: bool = True, tokens: bool = False) -> EvalResult:
     """Plays ``episodes`` episodes per seed of ``split`` with the checkpoint's policy and writes
     ``table.md``, ``summary.json``, ``episodes.jsonl`` and ``transcripts.html`` into ``out_dir``.
 
@@ -383,6 +470,8 @@ def evaluate_checkpoint(checkpoint: str, config=None, split: str = "eval", episo
       seeds: sampling seeds; each replays the same tasks.
       prompts: also store each turn's prompt text (large).
       html_episodes: transcripts on the HTML page (0 = all).
+      tokens: also store each turn's response tokens with their block and, for a run
+        directory, the advantage each gets (:func:`token_advantages`).
     """
     import jax
 
@@ -409,7 +498,9 @@ def evaluate_checkpoint(checkpoint: str, config=None, split: str = "eval", episo
         trajectories += trainer.play_tasks(spec, tasks, jax.random.key(int(seed)), temperature,
                                            progress=progress)
     trajectories = regroup_by_task(trajectories, tasks * len(seeds))
-    advantages = turn_advantages(trainer, trajectories) if source.kind == "run" else None
+    estimate = estimator_output(trainer, trajectories) if source.kind == "run" else None
+    advantages = per_turn_advantages(estimate) if estimate is not None else None
+    token_lists = token_advantages(trajectories, trainer.token_bytes, estimate) if tokens else None
     summary = summarize(trajectories, seeds)
     summary.update(checkpoint=os.path.abspath(checkpoint), kind=source.kind, split=split,
                    episodes_per_seed=episodes, seeds=[int(s) for s in seeds], temperature=temperature,
@@ -417,7 +508,8 @@ def evaluate_checkpoint(checkpoint: str, config=None, split: str = "eval", episo
     where = f"{source.path}" + (f" (iteration {iteration})" if iteration is not None else "")
     title = (f"{where} on {split}: {episodes} episodes x {len(seeds)} seed(s), temperature {temperature:g}")
     table = format_table(summary, title)
-    records = episode_records(trajectories, seeds, tasks, advantages, trainer.tokenizer if prompts else None)
+    records = episode_records(trajectories, seeds, tasks, advantages, trainer.tokenizer if prompts else None,
+                              estimate.boundary if estimate is not None else None, token_lists)
     out = config.train.out_dir
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as handle:
         handle.write(table + "\n")
@@ -443,6 +535,8 @@ def _define_flags():
     flags.DEFINE_string("out", None, "output directory (default: beside the checkpoint)")
     flags.DEFINE_bool("prompts", False, "store each turn's prompt text in episodes.jsonl")
     flags.DEFINE_integer("html_episodes", 48, "transcripts on the HTML page (0 = all)")
+    flags.DEFINE_bool("tokens", False, "store each turn's response tokens with their block and "
+                      "(run directory) advantage in episodes.jsonl")
     return config_flags.DEFINE_config_file(
         "config", None, "config file (configs/*.py, overridable with --config.FIELD=VALUE); "
         "default: the run directory's config.json", lock_config=False)
@@ -462,7 +556,7 @@ def _main(argv, config_flag) -> None:
         sys.exit(f"error: {error}")
     result = evaluate_checkpoint(values.checkpoint, config_flag.value, values.split, values.episodes,
                                  values.temperature, seeds, values.out, values.prompts,
-                                 values.html_episodes)
+                                 values.html_episodes, tokens=values.tokens)
     print("\n" + result.table)
     print(f"\nwritten to {result.out_dir}: table.md, summary.json, episodes.jsonl, transcripts.html")
 

@@ -33,11 +33,9 @@ import numpy as np
 
 from hiper_jax.agent.demos import demo_turns, read_demos
 from hiper_jax.agent.prompts import PromptConfig, build_messages
+from hiper_jax.assets import ASSETS, TINY_ALFWORLD  # noqa: F401 (re-exported)
 from hiper_jax.models import qwen2
 from hiper_jax.tokenization import train_byte_level_bpe
-
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-TINY_ALFWORLD = os.path.join(ASSETS, "tiny_alfworld")
 
 
 def tiny_model_config(vocab_size: int, hidden_size: int = 96, num_layers: int = 3,

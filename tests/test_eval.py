@@ -287,3 +287,90 @@ def test_cli_end_to_end(games_root, tmp_path):
     records = [json.loads(line) for line in open(out / "episodes.jsonl")]
     # greedy decoding: both seeds play the same episodes
     assert [r["turns"] for r in records[:2]] == [r["turns"] for r in records[2:]]
+
+
+RESPONSES = [
+    ["<switch>SWITCH</switch><subgoal>find and take the apple</subgoal><action>go to countertop 1</action>",
+     "<switch>KEEP</switch><subgoal>find and take the apple</subgoal><action>open fridge 1</action>",
+     "<switch>SWITCH</switch><subgoal>heat the apple with the microwave</subgoal><action>heat apple 1 with microwave 1</action>"],
+    ["<switch>KEEP</switch><subgoal>heat the apple</subgoal><action>look</action>"],
+]
+
+
+def token_trajectories(tokenizer):
+    """Two episodes of real tokenised responses with their spans; the first turn's leading
+    token is marked as forced by the grammar (an allowed set of one id)."""
+    from hiper_jax.agent.grammar import SET
+    from hiper_jax.agent.spans import TokenBytes, response_spans
+
+    table = TokenBytes(tokenizer)
+    trajectories = []
+    for b, responses in enumerate(RESPONSES):
+        turns = []
+        for t, text in enumerate(responses):
+            ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)
+            turn = _turn(switch="SWITCH" in text)
+            turn.response_ids, turn.response_logp = ids, np.zeros(len(ids), np.float32)
+            turn.spans = response_spans(ids, table)
+            turn.response_text = text
+            turn.subgoal = text.split("<subgoal>")[1].split("</subgoal>")[0]
+            if (b, t) == (0, 0):
+                turn.allowed_mode = np.zeros(len(ids), np.int8)
+                turn.allowed_ids = np.full((len(ids), 2), -1, np.int32)
+                turn.allowed_mode[:2] = SET
+                turn.allowed_ids[0, 0] = ids[0]              # one allowed id: forced
+                turn.allowed_ids[1, :2] = [ids[1], ids[1] + 1]  # two: a choice
+            turns.append(turn)
+        trajectories.append(Trajectory(turns, task="heat an apple", task_type="heat", won=b == 0, game=f"g{b}"))
+    return trajectories, table
+
+
+def hae_like_output(rng, boundary):
+    from hiper_jax.hae import HAEOutput
+
+    shape = boundary.shape
+    fields = {name: rng.normal(size=shape).astype(np.float32) for name in ("adv_low", "adv_high", "adv_term")}
+    fields["adv_high"] = np.where(boundary, fields["adv_high"], 0.0).astype(np.float32)
+    zeros = np.zeros(shape, np.float32)
+    return HAEOutput(ret_low=zeros, ret_high=zeros, ret_term=zeros, boundary=boundary, **fields)
+
+
+def test_token_advantages_follow_the_update_assignment(tiny_tokenizer):
+    from hiper_jax.eval import token_advantages
+
+    trajectories, table = token_trajectories(tiny_tokenizer)
+    boundary = np.array([[True, False, True], [True, False, False]])
+    out = hae_like_output(np.random.default_rng(3), boundary)
+    tokens = token_advantages(trajectories, table, out)
+    assert [len(turns) for turns in tokens] == [3, 1]
+    for b, traj in enumerate(trajectories):
+        for t, turn in enumerate(traj.turns):
+            item = tokens[b][t]
+            assert "".join(item["text"]) == turn.response_text
+            assert len(item["block"]) == len(item["adv"]) == len(turn.response_ids)
+            for k, block in enumerate(item["block"]):
+                expected_block = ("switch" if turn.spans.switch[k] else "subgoal" if turn.spans.subgoal[k]
+                                  else "action" if turn.spans.action[k] else "")
+                assert block == expected_block
+                expected = {"action": out.adv_low[b, t], "switch": out.adv_term[b, t],
+                            "subgoal": out.adv_high[b, t] if boundary[b, t] else 0.0, "": 0.0}[block]
+                assert item["adv"][k] == pytest.approx(float(expected), abs=1e-5)
+            assert {"switch", "subgoal", "action"} <= set(item["block"])
+    assert tokens[0][0]["forced"][:2] == [True, False] and not any(tokens[0][0]["forced"][2:])
+    assert not any(f for turns in tokens[1:] for item in turns for f in item["forced"])
+    assert all("adv" not in item for turns in token_advantages(trajectories, table) for item in turns)
+
+
+def test_records_with_tokens_round_trip(tiny_tokenizer, tmp_path):
+    from hiper_jax.eval import per_turn_advantages, read_episodes, token_advantages
+
+    trajectories, table = token_trajectories(tiny_tokenizer)
+    boundary = np.array([[True, False, True], [True, False, False]])
+    out = hae_like_output(np.random.default_rng(4), boundary)
+    records = episode_records(trajectories, [0], [5, 6], per_turn_advantages(out), None, out.boundary,
+                              token_advantages(trajectories, table, out))
+    assert [t["segment_start"] for t in records[0]["turns"]] == [True, False, True]
+    assert records[0]["turns"][1]["adv"][1] == 0.0  # A_high only at segment starts
+    path = tmp_path / "episodes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert read_episodes(str(path)) == read_episodes(str(tmp_path)) == json.loads(json.dumps(records))

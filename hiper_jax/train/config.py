@@ -1,6 +1,6 @@
 """Training configuration: the base ``ml_collections`` config and its validation.
 
-Config files under ``configs/`` start from :func:`base_config` and override what they need.
+Config files (:mod:`hiper_jax.configs`) start from :func:`base_config` and override what they need.
 :func:`validate` runs at start-up, before any compilation or environment start, and names the
 field of the first problem it finds: an unknown key, a wrong type, or an impossible value.
 """
@@ -12,9 +12,6 @@ import os
 from typing import Any, Sequence
 
 import ml_collections
-
-from hiper_jax.advantages import GIGPO_MODES
-from hiper_jax.hae import KEEP_PENALTY_MODES
 
 ESTIMATOR_NAMES = ("hae", "turn_gae", "grpo", "rloo", "gigpo")
 ENV_NAMES = ("alfworld", "webshop", "choose_word")
@@ -252,6 +249,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
       num_devices: the global device count the mesh must divide (None: not checked).
       check_paths: check that named input paths (checkpoint, games, demos) exist.
     """
+    # Imported here, not at the top: config files import this module, and loading one (e.g. in
+    # a notebook before choosing a runtime) should not import JAX.
+    from hiper_jax.advantages import GIGPO_MODES
+    from hiper_jax.hae import KEEP_PENALTY_MODES
+
     _check_types(config, base_config())
     env, model, adv, ppo, train, mesh = (config.env, config.model, config.advantage, config.ppo,
                                          config.train, config.mesh)

@@ -7,15 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-
-def pyplot():
-    """``matplotlib.pyplot`` on the non-interactive Agg backend (runs headless)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+# Headless (Agg) unless a notebook's inline backend is active.
+from hiper_jax.plotting import pyplot
 
 
 def save_figure(fig, path: str) -> str:

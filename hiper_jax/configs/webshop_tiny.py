@@ -8,7 +8,7 @@ demonstrations first for meaningful success rates).
     python -m hiper_jax.train --config configs/webshop_tiny.py --config.model.checkpoint=runs/webshop_sft
 """
 
-from hiper_jax.tiny import TINY_ALFWORLD
+from hiper_jax.assets import TINY_ALFWORLD
 from hiper_jax.train.config import base_config
 
 

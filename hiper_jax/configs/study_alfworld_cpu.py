@@ -9,7 +9,7 @@ Interrupt it at any time; the same command continues where it stopped.
 import ml_collections
 
 from hiper_jax.study import base_study
-from hiper_jax.tiny import TINY_ALFWORLD
+from hiper_jax.assets import TINY_ALFWORLD
 from hiper_jax.train.config import base_config
 
 

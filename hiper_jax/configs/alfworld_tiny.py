@@ -7,7 +7,7 @@ and one of the task's subgoals), HAE, and the task types, scene size and prompt 
 shipped warm start was trained on (`python -m hiper_jax.tiny`).
 """
 
-from hiper_jax.tiny import TINY_ALFWORLD
+from hiper_jax.assets import TINY_ALFWORLD
 from hiper_jax.train.config import base_config
 
 
