@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Optional, Sequence
 
 import numpy as np
@@ -255,12 +256,11 @@ def plot_task_success(summary: dict, title: str = "success per task type"):
     high = np.maximum(np.array([100 * r["ci_high"] for r in rows]) - success, 0.0)
     ax.bar(x, success, color="#4c8c5a", width=0.6)
     ax.errorbar(x, success, yerr=[low, high], fmt="none", ecolor="#222", capsize=4, lw=1)
-    for k, r in enumerate(rows):
-        ax.text(k, 2, f"{r['successes']}/{r['episodes']}", ha="center", va="bottom", fontsize=7,
-                color="white" if success[k] > 12 else "#222")
     ax.axhline(100 * overall["success"], color="#b33", lw=1, ls="--",
                label=f"all: {100 * overall['success']:.0f}% of {overall['episodes']}")
-    ax.set_xticks(x, [r["task_type"].replace("_", "\n") for r in rows], fontsize=7)
+    labels = [textwrap.fill(r["task_type"].replace("_", " "), 16) + f"\n{r['successes']}/{r['episodes']}"
+              for r in rows]
+    ax.set_xticks(x, labels, fontsize=7)
     ax.set(ylabel="success (%)", ylim=(0, 105), title=title)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
