@@ -36,6 +36,7 @@ def _main(argv) -> None:
     from hiper_jax.train import checkpoints
     from hiper_jax.train.config import ConfigError
     from hiper_jax.train.report import summary_table
+    from hiper_jax.train.throughput import summary_line
     from hiper_jax.train.trainer import EXIT_INTERRUPTED, Trainer, TrainingDivergedError
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
@@ -61,6 +62,9 @@ def _main(argv) -> None:
     table = summary_table(history)
     if table:
         print("\n" + table)
+    line = summary_line(history, trainer.peak.source)
+    if line:
+        print("\n" + line)
     print(f"\nrun directory: {config.train.out_dir} (metrics.jsonl, plots/, checkpoints/, "
           f"config.json); wall time {(time.perf_counter() - start) / 60:.1f} min")
     if trainer.stop_signal is not None:

@@ -343,23 +343,37 @@ def _cut_width(batch: PPOBatch, width: int) -> PPOBatch:
                              if getattr(batch, name) is not None})
 
 
+def token_counts(mini: PPOBatch) -> dict[str, float]:
+    """Tokens of a host mini-batch: ``real_tokens`` (valid tokens of the rows that carry a loss
+    or a value loss), their ``real_attention_pairs`` (sum of squared row lengths: each token
+    attends to its row) and ``computed_tokens`` (every position the step computes, ``N * L``)."""
+    valid = np.asarray(mini.valid)
+    carries = np.asarray(mini.loss_mask).any(1) | np.asarray(mini.value_mask).any(1)
+    lengths = valid[carries].sum(axis=1).astype(np.float64)
+    return {"real_tokens": float(lengths.sum()), "real_attention_pairs": float(np.square(lengths).sum()),
+            "computed_tokens": float(valid.size)}
+
+
 def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
                config: qwen2.Qwen2Config, ppo: PPOConfig, actor_tx, critic_tx,
                place=None, text_mask=None) -> tuple[TrainState, dict]:
     """``ppo.epochs`` passes over ``batch`` in shuffled mini-batches of ``ppo.mini_batch_rows``
-    rows, one :func:`ppo_step` each; returns the new state and the metrics averaged over steps.
+    rows, one :func:`ppo_step` each; returns the new state and the metrics averaged over steps,
+    with the steps' :func:`token_counts` summed over all of them.
 
     Every step has the same shape, so the update compiles once per token length. ``place``
     puts a host mini-batch on devices (default ``jax.device_put``). ``text_mask [V]``: the
     grammar's, for a batch sampled with a constraint.
     """
     place = place or jax.device_put
-    history = []
+    history, counts = [], []
     for _ in range(ppo.epochs):
         for mini in mini_batches(batch, ppo.mini_batch_rows, rng, ppo.length_multiple):
+            counts.append(token_counts(mini))
             state, metrics = ppo_step(state, place(mini), text_mask, config=config, ppo=ppo,
                                       actor_tx=actor_tx, critic_tx=critic_tx)
             history.append(metrics)
     means = {k: float(np.mean([float(m[k]) for m in history])) for k in history[0]}
     means["steps"] = len(history)
+    means.update({k: float(sum(c[k] for c in counts)) for k in counts[0]})
     return state, means

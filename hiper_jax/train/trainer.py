@@ -11,12 +11,18 @@ current env step, or lets an update in progress finish, then checkpoints the las
 iteration and returns with :attr:`Trainer.stop_signal` set (the command line then exits with
 :data:`EXIT_INTERRUPTED`); a second signal stops at once. Checkpoints carry a manifest that
 restore verifies (:mod:`hiper_jax.train.checkpoints`).
+
+Accounting: every iteration logs the split of its seconds (``time/...``: rollout, log-prob/value
+passes, advantages, update; evaluation and checkpoints) and its throughput (``throughput/...``:
+generated and update tokens per second, the real-token fraction of the update rows, model FLOPs
+and MFU, :mod:`hiper_jax.train.throughput`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -46,6 +52,7 @@ from hiper_jax.rollout.policies import LLMPolicy
 from hiper_jax.rollout.types import Trajectory
 from hiper_jax.train import checkpoints as checkpoint_lib
 from hiper_jax.train import config as config_lib
+from hiper_jax.train import throughput
 from hiper_jax.train.logger import MetricsLogger
 from hiper_jax.train.plots import plot_run
 from hiper_jax.train.ppo import (
@@ -57,6 +64,7 @@ from hiper_jax.train.ppo import (
     logprob_value_pass,
     make_optimizer,
     ppo_update,
+    row_lengths,
 )
 
 HEADS = ("low", "high", "term")
@@ -226,7 +234,8 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
                     cfg: ml_collections.ConfigDict, hae_cfg: HAEConfig, pad_id: int, mesh=None,
                     text_mask: Optional[np.ndarray] = None):
     """Packs trajectories, runs the log-prob and value passes, computes advantages; returns
-    ``(PPOBatch, turn arrays, estimator output, stats)``. ``mesh`` is needed only with several
+    ``(PPOBatch, turn arrays, estimator output, stats)``; ``stats`` holds the seconds the passes
+    (``passes_s``) and the estimator with the token assignment (``advantages_s``) took. ``mesh`` is needed only with several
     processes (each holds all trajectories; the passes run on the global mesh). ``text_mask``:
     the grammar's, when the trajectories were sampled with a constraint (log-probs are then
     those of the constrained distribution)."""
@@ -256,12 +265,14 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
     def ref_pass(t, v, *allowed):
         return (logprob_pass(ref_params, model_config, t, v, temperature, allowed_of(allowed)),)
 
+    passes_start = time.perf_counter()
     old_logp, values = _chunked(old_pass, arrays, (reads,), rows, mesh, multiple, per_token=(True, False))
     if not spec.value_heads:
         values = np.zeros(reads.shape, np.float32)
     # Without a KL term the reference policy is never used: skip its pass.
     ref_logp = (_chunked(ref_pass, arrays, (), rows, mesh, multiple)[0] if cfg.ppo.kl_coef
                 else np.zeros_like(old_logp))
+    passes_s = time.perf_counter() - passes_start
     valid_rows = tokens.row_valid
     values_bt = np.zeros(turns.mask.shape + (3,), np.float32)
     values_bt[tokens.traj_index[valid_rows], tokens.turn_index[valid_rows]] = values[valid_rows]
@@ -272,10 +283,12 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
         state_ids=anchor_state_ids(turn_observations(trajectories), turns.group_ids, cfg.env.max_turns,
                                    cfg.advantage.gigpo_similarity)
         if spec.needs_states else None)
+    advantages_start = time.perf_counter()
     out = _estimate(spec, turn_batch, hae_cfg, mesh)
     advantages = np.asarray(assign_token_advantages(out, tokens.traj_index, tokens.turn_index,
                                                     tokens.action_mask, tokens.subgoal_mask,
                                                     tokens.switch_mask))
+    advantages_s = time.perf_counter() - advantages_start
     blocks = tokens.action_mask | tokens.subgoal_mask | tokens.switch_mask
     b, t = tokens.traj_index, tokens.turn_index
     targets = np.stack([np.asarray(out.ret_low)[b, t], np.asarray(out.ret_high)[b, t],
@@ -301,6 +314,7 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
              "advantage_std": float(adv_tokens.std()) if adv_tokens.size else 0.0,
              "value_mean": float(values[valid_rows, 0].mean()) if valid_rows.any() else 0.0}
     stats.update(logp_mismatch(tokens.old_logp, old_logp, tokens.response_mask))
+    stats.update(passes_s=passes_s, advantages_s=advantages_s)
     return batch, turns, out, stats
 
 
@@ -605,9 +619,34 @@ class Trainer:
         bar.close()
         return trajectories
 
+    @functools.cached_property
+    def peak(self) -> throughput.Peak:
+        """Peak FLOP/s of the mesh's devices (measured once on CPU), for MFU."""
+        return throughput.device_peak(list(self.mesh.devices.flat), self.config.model.compute_dtype)
+
+    def iteration_accounting(self, trajectories: list[Trajectory], batch: PPOBatch, update: dict,
+                             times: dict[str, float], peak: throughput.Peak) -> dict[str, float]:
+        """The ``throughput/...`` metrics of one iteration: tokens per second, the real-token
+        fraction of the update rows, model FLOPs by stage and MFU (see
+        :mod:`hiper_jax.train.throughput`). ``times``: seconds of ``rollout``, ``update`` and
+        the whole ``iteration``; ``peak``: the devices'."""
+        turns = [turn for traj in trajectories for turn in traj.turns]
+        prefill, decode = throughput.generation_tokens([len(t.prompt_ids) for t in turns],
+                                                       [len(t.response_ids) for t in turns])
+        flops = throughput.iteration_flops(
+            self.model_config, prefill=prefill, decode=decode,
+            passes=throughput.TokenSet.of_rows(row_lengths(batch.valid)),
+            update=throughput.TokenSet(update["real_tokens"], update["real_attention_pairs"]),
+            separate_critic="backbone" in self.state.critic, uses_critic=bool(self.ppo.value_heads),
+            reference_pass=bool(self.config.ppo.kl_coef))
+        return throughput.throughput_metrics(flops, times, decode.tokens, update["real_tokens"],
+                                             update["computed_tokens"], peak)
+
     def train_iteration(self, iteration: int, collector: Collector) -> dict[str, Any]:
-        """One collect + update iteration; returns its metrics."""
+        """One collect + update iteration; returns its metrics (``time/...`` the split of its
+        seconds, ``throughput/...`` its accounting)."""
         cfg = self.config
+        peak = self.peak  # measured (once) before the clock starts
         start = time.perf_counter()
         tasks, groups = self.schedule.tasks(iteration)
         key = jax.random.fold_in(jax.random.key(cfg.train.seed), iteration)
@@ -625,12 +664,18 @@ class Trainer:
                                         text_mask=text_mask)
         record = {f"train/{k}": v for k, v in rollout_metrics(trajectories).items()}
         record.update({f"update/{k}": v for k, v in update.items()})
+        end = time.perf_counter()
+        times = {"time/passes_s": batch_stats.pop("passes_s"),
+                 "time/advantages_s": batch_stats.pop("advantages_s")}
         record.update({f"batch/{k}": v for k, v in batch_stats.items()})
+        record.update(times)
         record.update({"time/rollout_s": rollout_s, "time/batch_s": update_start - start - rollout_s,
-                       "time/update_s": time.perf_counter() - update_start,
-                       "time/iteration_s": time.perf_counter() - start,
+                       "time/update_s": end - update_start, "time/iteration_s": end - start,
                        "time/device_busy_fraction": rollout.device_busy_fraction,
                        "env_turns": float(rollout.turns)})
+        record.update(self.iteration_accounting(
+            trajectories, batch, update,
+            {"rollout": rollout_s, "update": end - update_start, "iteration": end - start}, peak))
         if update["skipped"] > 0:
             tqdm.write(f"iteration {iteration}: {update['skipped']:.0%} of the update steps had a "
                        "non-finite loss or gradient and were skipped")
@@ -666,6 +711,10 @@ class Trainer:
         Returns early, with :attr:`stop_signal` set, after SIGTERM or SIGINT (the last complete
         iteration is checkpointed).
 
+        A record holds the seconds of its evaluation (``time/eval_s``) and of the checkpoint
+        written after the previous iteration (``time/checkpoint_s``): a record is logged before
+        its own checkpoint, so a checkpoint never exists without its iteration's record.
+
         Raises:
           RolloutFaultError: a rollout lost more than ``env.max_lost_fraction`` of its episodes.
           TrainingDivergedError: ``train.max_skipped_updates`` consecutive updates were skipped.
@@ -699,14 +748,19 @@ class Trainer:
                        initial=start_iteration, total=cfg.train.iterations,
                        disable=not (self.progress and self.is_main))
             done = saved = start_iteration
+            checkpoint_s = None  # the last save's seconds, logged with the next record
             skipped_in_a_row = 0
             for iteration in bar:
                 if budget_spent(env_turns) or self.stop_signal is not None:  # budget: by the last
                     break                                                    # iteration or a resume
                 record = {"iteration": iteration}
+                if checkpoint_s is not None:
+                    record["time/checkpoint_s"], checkpoint_s = checkpoint_s, None
                 try:
                     if iteration % cfg.train.eval_every == 0:
+                        eval_start = time.perf_counter()
                         record.update(self.evaluate(iteration, eval_collector))
+                        record["time/eval_s"] = time.perf_counter() - eval_start
                     record.update(self.train_iteration(iteration, train_collector))
                 except RolloutInterrupted:  # a signal mid-rollout: this iteration is discarded
                     break
@@ -725,7 +779,9 @@ class Trainer:
                 done = iteration + 1
                 if (done % cfg.train.checkpoint_every == 0 or done == cfg.train.iterations
                         or self.stop_signal is not None or budget_spent(env_turns)):
+                    save_start = time.perf_counter()
                     self.save(done, env_turns)
+                    checkpoint_s = time.perf_counter() - save_start
                     saved = done
                 skipped_in_a_row = skipped_in_a_row + 1 if record.get("update/skipped", 0.0) >= 1.0 else 0
                 if skipped_in_a_row >= cfg.train.max_skipped_updates:
@@ -737,8 +793,12 @@ class Trainer:
             bar.close()
             if self.stop_signal is None:
                 final = {"iteration": done, "final": 1.0, "env_turns_total": env_turns}
+                if checkpoint_s is not None:
+                    final["time/checkpoint_s"] = checkpoint_s
                 try:
+                    eval_start = time.perf_counter()
                     final.update(self.evaluate(done, eval_collector))
+                    final["time/eval_s"] = time.perf_counter() - eval_start
                     final.update(self._iteration_faults(collectors).metrics())
                 except RolloutInterrupted:
                     final = None

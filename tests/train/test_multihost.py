@@ -15,7 +15,7 @@ import pytest
 from hiper_jax.train.logger import read_metrics
 from tests.test_distributed import _child_env, _free_port, _run_processes
 
-SKIP_PREFIXES = ("time/",)
+SKIP_PREFIXES = ("time/", "throughput/")  # seconds and rates differ run to run
 
 
 def write_config(tmp_path, checkpoint):

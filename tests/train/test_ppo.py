@@ -17,6 +17,7 @@ from hiper_jax.train.ppo import (
     mini_batches,
     ppo_step,
     ppo_update,
+    token_counts,
     value_pass,
 )
 
@@ -76,6 +77,10 @@ def test_zero_advantages_and_kl_leave_the_policy_unchanged():
     assert max_diff(state.actor, before[0]) == 0.0
     assert max_diff(state.critic, before[1]) > 0  # the value loss still trains the critic
     assert metrics["pg_loss"] == 0.0 and metrics["skipped"] == 0.0 and metrics["steps"] == 2
+    # Every row carries a value loss: all valid tokens are real; 2 steps of 4 x 16 computed.
+    lengths = np.asarray(batch.valid).sum(1)
+    assert metrics["real_tokens"] == lengths.sum() and metrics["computed_tokens"] == 8 * 16
+    assert metrics["real_attention_pairs"] == np.square(lengths).sum()
 
 
 def test_gradient_accumulation_is_exact():
@@ -152,6 +157,10 @@ def test_mini_batches_cover_every_loss_row_once_and_pad_the_last():
     assert int(parts[1].value_mask.any(1).sum()) == 1
     seen = sorted(map(tuple, np.concatenate([p.tokens[p.loss_mask.any(1)] for p in parts])))
     assert seen == sorted(map(tuple, np.asarray(batch.tokens)[:5]))
+    # The rows that pad the last mini-batch are computed but not real.
+    counts = [token_counts(p) for p in parts]
+    assert sum(c["real_tokens"] for c in counts) == np.asarray(batch.valid)[:5].sum()
+    assert sum(c["computed_tokens"] for c in counts) == 2 * 4 * 16
 
 
 @pytest.mark.parametrize("shared", [False, True])
