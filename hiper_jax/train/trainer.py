@@ -235,10 +235,10 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
                     text_mask: Optional[np.ndarray] = None):
     """Packs trajectories, runs the log-prob and value passes, computes advantages; returns
     ``(PPOBatch, turn arrays, estimator output, stats)``; ``stats`` holds the seconds the passes
-    (``passes_s``) and the estimator with the token assignment (``advantages_s``) took. ``mesh`` is needed only with several
-    processes (each holds all trajectories; the passes run on the global mesh). ``text_mask``:
-    the grammar's, when the trajectories were sampled with a constraint (log-probs are then
-    those of the constrained distribution)."""
+    (``passes_s``) and the estimator with the token assignment (``advantages_s``) took.
+    ``mesh`` is needed only with several processes (each holds all trajectories; the passes run
+    on the global mesh). ``text_mask``: the grammar's, when the trajectories were sampled with a
+    constraint (log-probs are then those of the constrained distribution)."""
     spec = get_estimator(cfg.advantage.estimator, **config_lib.estimator_options(cfg.advantage))
     rows = cfg.ppo.mini_batch_rows
     turns = pack_turns(trajectories, cfg.env.max_turns)

@@ -37,6 +37,30 @@ def test_every_estimator_raises_success(word_checkpoint, tmp_path, estimator):
     assert evals[-1] >= evals[0] + 0.1, (estimator, evals, train)
     assert np.mean(train[-2:]) > np.mean(train[:2]), (estimator, train)
     assert os.path.exists(tmp_path / "plots" / "curves.png")
+    assert_accounting(history)
+
+
+def assert_accounting(history):
+    """Every iteration logs its time split and throughput, all positive; evaluation and
+    checkpoint seconds come with the records that ran them (a checkpoint's with the next)."""
+    from hiper_jax.train.throughput import summary_line
+
+    iterations = [r for r in history if "train/success" in r]
+    for r in iterations:
+        for key in ("time/rollout_s", "time/passes_s", "time/advantages_s", "time/update_s",
+                    "time/iteration_s", "throughput/generated_tokens_per_s", "throughput/update_tokens_per_s",
+                    "throughput/flops", "throughput/rollout_flops", "throughput/passes_flops",
+                    "throughput/update_flops", "throughput/peak_flops", "update/real_tokens"):
+            assert r[key] > 0, (r["iteration"], key, r.get(key))
+        assert 0 < r["throughput/update_real_fraction"] <= 1
+        assert 0 < r["throughput/mfu"] <= 1 and 0 < r["throughput/update_mfu"] <= 1
+        assert r["update/real_tokens"] <= r["update/computed_tokens"]
+        assert r["throughput/flops"] == pytest.approx(
+            r["throughput/rollout_flops"] + r["throughput/passes_flops"] + r["throughput/update_flops"])
+    assert all(r["time/eval_s"] > 0 for r in history if "eval/success" in r)
+    assert sum("time/checkpoint_s" in r for r in history) >= 1
+    assert all(r["time/checkpoint_s"] > 0 for r in history if "time/checkpoint_s" in r)
+    assert summary_line(history).startswith(f"throughput: {np.mean([r['time/iteration_s'] for r in iterations]):.1f} s")
 
 
 def test_constrained_run_learns_with_exact_logprobs(word_checkpoint, tmp_path):
