@@ -179,8 +179,8 @@ class Peak:
 
 def device_peak(devices: Optional[Sequence] = None, dtype: str = "float32") -> Peak:
     """The summed peak of ``devices`` (default: all of them): the table's per-chip figure times
-    the chip count; else a matmul in ``dtype`` measured here. CPU devices share the host's
-    cores (simulated devices too), so a CPU peak is one measurement, not one per device."""
+    the chip count; else a matmul in ``dtype`` measured here. CPU devices share their host's
+    cores (simulated devices too), so a CPU peak is one measurement per host, not per device."""
     import jax
 
     devices = list(devices) if devices is not None else jax.devices()
@@ -189,7 +189,9 @@ def device_peak(devices: Optional[Sequence] = None, dtype: str = "float32") -> P
     if per_chip is not None:
         return Peak(per_chip * len(devices), f"{kind} x{len(devices)}, bf16 dense peak from the table")
     if devices[0].platform == "cpu":
-        return Peak(measured_matmul_flops(1024, dtype), f"cpu, measured {dtype} 1024^3 matmul")
+        hosts = len({getattr(d, "process_index", 0) for d in devices})
+        return Peak(measured_matmul_flops(1024, dtype) * hosts,
+                    f"cpu x{hosts} host(s), measured {dtype} 1024^3 matmul")
     measured = measured_matmul_flops(4096, dtype)
     return Peak(measured * len(devices), f"{kind} x{len(devices)}, measured {dtype} 4096^3 matmul")
 
