@@ -84,8 +84,9 @@ class TokenSet:
 
 def matmul_params(config: Qwen2Config, lm_head: bool = True) -> int:
     """Weights one token multiplies in a forward pass (biases, norms and embeddings excluded)."""
-    e, q, kv = config.hidden_size, config.num_attention_heads * config.head_dim, \
-        config.num_key_value_heads * config.head_dim
+    e = config.hidden_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
     per_layer = e * q + 2 * e * kv + q * e + 3 * e * config.intermediate_size
     return config.num_hidden_layers * per_layer + (e * config.vocab_size if lm_head else 0)
 
