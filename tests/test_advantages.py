@@ -116,6 +116,10 @@ def test_turn_gae_estimator_shapes_and_normalises():
 def test_registry():
     assert set(ESTIMATORS) == {"hae", "turn_gae", "grpo", "rloo", "gigpo", "hae_no_term",
                                "hae_no_keep_penalty", "hae_flat_subgoal"}
+    from hiper_jax.train.config import ESTIMATOR_NAMES, GROUP_ESTIMATORS
+
+    assert set(ESTIMATOR_NAMES) == set(ESTIMATORS)  # the config's names, kept free of JAX
+    assert set(GROUP_ESTIMATORS) == {name for name, spec in ESTIMATORS.items() if spec.needs_groups}
     with pytest.raises(ValueError, match="known"):
         get_estimator("gigpo_v9")
     rng = np.random.default_rng(1)
