@@ -149,6 +149,16 @@ def test_bad_study_config_names_the_field(tmp_path):
     with pytest.raises(ValueError, match="unknown estimator 'ppo'"):
         study_lib.validate_study(bad, check_paths=False)
     study_lib.validate_study(study_config(run, tmp_path), check_paths=False)
+    no_reference = study_config(run, tmp_path, estimators=("turn_gae", "grpo"))
+    with pytest.raises(ValueError, match="study.reference"):
+        study_lib.validate_study(no_reference, check_paths=False)
+    with pytest.raises(ValueError, match="must not repeat"):
+        study_lib.validate_study(study_config(run, tmp_path, seeds=(0, 0)), check_paths=False)
+    run.advantage.rollouts_per_task = 1
+    with pytest.raises(ValueError, match=r"rollouts_per_task: must be >= 2 for \['gigpo'\]"):
+        study_lib.validate_study(study_config(run, tmp_path, estimators=("hae", "gigpo")), check_paths=False)
+    study_lib.validate_study(study_config(run, tmp_path, estimators=("hae", "hae_no_term", "hae_flat_subgoal",
+                                                                     "hae_no_keep_penalty")), check_paths=False)
 
 
 @pytest.mark.slow
