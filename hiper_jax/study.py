@@ -453,9 +453,10 @@ def plot_study(results: dict, out_dir: str, reference: str = "hae") -> list[str]
     groups = ["before (warm start)"] + list(results)
     fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(categories) * max(len(groups), 4) / 4), 4.5))
     width = 0.8 / max(len(groups), 1)
-    all_runs = [r for runs in results.values() for r in runs]
+    # The warm start's evaluation depends on the seed only: one run per seed stands for it.
+    before = list({r["seed"]: r for runs in reversed(list(results.values())) for r in runs}.values())
     for g, name in enumerate(groups):
-        runs, which, colour = (all_runs, "first", "0.6") if g == 0 else (results[name], "final", colours[name])
+        runs, which, colour = (before, "first", "0.6") if g == 0 else (results[name], "final", colours[name])
         means, errors = [], [[], []]
         for category in categories:
             values = [run_scores(r[which]).get(category, np.nan) for r in runs]
