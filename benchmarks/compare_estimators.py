@@ -1,11 +1,14 @@
-"""HAE vs flat turn-level GAE vs GRPO on ALFWorld: same warm start, same env-turn budget, seeds.
+"""HAE vs flat turn-level GAE, GRPO, GiGPO and HAE's ablations on ALFWorld: same warm start,
+same games and task groups, same env-turn budget, several seeds.
 
     python benchmarks/compare_estimators.py --config configs/study_alfworld_cpu.py
     python benchmarks/compare_estimators.py --config configs/study_alfworld_cpu.py --report_only
+    python benchmarks/compare_estimators.py --config configs/study_alfworld_smoke.py   # toy budget
 
 Trains every (estimator, seed) run of the study config that has not finished (an interrupted
 run resumes from its last checkpoint), measures the policy-gradient variance of each estimator
-on the same fixed-policy episodes, then prints the table and writes ``summary.md``,
+on the same fixed-policy episodes, then prints the tables (per arm; paired differences
+against ``study.reference`` with bootstrap 95% intervals) and writes ``summary.md``,
 ``summary.json`` and PNG plots into ``study.out_dir``. Any field can be overridden, e.g.
 ``--config.study.seeds='(0,)' --config.run.train.max_env_turns=800``.
 """

@@ -12,6 +12,15 @@ so the trainer spreads advantages onto tokens the same way whatever the estimato
   weighted, a step-level advantage that compares the discounted return of a turn with those of
   the other turns of its group that saw the same observation (its *anchor state*).
 
+HAE ablations, each HAE with one part taken out (the study's ``hae`` minus one idea):
+
+* ``hae_no_term``: the switch decision gets no termination-head credit (``adv_term = 0``; the
+  term head is not trained).
+* ``hae_no_keep_penalty``: HAE on rewards shaped without the keep and keep-consistency
+  penalties, whatever the config says.
+* ``hae_flat_subgoal``: subgoal tokens of segment starts get the flat turn-level GAE
+  advantage of their turn instead of the segment-level (SMDP) one.
+
 Flat estimators mark every real turn in ``boundary`` (each turn's subgoal tokens get credit)
 and set ``adv_low = adv_high = adv_term``. Which value heads they train is in
 :attr:`EstimatorSpec.value_heads`.
@@ -367,6 +376,53 @@ def _episode_jit(batch: TurnBatch, *, cfg: HAEConfig, advantage_fn) -> HAEOutput
     return _flat_output(adv, jnp.zeros_like(adv), mask)
 
 
+def hae_no_term_estimator(batch: TurnBatch, cfg: HAEConfig, axis_name=None) -> HAEOutput:
+    """``hae_no_term``: HAE without the termination advantage.
+
+    Every field is :func:`hae_estimator`'s except ``adv_term``, which is 0 on every turn
+    (``[B, T]``): switch tokens carry no policy-gradient signal, so the SWITCH/KEEP decision
+    is only moved by the entropy and KL terms and by parameters it shares with the other
+    blocks. The term head is not trained (its spec lists only the low and high heads).
+    """
+    out = hae_estimator(batch, cfg, axis_name)
+    return out._replace(adv_term=jnp.zeros_like(out.adv_term))
+
+
+def hae_no_keep_penalty_estimator(batch: TurnBatch, cfg: HAEConfig, axis_name=None) -> HAEOutput:
+    """``hae_no_keep_penalty``: HAE with ``keep_penalty`` and ``keep_consistency_penalty``
+    forced to 0 (the invalid-action penalty and every other setting stay as in ``cfg``).
+
+    Returns :class:`~hiper_jax.hae.HAEOutput`, fields ``[B, T]``.
+    """
+    return hae_estimator(batch, dataclasses.replace(cfg, keep_penalty=0.0, keep_consistency_penalty=0.0),
+                         axis_name)
+
+
+def hae_flat_subgoal_estimator(batch: TurnBatch, cfg: HAEConfig, axis_name=None) -> HAEOutput:
+    """``hae_flat_subgoal``: HAE whose subgoal credit is flat.
+
+    At segment starts (``boundary``, ``[B, T]``) ``adv_high`` is the flat turn-level GAE
+    advantage of that turn (:func:`turn_gae` on the shaped rewards with the low head,
+    ``lam = cfg.lam_turn``; standardised over ``boundary`` when ``cfg.normalize``, as HAE's
+    high stream is) instead of HAE's SMDP advantage over segments; 0 elsewhere. Action and
+    switch credit and every return (so every value target) stay HAE's: the high head still
+    learns the segment values that the low level bootstraps from.
+    """
+    _check(batch, needs_groups=False)
+    return _hae_flat_subgoal_jit(batch, cfg=cfg, axis_name=axis_name)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "axis_name"))
+def _hae_flat_subgoal_jit(batch: TurnBatch, *, cfg: HAEConfig, axis_name) -> HAEOutput:
+    out = hae_estimator(batch, cfg, axis_name)
+    shaped, mask = _shaped(batch, cfg)
+    flat, _ = turn_gae(shaped, batch.values_low, batch.dones, mask, cfg.gamma, cfg.lam_turn,
+                       cfg.bootstrap_truncated)
+    if cfg.normalize:
+        flat = masked_standardize(flat, out.boundary, axis_name)
+    return out._replace(adv_high=jnp.where(out.boundary, flat, 0.0))
+
+
 @dataclasses.dataclass(frozen=True)
 class GiGPOConfig:
     """Options of the ``gigpo`` estimator (verl-agent's ``algorithm.gigpo``).
@@ -433,6 +489,11 @@ ESTIMATORS: dict[str, EstimatorSpec] = {
     "grpo": EstimatorSpec(_episode_estimator(grpo_advantages), (), needs_groups=True),
     "rloo": EstimatorSpec(_episode_estimator(rloo_advantages), (), needs_groups=True),
     "gigpo": EstimatorSpec(gigpo_estimator, (), needs_groups=True, needs_states=True, options=GiGPOConfig),
+    "hae_no_term": EstimatorSpec(hae_no_term_estimator, ("low", "high"), needs_groups=False),
+    "hae_no_keep_penalty": EstimatorSpec(hae_no_keep_penalty_estimator, ("low", "high", "term"),
+                                         needs_groups=False),
+    "hae_flat_subgoal": EstimatorSpec(hae_flat_subgoal_estimator, ("low", "high", "term"),
+                                      needs_groups=False),
 }
 
 

@@ -1,15 +1,24 @@
-"""The estimator study: HAE vs flat turn-level GAE vs GRPO from one warm start.
+"""The estimator study: HAE vs flat credit (turn-level GAE), GRPO, GiGPO and HAE's ablations
+from one warm start.
 
-Every run starts from the same checkpoint, plays the same generated games and stops after the
-same number of training environment turns (``train.max_env_turns``); only the advantage
-estimator and the seed change. The study is resumable: finished runs are skipped and an
-interrupted run continues from its last checkpoint.
+Every run starts from the same checkpoint, plays the same generated games in the same task
+groups and stops after the same number of training environment turns (``train.max_env_turns``);
+only the advantage estimator and the seed change. The study is resumable: finished runs are
+skipped and an interrupted run continues from its last checkpoint.
 
 A study config (``configs/study_*.py``) holds two sections: ``run`` (a training config, see
-:mod:`hiper_jax.train.config`) and ``study`` (estimators, seeds, where to write, and the
-gradient-variance measurement). Outputs under ``study.out_dir``: one run directory per
-``ESTIMATOR/seedN``, ``summary.md`` (the table), ``summary.json``, ``eval_success_vs_env_turns.png``,
-``success_per_task_type.png`` and ``gradient_variance.json``.
+:mod:`hiper_jax.train.config`) and ``study`` (estimators, seeds, the reference arm, where to
+write, and the gradient-variance measurement). Outputs under ``study.out_dir``: one run
+directory per ``ESTIMATOR/seedN``, ``summary.md`` (the tables), ``summary.json``,
+``eval_success_vs_env_turns.png`` (eval success overall, on the multi-subtask and on the
+single-subtask task types, mean over seeds with a 95% bootstrap band),
+``train_success_vs_env_turns.png``, ``success_per_task_type.png``, ``paired_differences.png``
+and ``gradient_variance.json``.
+
+Statistics: a run's score is its final held-out evaluation; arms are compared by the paired
+difference reference minus arm over the seeds both finished (the seed fixes the games' order,
+the sampling keys and the initial critic, so pairs share them), with a percentile bootstrap
+95% interval of the mean difference over seeds (:func:`bootstrap_mean_ci`).
 """
 
 from __future__ import annotations
@@ -37,11 +46,22 @@ EVAL_KEYS = (
 )
 
 
+# ALFWorld's task types by the number of subtasks (find and carry, then clean/heat/cool or a
+# second object) that a solution chains.
+MULTI_SUBTASK_TYPES = ("pick_two_obj_and_place", "pick_clean_then_place_in_recep",
+                       "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep")
+SINGLE_SUBTASK_TYPES = ("pick_and_place_simple", "look_at_obj_in_light")
+TASK_GROUPS = (("multi-subtask", MULTI_SUBTASK_TYPES), ("single-subtask", SINGLE_SUBTASK_TYPES))
+BOOTSTRAP_RESAMPLES = 10_000
+
+
 def base_study() -> ml_collections.ConfigDict:
     """The ``study`` section's keys and defaults."""
     return ml_collections.ConfigDict(dict(
-        estimators=("hae", "turn_gae", "grpo"),
-        seeds=(0, 1, 2),
+        estimators=("hae", "turn_gae", "grpo", "gigpo", "hae_no_term", "hae_no_keep_penalty",
+                    "hae_flat_subgoal"),
+        seeds=(0, 1, 2, 3, 4),
+        reference="hae",            # paired differences are reference minus each other arm
         out_dir="runs/study",
         variance_estimators=("hae", "turn_gae", "grpo"),
         variance_episodes=64,       # fixed-policy episodes the gradients are drawn from
@@ -64,13 +84,19 @@ def validate_study(config: ml_collections.ConfigDict, check_paths: bool = True) 
                              f"(known: {config_lib.ESTIMATOR_NAMES})")
     if not study.estimators or not study.seeds:
         raise ValueError("config field study.estimators / study.seeds: must not be empty")
+    if len(set(study.seeds)) != len(study.seeds) or len(set(study.estimators)) != len(study.estimators):
+        raise ValueError("config field study.estimators / study.seeds: must not repeat an entry")
+    if study.reference not in study.estimators:
+        raise ValueError(f"config field study.reference: {study.reference!r} is not one of "
+                         f"study.estimators {tuple(study.estimators)}")
     if study.variance_minibatches < 2:
         raise ValueError("config field study.variance_minibatches: must be >= 2")
     if config.run.train.max_env_turns <= 0:
         raise ValueError("config field run.train.max_env_turns: must be > 0, so that every "
                          "estimator gets the same number of environment turns")
-    if any(e in ("grpo", "rloo") for e in study.estimators) and config.run.advantage.rollouts_per_task < 2:
-        raise ValueError("config field run.advantage.rollouts_per_task: must be >= 2 for grpo/rloo "
+    grouped = [e for e in study.estimators if e in config_lib.GROUP_ESTIMATORS]
+    if grouped and config.run.advantage.rollouts_per_task < 2:
+        raise ValueError(f"config field run.advantage.rollouts_per_task: must be >= 2 for {grouped} "
                          "(the study uses the same task groups for every estimator)")
     for estimator in study.estimators:
         run = run_config(config, estimator, study.seeds[0])
@@ -168,8 +194,70 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
 
 
+def bootstrap_mean_ci(values, level: float = 0.95, num_resamples: int = BOOTSTRAP_RESAMPLES,
+                      seed: int = 0) -> tuple:
+    """Percentile bootstrap interval of the mean over the first axis.
+
+    Draws ``num_resamples`` resamples of the ``N`` rows with replacement, takes each one's mean
+    and returns the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of those means
+    (linear interpolation). Deterministic for a given ``seed``. ``N = 1`` gives a zero-width
+    interval (there is no spread to resample).
+
+    Args:
+      values: ``[N, ...]`` finite floats: N samples (seeds) of independent statistics (e.g. the
+        points of a curve in the trailing axes).
+      level: the interval's coverage, in (0, 1).
+    Returns:
+      ``(mean, low, high)``, each shaped ``values.shape[1:]`` (floats for ``[N]`` input).
+    """
+    values = np.asarray(values, np.float64)
+    if values.ndim == 0 or values.shape[0] == 0:
+        raise ValueError(f"bootstrap_mean_ci needs at least one sample, got shape {values.shape}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError("bootstrap_mean_ci needs finite values (drop missing ones first)")
+    index = np.random.default_rng(seed).integers(0, values.shape[0], size=(num_resamples, values.shape[0]))
+    means = values[index].mean(axis=1)
+    low, high = np.quantile(means, [(1.0 - level) / 2.0, (1.0 + level) / 2.0], axis=0)
+    mean = values.mean(axis=0)
+    if values.ndim == 1:
+        return float(mean), float(low), float(high)
+    return mean, low, high
+
+
+def group_success(record: dict, task_types: Sequence[str], prefix: str = "eval/") -> float:
+    """Success over the episodes of ``task_types`` in one evaluation record.
+
+    The per-type success rates ``{prefix}success/<type>`` weighted by their episode counts
+    ``{prefix}episodes/<type>``; in records without counts, their plain mean. NaN when the
+    record has none of the types.
+    """
+    present = [t for t in task_types if f"{prefix}success/{t}" in record]
+    if not present:
+        return float("nan")
+    rates = np.asarray([record[f"{prefix}success/{t}"] for t in present], float)
+    counts = np.asarray([record.get(f"{prefix}episodes/{t}", np.nan) for t in present], float)
+    if np.all(np.isfinite(counts)) and counts.sum() > 0:
+        return float((rates * counts).sum() / counts.sum())
+    return float(rates.mean())
+
+
+def run_scores(record: dict) -> dict[str, float]:
+    """The scores an evaluation record gives a run: ``all`` (success over every episode), the
+    task groups of :data:`TASK_GROUPS` and each task type's success (NaN when absent)."""
+    scores = {"all": float(record.get("eval/success", float("nan")))}
+    for name, types in TASK_GROUPS:
+        scores[name] = group_success(record, types)
+    prefix = "eval/success/"
+    scores.update({k[len(prefix):]: float(v) for k, v in record.items() if k.startswith(prefix)})
+    return scores
+
+
 def collect_results(config: ml_collections.ConfigDict) -> dict:
-    """Per estimator: the finished runs' first and final evaluations and their eval curves."""
+    """Per estimator, its finished runs: seed, first and final evaluation records, budget used,
+    and curves of ``(training env turns, value)`` points: ``curve`` (eval success), one per task
+    group in ``group_curves`` and ``train_curve`` (training success of each iteration)."""
     results = {}
     for estimator in config.study.estimators:
         runs = []
@@ -177,17 +265,51 @@ def collect_results(config: ml_collections.ConfigDict) -> dict:
             directory = run_dir(config, estimator, seed)
             if not is_finished(directory):
                 continue
-            evals = _evals(read_metrics(os.path.join(directory, "metrics.jsonl")))
+            records = read_metrics(os.path.join(directory, "metrics.jsonl"))
+            evals = _evals(records)
             runs.append({"seed": int(seed), "first": evals[0][1], "final": evals[-1][1],
                          "env_turns": evals[-1][0],
-                         "curve": [(turns, r["eval/success"]) for turns, r in evals]})
+                         "curve": [(turns, r["eval/success"]) for turns, r in evals],
+                         "group_curves": {name: [(turns, group_success(r, types)) for turns, r in evals]
+                                          for name, types in TASK_GROUPS},
+                         "train_curve": [(float(r["env_turns_total"]), float(r["train/success"]))
+                                         for r in records if "train/success" in r and "env_turns_total" in r]})
         results[estimator] = runs
     return results
+
+
+def paired_differences(results: dict, reference: str, score: str) -> dict[str, dict]:
+    """Reference minus each other arm on one score of :func:`run_scores` (final evaluation),
+    paired by seed over the seeds both finished with the score present.
+
+    Returns, per other arm: ``seeds``, ``differences`` (one per paired seed, in score units),
+    and ``mean``, ``low``, ``high`` (:func:`bootstrap_mean_ci`; NaN without pairs).
+    """
+    by_seed = {r["seed"]: run_scores(r["final"]).get(score, float("nan")) for r in results.get(reference, [])}
+    out = {}
+    for arm, runs in results.items():
+        if arm == reference:
+            continue
+        pairs = [(r["seed"], by_seed[r["seed"]] - run_scores(r["final"]).get(score, float("nan")))
+                 for r in runs if r["seed"] in by_seed]
+        pairs = [(seed, d) for seed, d in pairs if np.isfinite(d)]
+        differences = [d for _, d in pairs]
+        mean, low, high = bootstrap_mean_ci(differences) if differences else (float("nan"),) * 3
+        out[arm] = {"seeds": [seed for seed, _ in pairs], "differences": differences,
+                    "mean": mean, "low": low, "high": high}
+    return out
 
 
 def _cell(values: Sequence[float], scale: float) -> str:
     mean, std = _mean_std([v * scale for v in values])
     return "n/a" if math.isnan(mean) else f"{mean:.1f} ± {std:.1f}"
+
+
+def _interval_cell(difference: dict, scale: float = 100.0) -> str:
+    if not difference["differences"]:
+        return "n/a"
+    return (f"{scale * difference['mean']:+.1f} [{scale * difference['low']:+.1f}, "
+            f"{scale * difference['high']:+.1f}]")
 
 
 def _task_types(results: dict) -> list[str]:
@@ -197,11 +319,20 @@ def _task_types(results: dict) -> list[str]:
                    for k in run["final"] if k.startswith(prefix)})
 
 
-def summary_markdown(results: dict, variance: Optional[dict] = None) -> str:
-    """The study table (mean ± sample std over seeds of the final evaluation) as Markdown."""
+def _groups_present(results: dict) -> list[str]:
+    """The task groups of :data:`TASK_GROUPS` that some finished run was evaluated on."""
+    task_types = set(_task_types(results))
+    return [name for name, types in TASK_GROUPS if task_types & set(types)]
+
+
+def summary_markdown(results: dict, variance: Optional[dict] = None, reference: str = "hae") -> str:
+    """The study tables as Markdown: every arm's final evaluation (mean ± sample std over
+    seeds), then the paired differences reference minus each arm (overall, per task group and
+    per task type) with bootstrap 95% intervals, then the gradient variance when measured."""
     task_types = _task_types(results)
+    groups = _groups_present(results)
     head = ["estimator", "seeds", "env turns", "success % before"]
-    head += [label for _, label, _ in EVAL_KEYS] + [f"{t} %" for t in task_types]
+    head += [label for _, label, _ in EVAL_KEYS] + [f"{g} %" for g in groups] + [f"{t} %" for t in task_types]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for estimator, runs in results.items():
         if not runs:
@@ -211,6 +342,7 @@ def summary_markdown(results: dict, variance: Optional[dict] = None) -> str:
                _cell([r["first"]["eval/success"] for r in runs], 100.0)]
         row += [_cell([r["final"].get(f"eval/{key}", float("nan")) for r in runs], scale)
                 for key, _, scale in EVAL_KEYS]
+        row += [_cell([run_scores(r["final"])[g] for r in runs], 100.0) for g in groups]
         row += [_cell([r["final"].get(f"eval/success/{t}", float("nan")) for r in runs], 100.0)
                 for t in task_types]
         lines.append("| " + " | ".join(row) + " |")
@@ -218,7 +350,24 @@ def summary_markdown(results: dict, variance: Optional[dict] = None) -> str:
     lines.append("")
     lines.append(f"Final evaluation after the env-turn budget (mean ± std over seeds; "
                  f"{'/'.join(map(str, sorted(episodes)))} eval episodes per run). "
-                 "'before' is the warm start, evaluated with each run's seed.")
+                 "'before' is the warm start, evaluated with each run's seed. Task groups: "
+                 + "; ".join(f"{name} = {', '.join(types)}" for name, types in TASK_GROUPS) + ".")
+    others = [arm for arm in results if arm != reference]
+    if reference in results and others:
+        for scores, title in ((["all"] + groups, "overall and per task group"), (task_types, "per task type")):
+            if not scores:
+                continue
+            diffs = {score: paired_differences(results, reference, score) for score in scores}
+            lines += ["", f"Paired differences {reference} minus each arm, {title} (success points):", "",
+                      "| arm | paired seeds | " + " | ".join(f"Δ {s}" for s in scores) + " |",
+                      "|" + "---|" * (len(scores) + 2)]
+            for arm in others:
+                seeds = diffs[scores[0]][arm]["seeds"]
+                lines.append(f"| {arm} | {len(seeds)} | "
+                             + " | ".join(_interval_cell(diffs[s][arm]) for s in scores) + " |")
+        lines += ["", f"Mean over seeds of ({reference} − arm) on the final evaluation, paired by seed, "
+                  f"with a percentile bootstrap 95% interval ({BOOTSTRAP_RESAMPLES} resamples of the "
+                  "seeds); an interval that contains 0 is no evidence of a difference."]
     if variance:
         lines += ["", "| estimator | E‖g‖² | ‖E g‖² | tr Cov(g) | SNR ‖E g‖²/tr Cov |", "|---|---|---|---|---|"]
         for estimator, v in variance["estimators"].items():
@@ -231,60 +380,126 @@ def summary_markdown(results: dict, variance: Optional[dict] = None) -> str:
     return "\n".join(lines)
 
 
-def plot_study(results: dict, out_dir: str) -> list[str]:
-    """Writes the eval-success-vs-env-turns curves and the per-task-type bars; returns paths."""
+def curve_band(curves: Sequence[Sequence[tuple[float, float]]], num_points: int = 25):
+    """Mean over runs of ``(x, y)`` curves with a 95% bootstrap band.
+
+    Each curve is interpolated on ``num_points`` points from 0 to the shortest curve's last x;
+    curves with a missing (non-finite) value are left out. Returns ``(x, mean, low, high)``,
+    each ``[num_points]``, or None when no curve is left.
+    """
+    curves = [c for c in curves if c and np.all(np.isfinite(np.asarray(c, float)))]
+    if not curves:
+        return None
+    x = np.linspace(0.0, min(c[-1][0] for c in curves), num_points)
+    ys = np.stack([np.interp(x, *zip(*c)) for c in curves])
+    mean, low, high = bootstrap_mean_ci(ys)
+    return x, mean, low, high
+
+
+def _plot_band(ax, curves, colour, label: str) -> None:
+    for curve in curves:
+        if curve:
+            x, y = zip(*curve)
+            ax.plot(x, 100 * np.asarray(y), color=colour, alpha=0.25, lw=0.8)
+    band = curve_band(curves)
+    if band is None:
+        return
+    x, mean, low, high = band
+    ax.plot(x, 100 * mean, color=colour, lw=2.2, label=label)
+    if len(curves) > 1:
+        ax.fill_between(x, 100 * low, 100 * high, color=colour, alpha=0.18, lw=0)
+
+
+def plot_study(results: dict, out_dir: str, reference: str = "hae") -> list[str]:
+    """Writes the learning curves (eval success overall and per task group, training success;
+    mean over seeds with a 95% bootstrap band, thin lines single seeds), the per-task-type bars
+    and the paired differences; returns the paths."""
     from hiper_jax.train.plots import pyplot, save_figure
 
     plt = pyplot()
     paths = []
     colours = dict(zip(results, plt.cm.tab10(np.arange(len(results)))))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for estimator, runs in results.items():
-        for run in runs:
-            x, y = zip(*run["curve"])
-            ax.plot(x, 100 * np.asarray(y), color=colours[estimator], alpha=0.35, lw=1, marker=".")
-        if runs:  # the mean over seeds, each run's curve interpolated on a common grid
-            end = min(r["curve"][-1][0] for r in runs)
-            x = np.linspace(0.0, end, 25)
-            y = np.mean([np.interp(x, *zip(*r["curve"])) for r in runs], axis=0)
-            ax.plot(x, 100 * y, color=colours[estimator], lw=2.5,
-                    label=f"{estimator} (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''})")
-    ax.set_xlabel("training environment turns")
-    ax.set_ylim(0, None)  # differences in scale with the whole range
-    ax.set_ylabel("eval success (%)")
-    ax.set_title("Eval success vs environment turns (thin: single seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+
+    def label(estimator, runs):
+        return f"{estimator} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+
+    panels = [("all task types", lambda run: run["curve"])]
+    panels += [(g, lambda run, g=g: run["group_curves"][g]) for g in _groups_present(results)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.3), squeeze=False)
+    for ax, (title, curve_of) in zip(axes[0], panels):
+        for estimator, runs in results.items():
+            if runs:
+                _plot_band(ax, [curve_of(r) for r in runs], colours[estimator], label(estimator, runs))
+        ax.set(xlabel="training environment turns", ylabel="eval success (%)", title=f"held-out: {title}")
+        ax.set_ylim(0, None)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Eval success vs environment turns (mean over seeds, 95% bootstrap band; thin: single seeds)",
+                 fontsize=9)
     paths.append(save_figure(fig, os.path.join(out_dir, "eval_success_vs_env_turns.png")))
 
-    task_types = _task_types(results)
+    fig, ax = plt.subplots(figsize=(7, 4.3))
+    for estimator, runs in results.items():
+        if runs:
+            _plot_band(ax, [r["train_curve"] for r in runs], colours[estimator], label(estimator, runs))
+    ax.set(xlabel="training environment turns", ylabel="training success (%)",
+           title="Training success per iteration (mean over seeds, 95% bootstrap band)")
+    ax.set_ylim(0, None)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(save_figure(fig, os.path.join(out_dir, "train_success_vs_env_turns.png")))
+
+    categories = ["all"] + _groups_present(results) + _task_types(results)
     groups = ["before (warm start)"] + list(results)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(categories) * max(len(groups), 4) / 4), 4.5))
     width = 0.8 / max(len(groups), 1)
-    all_runs = [r for runs in results.values() for r in runs]
+    # The warm start's evaluation depends on the seed only: one run per seed stands for it.
+    before = list({r["seed"]: r for runs in reversed(list(results.values())) for r in runs}.values())
     for g, name in enumerate(groups):
-        if g == 0:
-            stats = [_mean_std([r["first"].get(f"eval/success/{t}", np.nan) for r in all_runs]) for t in task_types]
-            colour = "0.6"
-        else:
-            stats = [_mean_std([r["final"].get(f"eval/success/{t}", np.nan) for r in results[name]])
-                     for t in task_types]
-            colour = colours[name]
-        means, stds = zip(*stats) if stats else ((), ())
-        ax.bar(np.arange(len(task_types)) + g * width, 100 * np.asarray(means), width,
-               yerr=100 * np.asarray(stds), color=colour, label=name, capsize=3)
-    ax.set_xticks(np.arange(len(task_types)) + width * (len(groups) - 1) / 2)
-    ax.set_xticklabels(task_types, fontsize=8)
+        runs, which, colour = (before, "first", "0.6") if g == 0 else (results[name], "final", colours[name])
+        means, errors = [], [[], []]
+        for category in categories:
+            values = [run_scores(r[which]).get(category, np.nan) for r in runs]
+            values = [v for v in values if np.isfinite(v)]
+            mean, low, high = bootstrap_mean_ci(values) if values else (np.nan,) * 3
+            means.append(mean)
+            errors[0].append(mean - low)
+            errors[1].append(high - mean)
+        ax.bar(np.arange(len(categories)) + g * width, 100 * np.asarray(means), width,
+               yerr=100 * np.asarray(errors), color=colour, label=name, capsize=2)
+    ax.set_xticks(np.arange(len(categories)) + width * (len(groups) - 1) / 2)
+    ax.set_xticklabels([c.replace("_", "\n") for c in categories], fontsize=6)
     ax.set_ylabel("eval success (%)")
-    ax.set_title("Final eval success per task type (mean ± std over seeds)")
-    ax.legend(fontsize=8)
+    ax.set_title("Final eval success (mean over seeds, 95% bootstrap interval)")
+    ax.legend(fontsize=7)
     paths.append(save_figure(fig, os.path.join(out_dir, "success_per_task_type.png")))
+
+    others = [arm for arm in results if arm != reference and results[arm]]
+    if results.get(reference) and others:
+        scores = ["all"] + _groups_present(results)
+        fig, ax = plt.subplots(figsize=(7, 0.6 * len(others) + 2.0))
+        for k, score in enumerate(scores):
+            diffs = paired_differences(results, reference, score)
+            y = np.arange(len(others)) + (k - (len(scores) - 1) / 2) * 0.22
+            means = np.asarray([diffs[a]["mean"] for a in others], float)
+            low = np.asarray([diffs[a]["low"] for a in others], float)
+            high = np.asarray([diffs[a]["high"] for a in others], float)
+            ax.errorbar(100 * means, y, xerr=100 * np.stack([means - low, high - means]), fmt="o",
+                        capsize=3, label=score)
+        ax.axvline(0.0, color="0.3", lw=1)
+        ax.set_yticks(np.arange(len(others)), others, fontsize=8)
+        ax.set_xlabel(f"{reference} minus arm, final eval success (points)")
+        ax.set_title("Paired differences over seeds (mean, 95% bootstrap interval)")
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=7)
+        paths.append(save_figure(fig, os.path.join(out_dir, "paired_differences.png")))
     return paths
 
 
 def summarize(config: ml_collections.ConfigDict) -> dict:
     """Writes ``summary.md``, ``summary.json`` and the plots from whatever runs have finished."""
     out_dir = config.study.out_dir
+    reference = config.study.reference
     os.makedirs(out_dir, exist_ok=True)
     results = collect_results(config)
     variance_path = os.path.join(out_dir, "gradient_variance.json")
@@ -292,13 +507,18 @@ def summarize(config: ml_collections.ConfigDict) -> dict:
     if os.path.exists(variance_path):
         with open(variance_path, encoding="utf-8") as handle:
             variance = json.load(handle)
-    table = summary_markdown(results, variance)
+    table = summary_markdown(results, variance, reference)
+    scores = ["all"] + _groups_present(results) + _task_types(results)
+    differences = ({score: paired_differences(results, reference, score) for score in scores}
+                   if reference in results else {})
     with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as handle:
         handle.write(table + "\n")
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as handle:
-        json.dump({"results": results, "gradient_variance": variance}, handle, indent=2, default=float)
-    plots = plot_study(results, out_dir) if any(results.values()) else []
-    return {"results": results, "table": table, "plots": plots, "gradient_variance": variance}
+        json.dump({"results": results, "reference": reference, "paired_differences": differences,
+                   "gradient_variance": variance}, handle, indent=2, default=float)
+    plots = plot_study(results, out_dir, reference) if any(results.values()) else []
+    return {"results": results, "table": table, "plots": plots, "paired_differences": differences,
+            "gradient_variance": variance}
 
 
 # --- policy-gradient variance ----------------------------------------------------------------

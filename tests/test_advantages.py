@@ -1,5 +1,7 @@
 """Flat estimators, GiGPO and the registry against the plain-loop references."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,13 +22,14 @@ from hiper_jax.advantages import (
 from hiper_jax.hae import HAEConfig, compute_hae
 from tests.hae_reference import (
     episode_returns_ref,
+    hae_ref,
     gigpo_ref,
     grpo_ref,
     rloo_ref,
     shaped_rewards_ref,
     turn_gae_ref,
 )
-from tests.test_hae import random_batch
+from tests.test_hae import FIELDS, random_batch
 
 
 def padded(rows, turns):
@@ -111,7 +114,12 @@ def test_turn_gae_estimator_shapes_and_normalises():
 
 
 def test_registry():
-    assert set(ESTIMATORS) == {"hae", "turn_gae", "grpo", "rloo", "gigpo"}
+    assert set(ESTIMATORS) == {"hae", "turn_gae", "grpo", "rloo", "gigpo", "hae_no_term",
+                               "hae_no_keep_penalty", "hae_flat_subgoal"}
+    from hiper_jax.train.config import ESTIMATOR_NAMES, GROUP_ESTIMATORS
+
+    assert set(ESTIMATOR_NAMES) == set(ESTIMATORS)  # the config's names, kept free of JAX
+    assert set(GROUP_ESTIMATORS) == {name for name, spec in ESTIMATORS.items() if spec.needs_groups}
     with pytest.raises(ValueError, match="known"):
         get_estimator("gigpo_v9")
     rng = np.random.default_rng(1)
@@ -295,3 +303,106 @@ def test_anchor_state_ids_exact_and_similar():
     assert chain[0, 0] == chain[0, 1] != chain[0, 2]
     with pytest.raises(ValueError, match="num_turns"):
         anchor_state_ids(observations, [0, 0, 1], 2)
+
+
+# --- HAE ablations -----------------------------------------------------------------------------
+
+ABLATION_CFG = HAEConfig(gamma=0.9, lam_turn=0.8, lam_seg=0.7, bootstrap_truncated=True, keep_penalty=-0.3,
+                         keep_penalty_mode="normalized", invalid_action_penalty=0.5,
+                         keep_consistency_penalty=-0.4)
+
+
+def hand_batch():
+    """Two trajectories by hand: 4 turns (SWITCH at 2, done), 3 turns (no switch, truncated),
+    with invalid and keep-changed flags on KEEP turns so every shaping term is active."""
+    f = lambda *rows: np.array(rows, np.float32)
+    return dict(rewards=f([0.0, 1.0, 0.0, 10.0], [0.0, 0.5, 0.0, 0.0]),
+                values_low=f([1.0, 2.0, 0.5, 3.0], [0.2, 0.4, 0.6, 0.0]),
+                values_high=f([1.5, 0.0, 2.5, 0.0], [0.3, 0.0, 0.0, 0.0]),
+                values_term=f([0.5, 1.0, 1.5, 2.0], [0.1, 0.2, 0.3, 0.0]),
+                switch=f([1, 0, 1, 0], [0, 0, 0, 0]), dones=f([0, 0, 0, 1], [0, 0, 0, 0]),
+                mask=f([1, 1, 1, 1], [1, 1, 1, 0]), invalid=f([0, 1, 0, 0], [0, 0, 1, 0]),
+                keep_changed=f([0, 1, 0, 1], [0, 1, 1, 0]))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_hae_no_term_is_hae_without_the_termination_advantage(normalize):
+    cfg = dataclasses.replace(ABLATION_CFG, normalize=normalize)
+    data = hand_batch()
+    out = get_estimator("hae_no_term").fn(TurnBatch(**data), cfg)
+    ref = hae_ref(cfg=cfg, **data)
+    assert np.abs(np.asarray(ref["adv_term"])).max() > 0.1  # there was termination credit to remove
+    for field in FIELDS:
+        want = np.zeros((2, 4)) if field == "adv_term" else np.asarray(ref[field])
+        np.testing.assert_allclose(np.asarray(getattr(out, field)), want, atol=1e-5, err_msg=field)
+    np.testing.assert_array_equal(np.asarray(out.boundary), ref["boundary"])
+    assert ESTIMATORS["hae_no_term"].value_heads == ("low", "high")
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_hae_no_keep_penalty_ignores_both_keep_penalties(normalize):
+    cfg = dataclasses.replace(ABLATION_CFG, normalize=normalize)
+    data = hand_batch()
+    out = get_estimator("hae_no_keep_penalty").fn(TurnBatch(**data), cfg)
+    # By hand: the same config with the two keep terms removed (the invalid penalty stays).
+    ref = hae_ref(cfg=dataclasses.replace(cfg, keep_penalty=0.0, keep_consistency_penalty=0.0), **data)
+    with_penalty = hae_ref(cfg=cfg, **data)
+    for field in FIELDS:
+        np.testing.assert_allclose(np.asarray(getattr(out, field)), np.asarray(ref[field]), atol=1e-5,
+                                   err_msg=field)
+    assert not np.allclose(np.asarray(ref["ret_low"]), np.asarray(with_penalty["ret_low"]), atol=1e-3)
+    assert not np.allclose(np.asarray(out.ret_low), np.asarray(hae_ref(
+        cfg=dataclasses.replace(cfg, keep_consistency_penalty=0.0), **data)["ret_low"]), atol=1e-3)
+    assert ESTIMATORS["hae_no_keep_penalty"].value_heads == ("low", "high", "term")
+
+
+def test_hae_flat_subgoal_by_hand():
+    # test_hae.test_known_values_by_hand's trajectory: segments {0, 1} and {2}, done at 2,
+    # gamma 0.5, lambdas 1. Flat GAE with V_low = (0.5, 1, 2): delta = (1, 2, 2), A = (2.5, 3, 2);
+    # HAE's segment-level advantages there are (2.75, 0, 1).
+    cfg = HAEConfig(gamma=0.5, lam_turn=1.0, lam_seg=1.0)
+    f = lambda *x: np.array([x], np.float32)
+    batch = TurnBatch(rewards=f(1.0, 2.0, 4.0), values_low=f(0.5, 1.0, 2.0), values_high=f(0.25, 9.0, 3.0),
+                      switch=f(1, 0, 1), dones=f(0, 0, 1), mask=f(1, 1, 1), values_term=f(0.0, 0.0, 1.0))
+    out = get_estimator("hae_flat_subgoal").fn(batch, cfg)
+    np.testing.assert_allclose(out.adv_high[0], [2.5, 0.0, 2.0], atol=1e-6)
+    np.testing.assert_allclose(out.ret_high[0], [3.0, 0.0, 4.0], atol=1e-6)  # HAE's targets
+    np.testing.assert_allclose(out.adv_low[0], [2.25, 2.5, 2.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_hae_flat_subgoal_matches_references(normalize):
+    cfg = dataclasses.replace(ABLATION_CFG, normalize=normalize)
+    rng = np.random.default_rng(21)
+    data = random_batch(rng, batch=7, turns=8)
+    mask = data["mask"]
+    out = get_estimator("hae_flat_subgoal").fn(TurnBatch(**data), cfg)
+    ref = hae_ref(cfg=cfg, **data)
+    shaped = padded(shaped_rewards_ref(data["rewards"], data["switch"], mask, cfg, data["invalid"],
+                                       data["keep_changed"]), 8)
+    flat, _ = turn_gae_ref(shaped, np.where(mask, data["values_low"], 0), data["dones"], mask, cfg.gamma,
+                           cfg.lam_turn, cfg.bootstrap_truncated)
+    boundary = np.asarray(ref["boundary"])
+    flat = np.where(boundary, np.asarray(flat), 0.0)
+    if normalize:
+        chosen = flat[boundary]
+        flat = np.where(boundary, (flat - chosen.mean()) / (chosen.std() + 1e-8), 0.0)
+    np.testing.assert_allclose(np.asarray(out.adv_high), flat, atol=1e-5)
+    assert not np.allclose(flat, np.asarray(ref["adv_high"]), atol=1e-3)
+    for field in FIELDS:
+        if field != "adv_high":
+            np.testing.assert_allclose(np.where(mask, np.asarray(getattr(out, field)), 0),
+                                       np.where(mask, np.asarray(ref[field]), 0), atol=1e-5, err_msg=field)
+    np.testing.assert_array_equal(np.asarray(out.boundary), boundary)
+
+
+@pytest.mark.parametrize("name", ["hae_no_term", "hae_no_keep_penalty", "hae_flat_subgoal"])
+def test_hae_ablations_jit_and_shape_errors(name):
+    fn = get_estimator(name).fn
+    batch = TurnBatch(**random_batch(np.random.default_rng(2), batch=3, turns=4))
+    eager = fn(batch, ABLATION_CFG)
+    jitted = jax.jit(fn, static_argnames="cfg")(batch, cfg=ABLATION_CFG)
+    for field in FIELDS:
+        np.testing.assert_allclose(np.asarray(getattr(jitted, field)), np.asarray(getattr(eager, field)), atol=1e-6)
+    with pytest.raises(ValueError, match="values_high"):
+        fn(batch._replace(values_high=np.zeros((3, 5))), ABLATION_CFG)

@@ -161,6 +161,18 @@ def test_sharded_estimator_matches_unsharded(devices, axes, name):
                                    np.asarray(getattr(want, field)), atol=1e-6, err_msg=field)
 
 
+def test_sharded_flat_subgoal_ablation_matches_unsharded(devices):
+    """hae_flat_subgoal standardises its subgoal stream over segment starts of every shard."""
+    mesh = distributed.make_mesh(data=2, fsdp=4)
+    estimator = get_estimator("hae_flat_subgoal").fn
+    batch = turn_batch(seed=7, rows=16, turns=9)
+    want = estimator(batch, HAE_CONFIG)
+    got = distributed.sharded_estimator(estimator, mesh)(distributed.host_local_to_global(batch, mesh), HAE_CONFIG)
+    for field in HAE_FIELDS:
+        np.testing.assert_allclose(np.asarray(getattr(got, field)), np.asarray(getattr(want, field)),
+                                   atol=1e-6, err_msg=field)
+
+
 def test_sharded_estimator_normalises_over_all_shards(devices):
     """Per-shard statistics would give other advantages: the equality above can catch them."""
     mesh = distributed.make_mesh(data=2, fsdp=4)

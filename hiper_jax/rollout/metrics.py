@@ -13,7 +13,8 @@ from hiper_jax.rollout.types import Trajectory
 def rollout_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     """Scalar metrics of a set of episodes.
 
-    Keys: ``success`` (fraction won), ``success/<task_type>``, ``episodes``, ``mean_turns``,
+    Keys: ``success`` (fraction won), ``success/<task_type>`` and ``episodes/<task_type>``
+    (its episode count), ``episodes``, ``mean_turns``,
     ``mean_return`` (sum of env rewards), ``invalid_rate`` and ``format_error_rate`` (per
     turn), ``switch_rate`` (SWITCH turns after the first, per turn after the first),
     ``mean_segment_turns`` (turns per subgoal segment; turn 0 opens one). Episodes lost to env
@@ -40,4 +41,5 @@ def rollout_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
         by_type[traj.task_type or "unknown"].append(traj.won)
     for task_type, wins in sorted(by_type.items()):
         metrics[f"success/{task_type}"] = float(np.mean(wins))
+        metrics[f"episodes/{task_type}"] = float(len(wins))
     return metrics

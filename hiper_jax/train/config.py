@@ -13,7 +13,10 @@ from typing import Any, Sequence
 
 import ml_collections
 
-ESTIMATOR_NAMES = ("hae", "turn_gae", "grpo", "rloo", "gigpo")
+# hiper_jax.advantages.ESTIMATORS holds the functions (this module imports no JAX).
+ESTIMATOR_NAMES = ("hae", "turn_gae", "grpo", "rloo", "gigpo", "hae_no_term", "hae_no_keep_penalty",
+                   "hae_flat_subgoal")
+GROUP_ESTIMATORS = ("grpo", "rloo", "gigpo")  # need several rollouts per task
 ENV_NAMES = ("alfworld", "webshop", "choose_word")
 DTYPES = ("float32", "bfloat16", "float16")
 CONSTRAINTS = ("none", "grammar")
@@ -293,7 +296,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
              f"must be one of {GIGPO_MODES}, got {adv.gigpo_mode!r}")
     _require(0 < adv.gigpo_similarity <= 1, "advantage.gigpo_similarity",
              f"must be in (0, 1] (1 = exact match), got {adv.gigpo_similarity}")
-    if adv.estimator in ("grpo", "rloo", "gigpo"):
+    if adv.estimator in GROUP_ESTIMATORS:
         _require(adv.rollouts_per_task >= 2, "advantage.rollouts_per_task",
                  f"must be >= 2 for the group-based estimator {adv.estimator!r}")
     _require(env.num_envs % adv.rollouts_per_task == 0, "env.num_envs",

@@ -150,7 +150,7 @@ def test_bad_config_fails_at_start_up_naming_the_field(word_checkpoint, tmp_path
     assert time.time() - start < 60
 
 
-@pytest.mark.parametrize("estimator", ["hae", "turn_gae", "grpo", "gigpo"])
+@pytest.mark.parametrize("estimator", ["hae", "turn_gae", "grpo", "gigpo", "hae_flat_subgoal"])
 def test_estimator_on_the_mesh_matches_unsharded(estimator):
     """The trainer splits trajectories over the mesh's 8 batch shards for hae/turn_gae (global
     normalisation statistics); grpo and gigpo need whole groups and run unsharded: all equal."""
