@@ -62,8 +62,9 @@ def check_same_shape(**arrays: Optional[Any]) -> Optional[tuple[int, ...]]:
 
 def check_type(kind: type, **arrays: Optional[Any]) -> None:
     """Each array's dtype is of ``kind`` (``float``, ``int`` or ``bool``)."""
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
     for name, x in _given(arrays):
-        chex.assert_type(x, kind, custom_message=f"{name} must have a {kind.__name__} dtype",
+        chex.assert_type(x, kind, custom_message=f"{name} must have {article} {kind.__name__} dtype",
                          exception_type=ValueError)
 
 
