@@ -216,6 +216,7 @@ def trace_constraint(constraint: DecodeConstraint, tokens: Array, vocab_size: in
     check_rank(2, "[B, R]", tokens=tokens)
     check_type(int, tokens=tokens)
     check_constraint(constraint, jnp.shape(tokens)[0], vocab_size)
+
     def step(state, token):
         ids, text_on = allowed_tokens(constraint, state, vocab_size)
         return advance(constraint, state, token), (ids, text_on)

@@ -10,7 +10,8 @@ over the whole mini-batch, so accumulation is exact. :func:`ppo_update` runs the
 shuffled mini-batches from the host, so a batch of any size reuses one compiled step per token
 length. Actor and critic have their own AdamW with global-norm clipping. A step whose loss or
 gradient is not finite is skipped: parameters and optimizer states stay as they were, and the
-metrics say so.
+metrics say so. Batches are checked against the shapes and dtypes :class:`PPOBatch` promises at
+the entry points (:func:`check_ppo_batch`); a mismatch raises ValueError naming the field.
 """
 
 from __future__ import annotations
@@ -102,17 +103,19 @@ def check_token_rows(tokens, valid, value_read=None, prefix: str = "") -> tuple[
     return num_rows, length
 
 
-def check_allowed(allowed: Optional[qwen2.AllowedTokens], tokens) -> None:
+def check_allowed(allowed: Optional[qwen2.AllowedTokens], tokens, vocab_size: int) -> None:
     """The allowed sets of a constrained batch: ``mode`` ``[N, L]`` int, ``ids`` ``[N, L, K]``
     int, ``text_mask`` ``[V]`` bool (None: unconstrained, nothing to check)."""
     if allowed is None:
         return
     num_rows, length = jnp.shape(tokens)
-    check_shape((num_rows, length), "[N, L]", **{"allowed.mode": allowed.mode})
-    check_shape((num_rows, length, None), "[N, L, K]", **{"allowed.ids": allowed.ids})
-    check_type(int, **{"allowed.mode": allowed.mode, "allowed.ids": allowed.ids})
-    check_rank(1, "[V]", **{"allowed.text_mask": allowed.text_mask})
-    check_type(bool, **{"allowed.text_mask": allowed.text_mask})
+    mode, ids = {"allowed.mode": allowed.mode}, {"allowed.ids": allowed.ids}
+    text_mask = {"allowed.text_mask": allowed.text_mask}
+    check_shape((num_rows, length), "[N, L]", **mode)
+    check_shape((num_rows, length, None), "[N, L, K]", **ids)
+    check_shape((vocab_size,), "[V]", **text_mask)
+    check_type(int, **mode, **ids)
+    check_type(bool, **text_mask)
 
 
 def check_ppo_batch(batch: PPOBatch) -> tuple[int, int]:
@@ -210,7 +213,7 @@ def logprob_pass(params: Params, config: qwen2.Qwen2Config, tokens: Array, valid
     """Jitted log-probs ``[N, L]`` of every scored token (old or reference policy), under the
     constraint when ``allowed`` is given."""
     check_token_rows(tokens, valid)
-    check_allowed(allowed, tokens)
+    check_allowed(allowed, tokens, config.vocab_size)
     logp, _, _ = policy_token_stats(params, config, tokens, valid, temperature, allowed=allowed)
     return logp
 
@@ -235,7 +238,7 @@ def logprob_value_pass(actor: Params, critic: Params, config: qwen2.Qwen2Config,
     and values ``[N, 3]``. A critic sharing the actor's backbone reads the same forward pass,
     so the batch costs one forward instead of two."""
     check_token_rows(tokens, valid, value_read)
-    check_allowed(allowed, tokens)
+    check_allowed(allowed, tokens, config.vocab_size)
     logp, _, hidden = policy_token_stats(actor, config, tokens, valid, temperature, allowed=allowed)
     policy_hidden = None if "backbone" in critic else hidden
     return logp, read_values(critic, config, tokens, valid, value_read, policy_hidden=policy_hidden)
@@ -304,7 +307,7 @@ def ppo_step(state: TrainState, mini: PPOBatch, text_mask: Optional[Array] = Non
     mini-batch, so the result does not depend on the micro-batch size). ``text_mask [V]`` is
     the grammar's, for a batch sampled with a constraint."""
     num_rows, _ = check_ppo_batch(mini)
-    check_rank(1, "[V]", text_mask=text_mask)
+    check_shape((config.vocab_size,), "[V]", text_mask=text_mask)
     check_type(bool, text_mask=text_mask)
     if num_rows % ppo.micro_batch_rows:
         raise ValueError(f"a mini-batch of {num_rows} rows does not split into micro-batches of "
