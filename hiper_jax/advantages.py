@@ -48,6 +48,7 @@ from hiper_jax.hae import (
     masked_standardize,
     shape_rewards,
 )
+from hiper_jax.shapes import check_rank, check_shape, check_type
 
 Array = jax.Array
 
@@ -94,6 +95,7 @@ def turn_gae(
       ``(adv, ret)``, each ``[B, T]`` float32, 0 outside ``mask``.
     """
     check_turn_arrays(rewards=rewards, values=values, dones=dones, mask=mask)
+    check_type(float, rewards=rewards, values=values)
     mask = jnp.asarray(mask) != 0
     v = masked_float32(values, mask)
     adv, _, _, _ = hae_scan(
@@ -102,6 +104,14 @@ def turn_gae(
     )
     adv = jnp.where(mask, adv, 0.0)
     return adv, jnp.where(mask, adv + v, 0.0)
+
+
+def check_groups(returns: Array, group_ids: Array, present: Optional[Array]) -> None:
+    """``returns`` ``[B]`` float, ``group_ids`` ``[B]`` int, ``present`` ``[B]`` or None."""
+    check_rank(1, "[B]", returns=returns)
+    check_type(float, returns=returns)
+    check_shape(jnp.shape(returns), "[B]", group_ids=group_ids, present=present)
+    check_type(int, group_ids=group_ids)
 
 
 def _group_stats(values: Array, group_ids: Array, present: Optional[Array] = None
@@ -127,6 +137,7 @@ def grpo_advantages(returns: Array, group_ids: Array, eps: float = 1e-6,
     Returns:
       ``[B]`` float32 advantages.
     """
+    check_groups(returns, group_ids, present)
     returns = jnp.asarray(returns, jnp.float32)
     count, total, total_sq = _group_stats(returns, group_ids, present)
     mean = total / count
@@ -144,6 +155,7 @@ def rloo_advantages(returns: Array, group_ids: Array, present: Optional[Array] =
     Returns:
       ``[B]`` float32 advantages.
     """
+    check_groups(returns, group_ids, present)
     returns = jnp.asarray(returns, jnp.float32)
     count, total, _ = _group_stats(returns, group_ids, present)
     others_mean = (total - returns) / jnp.maximum(count - 1.0, 1.0)
@@ -241,6 +253,11 @@ def gigpo_advantages(
     """
     if mode not in GIGPO_MODES:
         raise ValueError(f"GiGPO mode must be one of {GIGPO_MODES}, got {mode!r}")
+    num_rows, _ = check_turn_arrays(rewards=rewards, mask=mask, state_ids=state_ids)
+    check_type(float, rewards=rewards)
+    check_type(int, state_ids=state_ids)
+    check_shape((num_rows,), "[B]", group_ids=group_ids)
+    check_type(int, group_ids=group_ids)
     remove_std = mode == "mean_norm"
     mask = jnp.asarray(mask) != 0
     rewards = masked_float32(rewards, mask)
@@ -319,17 +336,20 @@ def _shaped(batch: TurnBatch, cfg: HAEConfig) -> tuple[Array, Array]:
 
 
 def _check(batch: TurnBatch, needs_groups: bool, needs_states: bool = False) -> None:
+    """Shapes and dtypes of a :class:`TurnBatch` and the fields the estimator needs; raises
+    ValueError naming the field."""
     fields = {k: v for k, v in batch._asdict().items() if k != "group_ids"}
     num_rows, _ = check_turn_arrays(**fields)
+    check_type(float, rewards=batch.rewards, values_low=batch.values_low,
+               values_high=batch.values_high, values_term=batch.values_term)
+    check_type(int, state_ids=batch.state_ids)
     if needs_states and batch.state_ids is None:
         raise ValueError("state_ids [B, T] is required by gigpo (anchor_state_ids builds it)")
     if needs_groups:
         if batch.group_ids is None:
             raise ValueError("group_ids is required by group-based estimators (grpo, rloo, gigpo)")
-        if tuple(jnp.shape(batch.group_ids)) != (num_rows,):
-            raise ValueError(
-                f"group_ids must have shape [B]=({num_rows},), got {tuple(jnp.shape(batch.group_ids))}"
-            )
+        check_shape((num_rows,), "[B]", group_ids=batch.group_ids)
+        check_type(int, group_ids=batch.group_ids)
 
 
 def hae_estimator(batch: TurnBatch, cfg: HAEConfig, axis_name=None) -> HAEOutput:

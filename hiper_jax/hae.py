@@ -48,6 +48,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from hiper_jax.shapes import check_rank, check_same_shape, check_shape, check_type
+
 Array = jax.Array
 
 KEEP_PENALTY_MODES = ("fixed", "normalized")
@@ -119,25 +121,13 @@ class HAEOutput(NamedTuple):
 def check_turn_arrays(**arrays: Optional[Array]) -> tuple[int, int]:
     """Checks that every non-None array is ``[B, T]`` with the same B and T; returns (B, T).
 
-    Raises ValueError naming the first argument whose shape differs.
+    Raises ValueError naming the first argument whose rank or shape differs.
     """
-    reference_name, reference_shape = None, None
-    for name, array in arrays.items():
-        if array is None:
-            continue
-        shape = tuple(jnp.shape(array))
-        if len(shape) != 2:
-            raise ValueError(f"{name} must have shape [B, T], got shape {shape}")
-        if reference_shape is None:
-            reference_name, reference_shape = name, shape
-        elif shape != reference_shape:
-            raise ValueError(
-                f"{name} has shape {shape}, but {reference_name} has shape {reference_shape}; "
-                "all per-turn inputs must share one [B, T] shape"
-            )
-    if reference_shape is None:
+    check_rank(2, "[B, T]", **arrays)
+    shape = check_same_shape(**arrays)
+    if shape is None:
         raise ValueError("no per-turn arrays given")
-    return reference_shape
+    return shape
 
 
 def as_flags(x: Optional[Array], like: Array) -> Array:
@@ -168,6 +158,8 @@ def shape_rewards(
     Returns:
       ``[B, T]`` float32 shaped rewards, 0 outside ``mask``.
     """
+    check_turn_arrays(rewards=rewards, switch=switch, mask=mask, invalid=invalid,
+                      keep_changed=keep_changed)
     mask = jnp.asarray(mask) != 0
     switch = as_flags(switch, mask) & mask
     keep = mask & ~switch
@@ -210,6 +202,8 @@ def hae_scan(
     ``adv_high`` is 0 off segment starts. With ``switch`` all False this is plain turn-level GAE
     in ``adv_low``.
     """
+    check_same_shape(rewards=rewards, values_low=values_low, values_high=values_high, switch=switch,
+                     dones=dones, mask=mask)
     num_turns = rewards.shape[-1]
     turn = jnp.arange(num_turns)
     start = mask & ((turn == 0) | switch)
@@ -297,9 +291,9 @@ def compute_hae(
     """Hierarchical Advantage Estimation over a padded batch of trajectories.
 
     Args:
-      rewards: ``[B, T]`` environment reward of each turn.
-      values_low, values_high: ``[B, T]`` low/high value-head predictions per turn.
-      values_term: ``[B, T]`` termination value head, or None (then ``adv_term`` is 0).
+      rewards: ``[B, T]`` float, environment reward of each turn.
+      values_low, values_high: ``[B, T]`` float, low/high value-head predictions per turn.
+      values_term: ``[B, T]`` float termination value head, or None (then ``adv_term`` is 0).
       switch: ``[B, T]`` 1 where the policy said SWITCH (turn 0 always starts a segment).
       dones: ``[B, T]`` 1 where the episode terminated after this turn (not truncated).
       mask: ``[B, T]`` 1 on real turns; real turns must come first in each row.
@@ -309,6 +303,10 @@ def compute_hae(
       axis_name: mapped axis over which B is sharded (inside ``shard_map``), so that
         normalisation uses global statistics; None otherwise.
 
+    The flags (``switch``, ``dones``, ``mask``, ``invalid``, ``keep_changed``) may be bool,
+    integer or float 0/1. A wrong rank, a shape that differs from the others, or a non-float
+    reward/value raises ValueError naming the argument (checked while tracing, so free in jit).
+
     Returns:
       :class:`HAEOutput`, all fields ``[B, T]``; values outside ``mask`` never leak in.
     """
@@ -317,6 +315,8 @@ def compute_hae(
         values_term=values_term, switch=switch, dones=dones, mask=mask, invalid=invalid,
         keep_changed=keep_changed,
     )
+    check_type(float, rewards=rewards, values_low=values_low, values_high=values_high,
+               values_term=values_term)
     if not isinstance(cfg, HAEConfig):
         raise TypeError(f"cfg must be an HAEConfig, got {type(cfg).__name__}")
     return _compute_hae_jit(
@@ -373,15 +373,14 @@ def assign_token_advantages(
     Returns:
       ``[N, L]`` float32 per-token advantages.
     """
-    num_rows = jnp.shape(traj_index)[0]
-    for name, m in (("action_mask", action_mask), ("subgoal_mask", subgoal_mask),
-                    ("switch_mask", switch_mask)):
-        if jnp.ndim(m) != 2 or jnp.shape(m)[0] != num_rows:
-            raise ValueError(f"{name} must have shape [N={num_rows}, L], got {jnp.shape(m)}")
-    if jnp.shape(turn_index) != jnp.shape(traj_index):
-        raise ValueError(
-            f"turn_index has shape {jnp.shape(turn_index)}, traj_index {jnp.shape(traj_index)}"
-        )
+    check_rank(1, "[N]", traj_index=traj_index, turn_index=turn_index)
+    check_type(int, traj_index=traj_index, turn_index=turn_index)
+    num_rows, = check_same_shape(traj_index=traj_index, turn_index=turn_index)
+    check_shape((num_rows, None), "[N, L]", action_mask=action_mask, subgoal_mask=subgoal_mask,
+                switch_mask=switch_mask)
+    check_same_shape(action_mask=action_mask, subgoal_mask=subgoal_mask, switch_mask=switch_mask)
+    check_turn_arrays(**{f"hae.{k}": v for k, v in hae._asdict().items()})
+
     def gather(x):
         return x[traj_index, turn_index][:, None]
 

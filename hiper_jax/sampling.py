@@ -34,6 +34,7 @@ from jax import lax
 
 from hiper_jax.agent.grammar import PAD, WILD
 from hiper_jax.models.qwen2 import KVCache, Params, Qwen2Config, forward, init_cache, lm_head
+from hiper_jax.shapes import check_rank, check_same_shape, check_shape, check_type
 
 Array = jax.Array
 
@@ -117,6 +118,37 @@ class ConstraintState(NamedTuple):
     wild_len: Array    # int32, tokens in the free text being written
 
 
+def check_constraint(constraint: Optional[DecodeConstraint], batch: int,
+                     vocab_size: Optional[int] = None) -> None:
+    """``constraint`` for ``batch`` rows: ``alternatives`` ``[B, M, D]`` int, ``text_budget``
+    ``[B]`` int, ``text_mask`` ``[V]`` bool (``V = vocab_size`` when given; None constraint:
+    nothing to check). Raises ValueError naming the field; shapes and dtypes only, so free
+    inside jit."""
+    if constraint is None:
+        return
+    alternatives = {"constraint.alternatives": constraint.alternatives}
+    budget = {"constraint.text_budget": constraint.text_budget}
+    text_mask = {"constraint.text_mask": constraint.text_mask}
+    check_shape((batch, None, None), "[B, M, D]", **alternatives)
+    check_shape((batch,), "[B]", **budget)
+    check_shape((vocab_size,), "[V]", **text_mask)
+    check_type(int, **alternatives, **budget)
+    check_type(bool, **text_mask)
+
+
+def check_prompts(prompt_tokens: Array, prompt_mask: Optional[Array], key: Array) -> None:
+    """``prompt_tokens`` ``[B, P]`` int, ``prompt_mask`` the same shape (any 0/1 dtype, or
+    None), ``key`` one PRNG key (a typed key ``[]`` or a raw ``uint32`` key ``[2]``)."""
+    check_rank(2, "[B, P]", prompt_tokens=prompt_tokens)
+    check_type(int, prompt_tokens=prompt_tokens)
+    check_same_shape(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        check_rank(0, "[] (one typed PRNG key)", key=key)
+    else:
+        check_shape((2,), "[2] (one raw PRNG key)", key=key)
+        check_type(int, key=key)
+
+
 def constraint_start(constraint: DecodeConstraint) -> ConstraintState:
     """The state before the first response token: every non-empty alternative alive."""
     alive = constraint.alternatives[:, :, 0] != PAD
@@ -181,6 +213,10 @@ def trace_constraint(constraint: DecodeConstraint, tokens: Array, vocab_size: in
                      ) -> tuple[Array, Array]:
     """The allowed sets along given responses ``tokens [B, R]`` (teacher forcing, the same walk
     as :func:`generate`): ``allowed [B, R, 2M]`` and ``text_on [B, R]``."""
+    check_rank(2, "[B, R]", tokens=tokens)
+    check_type(int, tokens=tokens)
+    check_constraint(constraint, jnp.shape(tokens)[0], vocab_size)
+
     def step(state, token):
         ids, text_on = allowed_tokens(constraint, state, vocab_size)
         return advance(constraint, state, token), (ids, text_on)
@@ -251,8 +287,14 @@ def generate(params: Params, config: Qwen2Config, prompt_tokens: Array,
 
     Returns:
         :class:`GenerationOutput`.
+
+    Raises:
+        ValueError naming the argument when an input's rank, shape or dtype is not the one
+        above (checked while tracing: nothing is added to the compiled program).
     """
+    check_prompts(prompt_tokens, prompt_mask, key)
     batch, prompt_length = prompt_tokens.shape
+    check_constraint(constraint, batch, config.vocab_size)
     max_new = sampling.max_new_tokens
     if prompt_mask is None:
         prompt_mask = jnp.ones((batch, prompt_length), jnp.int32)

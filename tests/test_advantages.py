@@ -406,3 +406,29 @@ def test_hae_ablations_jit_and_shape_errors(name):
         np.testing.assert_allclose(np.asarray(getattr(jitted, field)), np.asarray(getattr(eager, field)), atol=1e-6)
     with pytest.raises(ValueError, match="values_high"):
         fn(batch._replace(values_high=np.zeros((3, 5))), ABLATION_CFG)
+
+
+def test_estimator_inputs_are_checked_at_the_boundary():
+    rng = np.random.default_rng(4)
+    data = random_batch(rng, batch=4, turns=5)
+    with pytest.raises(ValueError, match=r"values has shape \(4, 4\), but rewards"):
+        turn_gae(data["rewards"], data["values_low"][:, :4], data["dones"], data["mask"], 0.9, 0.9)
+    with pytest.raises(ValueError, match="rewards must have a float dtype"):
+        turn_gae(np.zeros((4, 5), np.int32), data["values_low"], data["dones"], data["mask"], 0.9, 0.9)
+    returns, groups = np.zeros(4, np.float32), np.array([0, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"returns must have shape \[B\]"):
+        grpo_advantages(returns[:, None], groups)
+    with pytest.raises(ValueError, match="group_ids must have an int dtype"):
+        rloo_advantages(returns, groups.astype(np.float32))
+    with pytest.raises(ValueError, match=r"present must have shape \[B\] = \(4,\)"):
+        rloo_advantages(returns, groups, present=np.ones(3, bool))
+    states = np.zeros((4, 5), np.int32)
+    with pytest.raises(ValueError, match=r"group_ids must have shape \[B\] = \(4,\)"):
+        gigpo_advantages(data["rewards"], data["mask"], groups[:3], states, 0.9)
+    with pytest.raises(ValueError, match="state_ids must have an int dtype"):
+        gigpo_advantages(data["rewards"], data["mask"], groups, states.astype(np.float32), 0.9)
+    batch = TurnBatch(**data, group_ids=groups)
+    with pytest.raises(ValueError, match="group_ids must have an int dtype"):
+        get_estimator("grpo").fn(batch._replace(group_ids=groups.astype(np.float32)), HAEConfig())
+    with pytest.raises(ValueError, match="values_high must have a float dtype"):
+        get_estimator("turn_gae").fn(batch._replace(values_high=np.zeros((4, 5), int)), HAEConfig())

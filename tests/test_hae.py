@@ -268,3 +268,22 @@ def test_assign_token_advantages():
     np.testing.assert_array_equal(np.asarray(got), want)
     with pytest.raises(ValueError, match="subgoal_mask"):
         assign_token_advantages(hae, traj, turn, action, subgoal[:2], switch)
+
+
+def test_dtype_and_token_index_errors_name_the_argument():
+    batch = random_batch(np.random.default_rng(3), batch=3, turns=4)
+    with pytest.raises(ValueError, match="values_low must have a float dtype"):
+        compute_hae(cfg=CONFIGS[0], **dict(batch, values_low=np.ones((3, 4), np.int32)))
+    with pytest.raises(ValueError, match=r"mask must have shape \[B, T\]"):
+        compute_hae(cfg=CONFIGS[0], **dict(batch, mask=batch["mask"][None]))
+    out = HAEOutput(*(np.zeros((3, 4), np.float32),) * 6, boundary=np.ones((3, 4), bool))
+    rows = jnp.array([0, 1, 2])
+    masks = [jnp.ones((3, 6), bool)] * 3
+    with pytest.raises(ValueError, match="traj_index must have an int dtype"):
+        assign_token_advantages(out, rows.astype(jnp.float32), rows, *masks)
+    with pytest.raises(ValueError, match=r"turn_index must have shape \[N\]"):
+        assign_token_advantages(out, rows, rows[:, None], *masks)
+    with pytest.raises(ValueError, match=r"switch_mask has shape \(3, 5\), but action_mask"):
+        assign_token_advantages(out, rows, rows, masks[0], masks[1], jnp.ones((3, 5), bool))
+    with pytest.raises(ValueError, match=r"hae.adv_high must have shape \[B, T\]"):
+        assign_token_advantages(out._replace(adv_high=out.adv_high[0]), rows, rows, *masks)

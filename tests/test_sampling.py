@@ -284,3 +284,34 @@ def test_constrained_logprobs_equal_the_learners(random_models, model_name, styl
     # Forced tokens (one allowed) have log-prob exactly 0; chosen ones are below 0.
     forced = mask & (packed.allowed_mode == 1) & (packed.allowed_ids[..., 1] < 0)
     assert forced.sum() > 10 and np.all(constrained[forced] == 0.0)
+
+
+def test_sampler_inputs_are_checked_naming_the_argument():
+    from hiper_jax.sampling import DecodeConstraint, check_prompts
+    config = qwen2.Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                               tie_word_embeddings=True)
+    tokens, mask = pad_prompts([[3, 4, 5], [6]], PAD, length_multiple=4)
+    sampling = SamplingConfig(max_new_tokens=2)
+    key = jax.random.key(1)
+    constraint = DecodeConstraint(jnp.full((2, 1, 3), -1, jnp.int32), jnp.ones((2,), jnp.int32),
+                                  jnp.ones((32,), bool))
+    bad = {
+        "prompt_tokens must have shape": (tokens[0], mask, key, None),
+        "prompt_tokens must have an int dtype": (tokens.astype(np.float32), mask, key, None),
+        r"prompt_mask has shape \(2, 3\), but prompt_tokens": (tokens, mask[:, 1:], key, None),
+        "key must have shape": (tokens, mask, jax.random.split(key, 2), None),
+        r"constraint.text_budget must have shape \[B\]": (
+            tokens, mask, key, constraint._replace(text_budget=jnp.ones((3,), jnp.int32))),
+        r"constraint.text_mask must have shape \[V\] = \(32,\)": (
+            tokens, mask, key, constraint._replace(text_mask=jnp.ones((31,), bool))),
+        "constraint.alternatives must have an int dtype": (
+            tokens, mask, key, constraint._replace(alternatives=jnp.zeros((2, 1, 3)))),
+    }
+    for message, (t, m, k, c) in bad.items():
+        with pytest.raises(ValueError, match=message):  # at trace time, before params are read
+            generate({}, config, t, m, k, sampling, c)
+    check_prompts(tokens, mask, key)
+    check_prompts(tokens, None, jax.random.key_data(key))  # a raw uint32 [2] key
+    with pytest.raises(ValueError, match="key must have an int dtype"):
+        check_prompts(tokens, None, jnp.zeros((2,), jnp.float32))

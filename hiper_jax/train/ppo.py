@@ -10,7 +10,8 @@ over the whole mini-batch, so accumulation is exact. :func:`ppo_update` runs the
 shuffled mini-batches from the host, so a batch of any size reuses one compiled step per token
 length. Actor and critic have their own AdamW with global-norm clipping. A step whose loss or
 gradient is not finite is skipped: parameters and optimizer states stay as they were, and the
-metrics say so.
+metrics say so. Batches are checked against the shapes and dtypes :class:`PPOBatch` promises at
+the entry points (:func:`check_ppo_batch`); a mismatch raises ValueError naming the field.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from hiper_jax.models import qwen2
 from hiper_jax.models.value_heads import critic_values
+from hiper_jax.shapes import check_flags, check_rank, check_same_shape, check_shape, check_type
 from hiper_jax.train.losses import clipped_value_loss, kl_penalty, ppo_dual_clip_loss
 
 Array = jax.Array
@@ -84,6 +86,55 @@ class PPOBatch(NamedTuple):
     # Constrained sampling only (else None): each scored token's allowed set (mode 0 = all).
     allowed_mode: Optional[Array] = None  # [N, L] int8
     allowed_ids: Optional[Array] = None   # [N, L, K] int32
+
+
+def check_token_rows(tokens, valid, value_read=None, prefix: str = "") -> tuple[int, int]:
+    """``tokens`` ``[N, L]`` int, ``valid`` the same shape (bool or integer), ``value_read``
+    ``[N, 3]`` int (None: not checked); returns ``(N, L)``. Raises ValueError naming the
+    argument (after ``prefix``). Reads shapes and dtypes only, so inside jit it runs once while
+    tracing."""
+    named = lambda name, x: {prefix + name: x}
+    check_rank(2, "[N, L]", **named("tokens", tokens))
+    check_type(int, **named("tokens", tokens))
+    num_rows, length = check_same_shape(**named("tokens", tokens), **named("valid", valid))
+    check_flags(**named("valid", valid))
+    check_shape((num_rows, 3), "[N, 3]", **named("value_read", value_read))
+    check_type(int, **named("value_read", value_read))
+    return num_rows, length
+
+
+def check_allowed(allowed: Optional[qwen2.AllowedTokens], tokens, vocab_size: int) -> None:
+    """The allowed sets of a constrained batch: ``mode`` ``[N, L]`` int, ``ids`` ``[N, L, K]``
+    int, ``text_mask`` ``[V]`` bool (None: unconstrained, nothing to check)."""
+    if allowed is None:
+        return
+    num_rows, length = jnp.shape(tokens)
+    mode, ids = {"allowed.mode": allowed.mode}, {"allowed.ids": allowed.ids}
+    text_mask = {"allowed.text_mask": allowed.text_mask}
+    check_shape((num_rows, length), "[N, L]", **mode)
+    check_shape((num_rows, length, None), "[N, L, K]", **ids)
+    check_shape((vocab_size,), "[V]", **text_mask)
+    check_type(int, **mode, **ids)
+    check_type(bool, **text_mask)
+
+
+def check_ppo_batch(batch: PPOBatch) -> tuple[int, int]:
+    """Checks every field of ``batch`` against the shapes and dtypes :class:`PPOBatch` promises;
+    returns ``(N, L)``. Raises ValueError naming the field (``batch.<field>``)."""
+    def fields(*names: str) -> dict:
+        return {f"batch.{name}": getattr(batch, name) for name in names}
+
+    num_rows, length = check_token_rows(batch.tokens, batch.valid, batch.value_read, prefix="batch.")
+    check_shape((num_rows, length), "[N, L]",
+                **fields("loss_mask", "advantages", "old_logp", "ref_logp", "allowed_mode"))
+    check_shape((num_rows, length, None), "[N, L, K]", **fields("allowed_ids"))
+    check_shape((num_rows, 3), "[N, 3]", **fields("value_targets", "old_values", "value_mask"))
+    check_flags(**fields("loss_mask", "value_mask"))
+    check_type(float, **fields("advantages", "old_logp", "ref_logp", "value_targets", "old_values"))
+    check_type(int, **fields("allowed_mode", "allowed_ids"))
+    if (batch.allowed_mode is None) != (batch.allowed_ids is None):
+        raise ValueError("batch.allowed_mode and batch.allowed_ids must be given together")
+    return num_rows, length
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,6 +212,8 @@ def logprob_pass(params: Params, config: qwen2.Qwen2Config, tokens: Array, valid
                  temperature: float = 1.0, allowed: Optional[qwen2.AllowedTokens] = None) -> Array:
     """Jitted log-probs ``[N, L]`` of every scored token (old or reference policy), under the
     constraint when ``allowed`` is given."""
+    check_token_rows(tokens, valid)
+    check_allowed(allowed, tokens, config.vocab_size)
     logp, _, _ = policy_token_stats(params, config, tokens, valid, temperature, allowed=allowed)
     return logp
 
@@ -170,6 +223,7 @@ def value_pass(critic: Params, actor: Params, config: qwen2.Qwen2Config, tokens:
                valid: Array, value_read: Array) -> Array:
     """Jitted critic values ``[N, 3]`` at the read positions (uses the actor's hidden states
     when the critic shares its backbone)."""
+    check_token_rows(tokens, valid, value_read)
     hidden = None
     if "backbone" not in critic:
         hidden, _ = qwen2.forward(actor, config, tokens, segment_ids=_segment_ids(valid))
@@ -183,6 +237,8 @@ def logprob_value_pass(actor: Params, critic: Params, config: qwen2.Qwen2Config,
     """:func:`logprob_pass` and :func:`value_pass` in one jitted call: log-probs ``[N, L]``
     and values ``[N, 3]``. A critic sharing the actor's backbone reads the same forward pass,
     so the batch costs one forward instead of two."""
+    check_token_rows(tokens, valid, value_read)
+    check_allowed(allowed, tokens, config.vocab_size)
     logp, _, hidden = policy_token_stats(actor, config, tokens, valid, temperature, allowed=allowed)
     policy_hidden = None if "backbone" in critic else hidden
     return logp, read_values(critic, config, tokens, valid, value_read, policy_hidden=policy_hidden)
@@ -250,7 +306,9 @@ def ppo_step(state: TrainState, mini: PPOBatch, text_mask: Optional[Array] = Non
     gradients over micro-batches of ``ppo.micro_batch_rows`` rows (token means are over the whole
     mini-batch, so the result does not depend on the micro-batch size). ``text_mask [V]`` is
     the grammar's, for a batch sampled with a constraint."""
-    num_rows = mini.tokens.shape[0]
+    num_rows, _ = check_ppo_batch(mini)
+    check_shape((config.vocab_size,), "[V]", text_mask=text_mask)
+    check_type(bool, text_mask=text_mask)
     if num_rows % ppo.micro_batch_rows:
         raise ValueError(f"a mini-batch of {num_rows} rows does not split into micro-batches of "
                          f"{ppo.micro_batch_rows} rows")
@@ -365,6 +423,7 @@ def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
     puts a host mini-batch on devices (default ``jax.device_put``). ``text_mask [V]``: the
     grammar's, for a batch sampled with a constraint.
     """
+    check_ppo_batch(batch)
     place = place or jax.device_put
     history, counts = [], []
     for _ in range(ppo.epochs):

@@ -211,3 +211,36 @@ def test_length_grouped_update_equals_the_full_width_update():
         results.append(run(state, batch, config, actor_tx, critic_tx))
     assert max_diff(results[0][0].actor, results[1][0].actor) < 1e-5  # sums in another row order
     assert results[0][1]["loss"] == pytest.approx(results[1][1]["loss"], rel=1e-5)
+
+
+def test_wrong_batch_shapes_fail_at_the_update_entry_naming_the_field():
+    from hiper_jax.train.ppo import check_ppo_batch
+    rng = np.random.default_rng(0)
+    rows, length = 4, 8
+    batch = PPOBatch(
+        tokens=rng.integers(3, 64, (rows, length)).astype(np.int32), valid=np.ones((rows, length), bool),
+        loss_mask=np.ones((rows, length), bool), advantages=np.zeros((rows, length), np.float32),
+        old_logp=np.zeros((rows, length), np.float32), ref_logp=np.zeros((rows, length), np.float32),
+        value_read=np.zeros((rows, 3), np.int32), value_targets=np.zeros((rows, 3), np.float32),
+        old_values=np.zeros((rows, 3), np.float32), value_mask=np.ones((rows, 3), bool))
+    assert check_ppo_batch(batch) == (rows, length)
+    bad = {
+        "batch.advantages must have shape": dict(advantages=batch.advantages[:, 1:]),
+        "batch.value_mask must have shape": dict(value_mask=batch.value_mask[:, :2]),
+        "batch.tokens must have an int dtype": dict(tokens=batch.tokens.astype(np.float32)),
+        "batch.valid has shape": dict(valid=batch.valid[:3]),
+        "batch.loss_mask must have a bool or integer dtype": dict(loss_mask=batch.loss_mask * 1.0),
+        "batch.value_read must have shape": dict(value_read=batch.value_read[:, 0]),
+        "batch.allowed_ids must have shape": dict(allowed_mode=np.zeros((rows, length), np.int8),
+                                                  allowed_ids=np.zeros((rows, length - 1, 2), np.int32)),
+        "given together": dict(allowed_mode=np.zeros((rows, length), np.int8)),
+    }
+    for message, change in bad.items():
+        with pytest.raises(ValueError, match=message):  # before any state is read or compiled
+            ppo_update(None, batch._replace(**change), np.random.default_rng(0), config=CONFIG,
+                       ppo=PPO, actor_tx=SGD, critic_tx=SGD)
+    # The jitted passes check while tracing, before the parameters are read.
+    with pytest.raises(ValueError, match=r"valid has shape \(4, 7\), but tokens"):
+        logprob_pass({}, CONFIG, batch.tokens, batch.valid[:, 1:])
+    with pytest.raises(ValueError, match=r"value_read must have shape \[N, 3\]"):
+        value_pass({}, {}, CONFIG, batch.tokens, batch.valid, batch.value_read[:, :2])
