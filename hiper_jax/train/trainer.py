@@ -515,10 +515,17 @@ class Trainer:
         except Exception as error:
             if not checkpoint_lib.is_disk_full(error):
                 raise
+            kept = [s for s in manager.all_steps(read=True) if s != iteration] if self.is_main else []
+            # Closing the manager joins orbax's writer threads, so none of them writes into the
+            # folders removed below after they are gone; the next save opens a new manager.
+            self._checkpoints = None
+            try:
+                manager.close()
+            except Exception:  # noqa: BLE001 - the save failed already; its threads repeat the error
+                pass
             if self.is_main:
                 checkpoint_lib.remove_tmp_dirs(self.checkpoint_dir)
                 shutil.rmtree(os.path.join(self.checkpoint_dir, str(iteration)), ignore_errors=True)
-            kept = [s for s in manager.all_steps(read=True) if s != iteration] if self.is_main else []
             raise checkpoint_lib.DiskFullError(
                 errno.ENOSPC, f"no space left on device writing checkpoint {iteration} to "
                 f"{self.checkpoint_dir}; the newest complete checkpoint is "
