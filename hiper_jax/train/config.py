@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
         # the bucketed width of its longest row: much less padding, a few compiled widths.
         group_by_length=True,
         value_coef=1.0,             # value-loss weight; < 1 keeps a shared backbone the policy's
+        # The first this many iterations update the critic only (the actor stays the warm
+        # start), so the first policy step sees a baseline fitted to the warm start's returns.
+        critic_warmup_iterations=0,
     )
     c.sft = dict(demos="", epochs=1, lr=1e-4, batch_rows=8, max_length=1024)
     c.train = dict(
@@ -306,6 +309,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _require(ppo.dual_clip > 1, "ppo.dual_clip", f"must be > 1, got {ppo.dual_clip}")
     for field in ("actor_lr", "critic_lr", "clip_ratio", "value_clip", "max_grad_norm", "value_coef"):
         _require(ppo[field] > 0, f"ppo.{field}", f"must be > 0, got {ppo[field]}")
+    _require(ppo.critic_warmup_iterations >= 0, "ppo.critic_warmup_iterations",
+             f"must be >= 0, got {ppo.critic_warmup_iterations}")
     for field in ("epochs", "mini_batch_rows", "micro_batch_rows", "length_multiple"):
         _require(ppo[field] >= 1, f"ppo.{field}", f"must be >= 1, got {ppo[field]}")
     for field in ("iterations", "eval_every", "checkpoint_every", "keep_checkpoints"):

@@ -53,6 +53,9 @@ class PPOConfig:
     remat: bool = False
     length_multiple: int = 0  # > 0: mini-batches of rows of similar length, cut to their width
     value_coef: float = 1.0   # weight of the value loss (matters when the critic shares the backbone)
+    # False: a critic-only step (warm-up): the actor and its optimizer state stay as they are,
+    # and the value loss reaches a shared backbone's weights not at all (only the heads learn).
+    train_actor: bool = True
 
 
 class TrainState(NamedTuple):
@@ -325,8 +328,11 @@ def ppo_step(state: TrainState, mini: PPOBatch, text_mask: Optional[Array] = Non
     loss = jnp.sum(losses)
     actor_updates, actor_opt = actor_tx.update(grads[0], state.actor_opt, state.actor)
     critic_updates, critic_opt = critic_tx.update(grads[1], state.critic_opt, state.critic)
-    candidate = TrainState(optax.apply_updates(state.actor, actor_updates),
-                           optax.apply_updates(state.critic, critic_updates),
+    if ppo.train_actor:
+        actor, actor_opt = optax.apply_updates(state.actor, actor_updates), actor_opt
+    else:
+        actor, actor_opt = state.actor, state.actor_opt
+    candidate = TrainState(actor, optax.apply_updates(state.critic, critic_updates),
                            actor_opt, critic_opt, state.step + 1)
     kept = state._replace(step=state.step + 1)
     finite = jnp.isfinite(loss) & _all_finite(grads)

@@ -368,6 +368,10 @@ class Trainer:
             value_heads=self.estimator.value_heads,
             length_multiple=cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0,
             value_coef=cfg.ppo.value_coef)
+        if cfg.ppo.critic_warmup_iterations and not self.estimator.value_heads:
+            raise config_lib.ConfigError(
+                f"config field ppo.critic_warmup_iterations: the estimator {cfg.advantage.estimator!r} "
+                "has no critic to warm up; set it to 0")
         self._load_model()
         self.data = prepare_env_data(cfg, self.out_dir, progress=progress)
         self.schedule = TaskSchedule(self.data["num_train_tasks"], cfg.env.num_envs,
@@ -664,13 +668,16 @@ class Trainer:
                                                    self.model_config, cfg, self.hae_cfg, self.pad_id,
                                                    mesh=self.mesh, text_mask=text_mask)
         update_start = time.perf_counter()
+        warmup = iteration < cfg.ppo.critic_warmup_iterations
+        ppo = dataclasses.replace(self.ppo, train_actor=False) if warmup else self.ppo
         self.state, update = ppo_update(self.state, batch, np.random.default_rng([cfg.train.seed, iteration]),
-                                        config=self.model_config, ppo=self.ppo,
+                                        config=self.model_config, ppo=ppo,
                                         actor_tx=self.actor_tx, critic_tx=self.critic_tx,
                                         place=self._place_batch if self.multihost else None,
                                         text_mask=text_mask)
         record = {f"train/{k}": v for k, v in rollout_metrics(trajectories).items()}
         record.update({f"update/{k}": v for k, v in update.items()})
+        record["update/critic_only"] = float(warmup)
         end = time.perf_counter()
         times = {"time/passes_s": batch_stats.pop("passes_s"),
                  "time/advantages_s": batch_stats.pop("advantages_s")}

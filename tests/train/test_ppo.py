@@ -135,6 +135,22 @@ def test_shared_critic_trains_through_the_policy_backbone():
     assert max_diff(state.actor, before) > 0  # value gradients reach the shared backbone
 
 
+def test_critic_only_step_leaves_the_actor_and_its_optimizer_as_they_were():
+    import dataclasses
+
+    # A shared critic: even the value loss's gradients into the backbone are not applied.
+    actor, critic, actor_tx, critic_tx = setup(shared=True)
+    batch = make_batch(actor, critic)  # random advantages: a full step would move the actor
+    before = jax.tree.map(jnp.copy, (actor, critic))
+    state = init_train_state(actor, critic, actor_tx, critic_tx)
+    opt_before = jax.tree.map(jnp.copy, state.actor_opt)
+    state, metrics = run(state, batch, dataclasses.replace(PPO, train_actor=False), actor_tx, critic_tx)
+    assert max_diff(state.actor, before[0]) == 0.0
+    assert max_diff(state.actor_opt, opt_before) == 0.0
+    assert max_diff(state.critic, before[1]) > 0 and metrics["value_loss"] > 0
+    assert int(state.step) == 2
+
+
 def test_rows_must_split_into_micro_batches():
     actor, critic, actor_tx, critic_tx = setup()
     batch = make_batch(actor, critic, num_rows=6, passes=False)

@@ -130,11 +130,22 @@ def test_resume_after_kill_continues_exactly(word_checkpoint, tmp_path):
     assert max(jax.tree.leaves(diffs)) < 1e-5
 
 
+def test_critic_warmup_needs_an_estimator_with_a_critic(word_checkpoint, tmp_path):
+    from hiper_jax.train.config import ConfigError
+    from hiper_jax.train.trainer import Trainer
+
+    config = word_config(word_checkpoint, str(tmp_path), "grpo")
+    config.ppo.critic_warmup_iterations = 1
+    with pytest.raises(ConfigError, match="ppo.critic_warmup_iterations: the estimator 'grpo' has no critic"):
+        Trainer(config, progress=False)
+
+
 @pytest.mark.parametrize("override,field", [
     ("--config.ppo.actor_lr=-1.0", "ppo.actor_lr"),
     ("--config.mesh.data=3", "mesh"),
     ("--config.model.checkpoint=/no/such/checkpoint", "model.checkpoint"),
     ("--config.advantage.estimator=gigpo_v2", "advantage.estimator"),
+    ("--config.ppo.critic_warmup_iterations=-1", "ppo.critic_warmup_iterations"),
 ])
 def test_bad_config_fails_at_start_up_naming_the_field(word_checkpoint, tmp_path, override, field):
     config_path = tmp_path / "word_config.py"
