@@ -1,11 +1,17 @@
 """Rollout throughput: turns/s and device-busy fraction, with and without the two-group overlap.
 
 Usage: python benchmarks/bench_rollout.py [--env alfworld|webshop] [--num-envs 16] [--repeats 3]
+                                          [--tables groups,budget]
 
 Runs the collector with the tiny embedded model on generated games, first with one group (the
 device generates for all envs, then the host steps them all) and then with two pipelined
 groups (the host steps one half while the device generates for the other), in the same run.
 The first rollout of each setting warms up the compiled sampler and is not timed.
+
+The ``budget`` table compares (two groups each) one episode per env against continuous
+episodes (``Collector(turn_budget=...)``) on the same number of env turns per rollout (the
+median of the episode runs'), in interleaved rounds: turns/s and the mean fraction of the
+envs of a group that are active in a decode batch.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ def main(argv=None) -> None:
     parser.add_argument("--num-envs", type=int, default=16)
     parser.add_argument("--max-turns", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tables", default="groups,budget")
     args = parser.parse_args(argv)
+    tables = args.tables.split(",")
 
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     config, params = qwen2.load_hf_checkpoint(args.checkpoint, dtype=jnp.float32, progress=False)
@@ -59,8 +67,9 @@ def main(argv=None) -> None:
               f"{sum(x.size for x in jax.tree.leaves(params)):,} params, jax {jax.__version__} on "
               f"{jax.devices()[0].platform} ({os.cpu_count()} cores)")
         header = f"{'groups':>6} {'turns/s':>9} {'device busy':>12} {'env step s':>11} {'wall s':>8}"
-        print(header + "\n" + "-" * len(header))
-        for groups in (1, 2):
+        if "groups" in tables:
+            print(header + "\n" + "-" * len(header))
+        for groups in (1, 2) if "groups" in tables else ():
             policy = LLMPolicy(params, config, sampling, tokenizer.pad_token_id, length_multiple=512,
                                rows=-(-args.num_envs // groups))
             with Collector(spec, args.num_envs, prompt_cfg, tokenizer, TokenBytes(tokenizer),
@@ -71,6 +80,44 @@ def main(argv=None) -> None:
             best = max(runs, key=lambda s: s.turns_per_s)
             print(f"{groups:>6} {best.turns_per_s:9.1f} {statistics.median(r.device_busy_fraction for r in runs):12.2f} "
                   f"{statistics.median(r.env_step_s for r in runs):11.2f} {statistics.median(r.wall_s for r in runs):8.1f}")
+
+        if "budget" in tables:
+            compare_budget(args, spec, prompt_cfg, tokenizer, params, config, sampling)
+
+
+def compare_budget(args, spec, prompt_cfg, tokenizer, params, config, sampling) -> None:
+    """One episode per env vs continuous episodes on the same turns per rollout (2 groups)."""
+    from hiper_jax.agent.spans import TokenBytes
+    from hiper_jax.rollout.collector import Collector
+    from hiper_jax.rollout.policies import LLMPolicy
+
+    policy = LLMPolicy(params, config, sampling, tokenizer.pad_token_id, length_multiple=512,
+                       rows=-(-args.num_envs // 2))
+    tasks = list(range(args.num_envs))
+    kwargs = dict(groups=2, envs_per_worker=4)
+    runs = {"episodes": [], "continuous": []}
+    with Collector(spec, args.num_envs, prompt_cfg, tokenizer, TokenBytes(tokenizer), args.max_turns,
+                   **kwargs) as episodes:
+        episodes.run(policy, tasks, jax.random.key(0))  # compile
+        first = [episodes.run(policy, tasks, jax.random.key(100 + r))[1] for r in range(2)]
+        budget = int(statistics.median(r.turns for r in first))
+        with Collector(spec, args.num_envs, prompt_cfg, tokenizer, TokenBytes(tokenizer),
+                       args.max_turns, turn_budget=budget, **kwargs) as continuous:
+            continuous.run(policy, tasks, jax.random.key(0))  # warm the same shapes
+            for r in range(args.repeats):
+                runs["episodes"].append(episodes.run(policy, tasks, jax.random.key(r + 1))[1])
+                runs["continuous"].append(continuous.run(policy, tasks, jax.random.key(r + 1))[1])
+    print(f"\none episode per env vs continuous episodes, {budget} turns per rollout, "
+          f"{args.repeats} interleaved rounds")
+    header = (f"{'mode':>10} {'turns':>6} {'turns/s min':>12} {'median':>8} {'max':>8} "
+              f"{'active fraction':>16} {'wall s':>8}")
+    print(header + "\n" + "-" * len(header))
+    for mode, stats in runs.items():
+        rates = [r.turns_per_s for r in stats]
+        print(f"{mode:>10} {statistics.median(r.turns for r in stats):6.0f} {min(rates):12.1f} "
+              f"{statistics.median(rates):8.1f} {max(rates):8.1f} "
+              f"{statistics.median(r.active_fraction for r in stats):16.2f} "
+              f"{statistics.median(r.wall_s for r in stats):8.1f}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,16 @@ Envs live in host worker processes (:class:`~hiper_jax.rollout.env_pool.EnvPool`
 pipelined: while the device generates for one half, the host steps the other half's envs and
 builds its prompts. Every call of :meth:`Collector.run` plays one episode per env.
 
+With ``turn_budget`` set, :meth:`Collector.run` instead plays a fixed number of env turns:
+an env whose episode ends starts its next one at once (tasks taken in turn from the given
+list, wrapping around), so the decode batches stay full instead of dwindling to the last slow
+episodes. When the budget is spent, the episodes still running are cut: their last turn is
+marked truncated (not done), so the update bootstraps them when
+``advantage.bootstrap_truncated`` is on and counts their missing future as 0 otherwise. In
+this mode a cut by an env fault drops the episode (no replays: the budget goes on to the
+next episode), episodes that played no turn are not returned, and every episode is its own
+group.
+
 Episodes cut by a fault (the env's worker died or hung and was restarted, or the env raised)
 are never returned as ordinary truncated episodes: each is played again from its start, on the
 same task with a fresh worker, up to ``max_replays`` times, and otherwise returned with no turns
@@ -118,6 +128,7 @@ class RolloutStats:
     env_step_s: float
     turns: int
     faults: FaultCounts = dataclasses.field(default_factory=FaultCounts)
+    active_fraction: float = 0.0  # mean over decode batches of active envs / envs in the group
 
     @property
     def device_busy_fraction(self) -> float:
@@ -132,6 +143,10 @@ def _error_summary(error: str) -> str:
     """The last non-empty line of a traceback (the exception), else its first line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if values else 0.0
 
 
 def _busy_time(intervals: list[tuple[float, float]]) -> float:
@@ -162,13 +177,18 @@ class Collector:
         (:class:`RolloutInterrupted`).
       info_keys: env ``info`` entries to keep in each turn's record (``TurnRecord.env_info``,
         as they stood before the action), e.g. ``("expert_action", "expert_subgoal")``.
+      turn_budget: 0 plays one episode per env per :meth:`run`; > 0 plays exactly this many
+        env turns per :meth:`run` with continuous episodes (see the module doc).
     """
 
     def __init__(self, spec: EnvSpec, num_envs: int, prompt_cfg: PromptConfig, tokenizer,
                  token_bytes: TokenBytes, max_turns: int, groups: int = 2,
                  envs_per_worker: int = 4, step_timeout_s: float = 60.0, max_replays: int = 2,
                  max_lost_fraction: float = 1.0, should_stop: Optional[Callable[[], bool]] = None,
-                 info_keys: Sequence[str] = ()):
+                 info_keys: Sequence[str] = (), turn_budget: int = 0):
+        if turn_budget < 0:
+            raise ValueError(f"turn_budget must be >= 0, got {turn_budget}")
+        self.turn_budget = int(turn_budget)
         if groups not in (1, 2) or num_envs < groups:
             raise ValueError(f"groups must be 1 or 2 and at most num_envs={num_envs}, got {groups}")
         if max_replays < 0 or not 0 <= max_lost_fraction <= 1:
@@ -211,10 +231,18 @@ class Collector:
             group_ids: Optional[Sequence[int]] = None) -> tuple[list[Trajectory], RolloutStats]:
         """Plays one episode per env on the given tasks; returns trajectories in env order.
 
+        With ``turn_budget`` > 0 it plays exactly that many env turns with continuous episodes
+        instead (``task_indices`` of any length: env i starts on the i-th, each next episode
+        takes the next task, wrapping around; ``group_ids`` are not used) and returns the
+        episodes that played a turn, ordered by env and then by start, ``group_id`` being the
+        episode's start number (see the module doc).
+
         Raises:
           RolloutFaultError: more than ``max_lost_fraction`` of the episodes were cut by faults.
           RolloutInterrupted: ``should_stop()`` became true.
         """
+        if self.turn_budget:  # group_ids are not used: every episode is its own group
+            return self._run_budget(policy, task_indices, key)
         if len(task_indices) != self.num_envs:
             raise ValueError(f"need {self.num_envs} task indices, got {len(task_indices)}")
         start = time.perf_counter()
@@ -222,7 +250,7 @@ class Collector:
         episodes = [_Episode() for _ in range(self.num_envs)]
         rows = list(range(self.num_envs))
         intervals: list[tuple[float, float]] = []
-        timing = {"env_step_s": 0.0}
+        timing = {"env_step_s": 0.0, "active": []}
         faults = FaultCounts()
         self._play(policy, episodes, rows, task_indices, key, intervals, timing)
         lost = [i for i in rows if episodes[i].lost]
@@ -261,7 +289,93 @@ class Collector:
         ]
         stats = RolloutStats(wall_s=time.perf_counter() - start, device_busy_s=_busy_time(intervals),
                              env_step_s=timing["env_step_s"],
-                             turns=sum(t.num_turns for t in trajectories), faults=faults)
+                             turns=sum(t.num_turns for t in trajectories), faults=faults,
+                             active_fraction=_mean(timing["active"]))
+        return trajectories, stats
+
+    def _run_budget(self, policy, task_indices: Sequence[int], key: jax.Array
+                    ) -> tuple[list[Trajectory], RolloutStats]:
+        """Plays ``turn_budget`` env turns with continuous episodes; returns the episodes that
+        played a turn, by env and then in play order (``group_id``: the episode's number)."""
+        if not task_indices:
+            raise ValueError("need at least one task index")
+        start = time.perf_counter()
+        restarts_before = self._worker_restarts()
+        intervals: list[tuple[float, float]] = []
+        timing = {"env_step_s": 0.0, "active": []}
+        played: list[tuple[int, int, _Episode]] = []  # (env, episode number, episode)
+        serial = {"next": 0}
+        episodes = [_Episode() for _ in range(self.num_envs)]
+        number = [0] * self.num_envs
+
+        def start_episodes(rows: list[int]) -> None:
+            tasks = []
+            for i in rows:
+                number[i] = serial["next"]
+                tasks.append(int(task_indices[serial["next"] % len(task_indices)]))
+                serial["next"] += 1
+                episodes[i] = _Episode()
+            by_env = dict(zip(rows, tasks))
+            self._reset(rows, lambda i: by_env[i], episodes)
+            for i in rows:
+                played.append((i, number[i], episodes[i]))
+
+        start_episodes(list(range(self.num_envs)))
+        budget = {"left": self.turn_budget}
+        pending = {}
+
+        def dispatch(g: int) -> None:
+            # Cut to the turns left: the envs left out (last dispatch only) are still stepped by
+            # the pool, but their episodes end at their last recorded turn.
+            rows = [i for i in self.group_rows[g] if not episodes[i].done][:budget["left"]]
+            if rows:
+                budget["left"] -= len(rows)
+                timing["active"].append(len(rows) / len(self.group_rows[g]))
+                pending[g] = self._dispatch(g, policy, episodes, key, rows=rows,
+                                            step=len(timing["active"]))
+
+        for g in range(len(self.group_rows)):
+            dispatch(g)
+        while pending:
+            for g in list(pending):
+                handle, active, inputs = pending.pop(g)
+                responses = handle.result()
+                intervals.append((handle.dispatched_at, handle.done_at))
+                step_start = time.perf_counter()
+                self._apply(g, active, inputs, responses, episodes)
+                ended = [i for i in self.group_rows[g] if episodes[i].done]
+                if ended and budget["left"] > 0:
+                    start_episodes(ended)
+                timing["env_step_s"] += time.perf_counter() - step_start
+                if self.should_stop is not None and self.should_stop():
+                    raise RolloutInterrupted("the rollout was stopped between env steps")
+                if budget["left"] > 0:
+                    dispatch(g)
+        faults = FaultCounts()
+        trajectories = []
+        for i, n, e in sorted(played, key=lambda p: p[:2]):
+            if e.lost:
+                faults.lost_episodes += 1
+                faults.dropped_episodes += 1
+                faults.last_error = _error_summary(e.lost)
+                continue
+            if not e.turns:
+                continue
+            if not e.done:  # still running when the budget was spent: cut as truncated
+                e.turns[-1] = dataclasses.replace(e.turns[-1], truncated=True)
+            trajectories.append(Trajectory(turns=e.turns, task=e.task, task_type=e.task_type,
+                                           won=e.won, group_id=n, game=e.game, lost=False))
+        faults.worker_restarts = self._worker_restarts() - restarts_before
+        self.faults.add(faults)
+        if faults.lost_episodes > self.max_lost_fraction * max(len(played), 1):
+            raise RolloutFaultError(
+                f"{faults.lost_episodes} of {len(played)} episodes were cut by env worker faults "
+                f"({faults.worker_restarts} worker restarts), more than env.max_lost_fraction="
+                f"{self.max_lost_fraction}; last error: {faults.last_error}")
+        stats = RolloutStats(wall_s=time.perf_counter() - start, device_busy_s=_busy_time(intervals),
+                             env_step_s=timing["env_step_s"],
+                             turns=sum(t.num_turns for t in trajectories), faults=faults,
+                             active_fraction=_mean(timing["active"]))
         return trajectories, stats
 
     def _worker_restarts(self) -> int:
@@ -271,30 +385,12 @@ class Collector:
               key: jax.Array, intervals: list, timing: dict) -> None:
         """Resets the envs of ``rows`` on their tasks and plays them to the end; the other
         episodes must be done already."""
-        rows = set(rows)
-        for g, group in enumerate(self.group_rows):
-            mine = [i for i in group if i in rows]
-            if not mine:
-                continue
-            local = [i - group[0] for i in mine]
-            options = [{self.spec.task_option: int(task_indices[i])} for i in mine]
-            answers = self.pools[g].reset(seeds=[int(task_indices[i]) for i in mine], options=options,
-                                          indices=local)
-            for i, (obs, info) in zip(mine, answers):
-                episode = episodes[i]
-                episode.task = str(info.get("task", ""))
-                episode.task_type = str(info.get("task_type", ""))
-                episode.game = info.get("gamefile", info.get("goal_id"))
-                episode.observation = obs
-                episode.admissible = list(info.get("admissible_actions", ()))
-                episode.subgoals = list(info.get("admissible_subgoals", ()))
-                episode.info = {k: info.get(k) for k in self.info_keys}
-                if info.get("env_crashed") or info.get("env_error"):  # the reset itself failed
-                    episode.lost, episode.done = str(info.get("error", "reset failed")), True
+        self._reset(sorted(set(rows)), lambda i: int(task_indices[i]), episodes)
         pending = {}
         for g in range(len(self.group_rows)):
             if any(not episodes[i].done for i in self.group_rows[g]):
                 pending[g] = self._dispatch(g, policy, episodes, key)
+                timing["active"].append(len(pending[g][1]) / len(self.group_rows[g]))
         while pending:
             for g in list(pending):
                 handle, active, inputs = pending.pop(g)
@@ -308,11 +404,39 @@ class Collector:
                 if any(not episodes[i].done for i in self.group_rows[g]):
                     pending[g] = self._dispatch(g, policy, episodes, key)
 
-    def _dispatch(self, g: int, policy, episodes: list[_Episode], key: jax.Array):
-        rows = [i for i in self.group_rows[g] if not episodes[i].done]
+    def _reset(self, rows: Sequence[int], task_of: Callable[[int], int],
+               episodes: list[_Episode]) -> None:
+        """Resets the envs of ``rows`` (ascending) on ``task_of(row)`` into ``episodes``."""
+        rows = set(rows)
+        for g, group in enumerate(self.group_rows):
+            mine = [i for i in group if i in rows]
+            if not mine:
+                continue
+            local = [i - group[0] for i in mine]
+            options = [{self.spec.task_option: task_of(i)} for i in mine]
+            answers = self.pools[g].reset(seeds=[task_of(i) for i in mine], options=options,
+                                          indices=local)
+            for i, (obs, info) in zip(mine, answers):
+                episode = episodes[i]
+                episode.task = str(info.get("task", ""))
+                episode.task_type = str(info.get("task_type", ""))
+                episode.game = info.get("gamefile", info.get("goal_id"))
+                episode.observation = obs
+                episode.admissible = list(info.get("admissible_actions", ()))
+                episode.subgoals = list(info.get("admissible_subgoals", ()))
+                episode.info = {k: info.get(k) for k in self.info_keys}
+                if info.get("env_crashed") or info.get("env_error"):  # the reset itself failed
+                    episode.lost, episode.done = str(info.get("error", "reset failed")), True
+
+    def _dispatch(self, g: int, policy, episodes: list[_Episode], key: jax.Array,
+                  rows: Optional[list[int]] = None, step: Optional[int] = None):
+        """Sends the prompts of ``rows`` (default: the group's running episodes) to the policy;
+        the sampling key folds in ``step`` (default: the first row's turn number)."""
+        if rows is None:
+            rows = [i for i in self.group_rows[g] if not episodes[i].done]
         views = [episodes[i].view() for i in rows]
         prompts = [render_prompt(v, self.prompt_cfg, self.tokenizer) for v in views]
-        turn = len(episodes[rows[0]].turns)
+        turn = len(episodes[rows[0]].turns) if step is None else step
         handle = policy.dispatch(prompts, views, jax.random.fold_in(key, turn * 2 + g))
         return handle, rows, (prompts, views)
 

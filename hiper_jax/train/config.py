@@ -45,6 +45,11 @@ def base_config() -> ml_collections.ConfigDict:
         max_replays=2,
         # A rollout whose fraction of cut episodes exceeds this stops the run with an error.
         max_lost_fraction=0.5,
+        # > 0: continuous episodes. Each iteration plays exactly this many training env turns;
+        # an env whose episode ends starts the next task at once (the iteration's tasks, in
+        # turn), so decode batches stay full. Episodes still running when the budget is spent
+        # are cut as truncated (see advantage.bootstrap_truncated). 0 = one episode per env.
+        turn_budget=0,
     )
     c.model = dict(
         checkpoint="",              # HF checkpoint directory (config.json + safetensors)
@@ -321,6 +326,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
              f"must be in [0, 1] (1 = never stop), got {env.max_lost_fraction}")
     _require(train.max_skipped_updates >= 1, "train.max_skipped_updates",
              f"must be >= 1, got {train.max_skipped_updates}")
+    _require(env.turn_budget >= 0, "env.turn_budget",
+             f"must be >= 0 (0 = one episode per env), got {env.turn_budget}")
+    if env.turn_budget:
+        _require(adv.rollouts_per_task == 1, "advantage.rollouts_per_task",
+                 "must be 1 with env.turn_budget > 0 (continuous episodes form no task groups)")
     _require(train.max_env_turns >= 0, "train.max_env_turns",
              f"must be >= 0 (0 = no budget), got {train.max_env_turns}")
     _require(ppo.mini_batch_rows % ppo.micro_batch_rows == 0, "ppo.mini_batch_rows",

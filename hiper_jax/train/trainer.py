@@ -452,11 +452,14 @@ class Trainer:
         """A collector for ``"train"``, ``"eval"`` or another :class:`EnvSpec`."""
         cfg = self.config.env
         spec = self.data[split] if isinstance(split, str) else split
+        budget = cfg.turn_budget if split == "train" else 0  # evaluation plays each task once
+        if budget and self.multihost:
+            raise ValueError("env.turn_budget > 0 needs a single process")
         return Collector(spec, self.local_envs, self.prompt_cfg, self.tokenizer, self.token_bytes,
                          cfg.max_turns, groups=2 if self.local_envs >= 2 else 1,
                          envs_per_worker=cfg.envs_per_worker, step_timeout_s=cfg.step_timeout_s,
                          max_replays=cfg.max_replays, max_lost_fraction=cfg.max_lost_fraction,
-                         should_stop=lambda: self.stop_signal is not None)
+                         should_stop=lambda: self.stop_signal is not None, turn_budget=budget)
 
     def _collect(self, collector: Collector, policy: LLMPolicy, tasks: list[int], key: jax.Array,
                  groups: Optional[list[int]] = None):
@@ -686,6 +689,7 @@ class Trainer:
         record.update({"time/rollout_s": rollout_s, "time/batch_s": update_start - start - rollout_s,
                        "time/update_s": end - update_start, "time/iteration_s": end - start,
                        "time/device_busy_fraction": rollout.device_busy_fraction,
+                       "time/decode_active_fraction": rollout.active_fraction,
                        "env_turns": float(rollout.turns)})
         record.update(self.iteration_accounting(
             trajectories, batch, update,

@@ -229,3 +229,59 @@ def test_should_stop_abandons_the_rollout_between_env_steps(faulty):
         collector.should_stop = None
     assert len(calls) == 1
     assert all(_complete(t) for t in _play(collector, policy)[0])
+
+
+# --- continuous episodes (turn budget) --------------------------------------------------------
+
+def test_continuous_episodes_play_the_turn_budget_and_pack(tiny_tokenizer):
+    """Four envs in two pipelined groups, episodes of 2 scripted turns (beta, then alpha wins),
+    13 turns: each env plays its first episode (8 turns) and starts a second; env 0's second
+    gets its 2 turns (the last decode batch has 1 of 2 rows), the other three are cut after 1
+    turn, truncated."""
+    from hiper_jax.rollout.metrics import rollout_metrics
+
+    spec = EnvSpec("hiper_envs:hiper/ChooseWord-v0", {"num_tasks": 8}, "task")
+    prompt_cfg = PromptConfig(env="choose_word", max_steps=3, max_prompt_tokens=1024)
+    policy = ScriptedPolicy(lambda view: format_response(view.step == 0, "open the door",
+                                                         "say beta" if view.step == 0 else "say alpha"),
+                            tiny_tokenizer)
+    with Collector(spec, 4, prompt_cfg, tiny_tokenizer, TokenBytes(tiny_tokenizer), max_turns=3,
+                   groups=2, envs_per_worker=2, turn_budget=13) as collector:
+        trajectories, stats = collector.run(policy, [5, 6, 7], jax.random.key(0))
+    assert stats.turns == 13 == sum(t.num_turns for t in trajectories)
+    whole = [t for t in trajectories if t.turns[-1].done]
+    cut = [t for t in trajectories if not t.turns[-1].done]
+    assert len(whole) == 5 and all(t.won and t.num_turns == 2 for t in whole)
+    assert len(cut) == 3 and all(t.num_turns == 1 and t.turns[-1].truncated and not t.won for t in cut)
+    assert not any(turn.truncated for t in whole for turn in t.turns)
+    assert [t.group_id for t in trajectories] == [0, 4, 1, 5, 2, 6, 3, 7]  # by env, then start
+    # Tasks in turn from the list, wrapping around: episode n plays task [5, 6, 7][n % 3].
+    by_number = {t.group_id: t for t in trajectories}
+    assert [by_number[n].game for n in range(8)] == ['5', '6', '7', '5', '6', '7', '5', '6']
+    assert stats.active_fraction == pytest.approx((6 * 1.0 + 0.5) / 7)
+    assert rollout_metrics(trajectories)["episodes"] == 8
+
+    turns = pack_turns(trajectories, max_turns=3)
+    tokens = pack_tokens(trajectories, pad_id=tiny_tokenizer.pad_token_id, row_multiple=4)
+    assert turns.mask.sum() == 13 == tokens.row_valid.sum()
+    values = np.ones(turns.mask.shape, np.float32)
+    out = compute_hae(turns.rewards, values, values, values, turns.switch, turns.dones, turns.mask,
+                      HAEConfig(gamma=1.0, lam_turn=1.0, lam_seg=1.0, bootstrap_truncated=True))
+    row = [i for i, t in enumerate(trajectories) if t is cut[0]][0]
+    # The cut episode bootstraps from its value (1) instead of ending: return = reward + 1.
+    assert np.asarray(out.ret_term)[row, 0] == pytest.approx(trajectories[row].turns[0].reward + 1.0)
+
+
+def test_default_collector_records_the_decode_active_fraction(tiny_tokenizer):
+    """One episode per env (the default): every env takes the same 2 turns, so all four decode
+    batches (2 groups x 2 turns) are full."""
+    spec = EnvSpec("hiper_envs:hiper/ChooseWord-v0", {"num_tasks": 8}, "task")
+    prompt_cfg = PromptConfig(env="choose_word", max_steps=3, max_prompt_tokens=1024)
+    policy = ScriptedPolicy(lambda view: format_response(view.step == 0, "open the door",
+                                                         "say beta" if view.step == 0 else "say alpha"),
+                            tiny_tokenizer)
+    with Collector(spec, 4, prompt_cfg, tiny_tokenizer, TokenBytes(tiny_tokenizer), max_turns=3,
+                   groups=2, envs_per_worker=2) as collector:
+        trajectories, stats = collector.run(policy, [0, 1, 2, 3], jax.random.key(0))
+    assert [t.num_turns for t in trajectories] == [2, 2, 2, 2] and stats.turns == 8
+    assert stats.active_fraction == 1.0

@@ -32,6 +32,9 @@ def test_base_config_is_valid(tmp_path):
     (lambda c: c.ppo.__setattr__("dual_clip", 1.0), "ppo.dual_clip"),
     (lambda c: c.mesh.__setattr__("tensor", 3), "mesh"),
     (lambda c: c.train.__setattr__("iterations", True), "train.iterations"),
+    (lambda c: c.env.__setattr__("turn_budget", -1), "env.turn_budget"),
+    (lambda c: (c.env.__setattr__("turn_budget", 100), c.env.__setattr__("num_envs", 8),
+                c.advantage.__setattr__("rollouts_per_task", 2)), "advantage.rollouts_per_task"),
 ])
 def test_bad_fields_are_named(tmp_path, edit, field):
     config = valid_config(tmp_path)

@@ -206,3 +206,22 @@ def test_gigpo_anchor_states_are_the_observations_each_prompt_showed():
     ids = anchor_state_ids(observations, [t.group_id for t in trajectories], 3)
     assert ids[0, 0] == ids[1, 0] and ids[0, 1] == ids[1, 2] != ids[1, 1]
     assert ids[2, 0] not in (ids[0, 0], ids[0, 1], ids[1, 1]) and ids[0, 2] == -1
+
+
+@pytest.mark.slow
+def test_continuous_episodes_train_on_the_turn_budget(word_checkpoint, tmp_path):
+    """env.turn_budget: every iteration plays exactly the budget (more turns than one episode
+    per env would give on average), and its trajectories (episodes cut by the budget among them)
+    pack and train through the usual update."""
+    from hiper_jax.train.trainer import Trainer
+
+    cfg = word_config(word_checkpoint, tmp_path, "hae", iterations=2)
+    cfg.env.turn_budget = 80  # 32 envs x <= 3 turns
+    history = Trainer(cfg, progress=False).run()
+    iterations = [r for r in history if "train/success" in r]
+    assert len(iterations) == 2
+    for r in iterations:
+        assert r["env_turns"] == 80
+        assert r["train/episodes"] > 32  # envs started further episodes
+        assert 0.5 < r["time/decode_active_fraction"] <= 1
+        assert r["update/real_tokens"] > 0 and np.isfinite(r["update/pg_loss"])
