@@ -40,12 +40,17 @@ def main(argv=None) -> None:
     from hiper_jax.tiny import TINY_ALFWORLD
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--env", default="alfworld", choices=["alfworld", "webshop"])
+    parser.add_argument("--env", default="alfworld", choices=["alfworld", "webshop", "choose_word"],
+                        help="choose_word needs --checkpoint (e.g. one built by "
+                             "tests/word_task.py:build_word_checkpoint)")
     parser.add_argument("--checkpoint", default=TINY_ALFWORLD)
     parser.add_argument("--num-envs", type=int, default=16)
     parser.add_argument("--max-turns", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tables", default="groups,budget")
+    parser.add_argument("--constraint", default="none", choices=["none", "grammar"],
+                        help="budget table: grammar-constrained sampling (admissible actions, so "
+                             "episodes end at different turns)")
     args = parser.parse_args(argv)
     tables = args.tables.split(",")
 
@@ -60,8 +65,10 @@ def main(argv=None) -> None:
 
             generate_games(tmp, args.num_envs, seed=5, split="eval", progress=False)
             spec = EnvSpec("hiper_envs:hiper/ALFWorld-v0", {"games": os.path.join(tmp, "eval")}, "game")
-        else:
+        elif args.env == "webshop":
             spec = EnvSpec("hiper_envs:hiper/WebShop-v0", {"num_products": 1000, "split": "eval"}, "goal_index")
+        else:
+            spec = EnvSpec("hiper_envs:hiper/ChooseWord-v0", {"num_tasks": args.num_envs}, "task")
         prompt_cfg = PromptConfig(env=args.env, max_steps=args.max_turns, max_prompt_tokens=512)
         print(f"{args.env}, {args.num_envs} envs, <= {args.max_turns} turns, model "
               f"{sum(x.size for x in jax.tree.leaves(params)):,} params, jax {jax.__version__} on "
@@ -91,8 +98,14 @@ def compare_budget(args, spec, prompt_cfg, tokenizer, params, config, sampling) 
     from hiper_jax.rollout.collector import Collector
     from hiper_jax.rollout.policies import LLMPolicy
 
+    grammar = None
+    if args.constraint == "grammar":
+        from hiper_jax.agent.grammar import ResponseGrammar
+
+        grammar = ResponseGrammar(tokenizer, TokenBytes(tokenizer), prompt_cfg.style,
+                                  tokenizer.eos_token_id)
     policy = LLMPolicy(params, config, sampling, tokenizer.pad_token_id, length_multiple=512,
-                       rows=-(-args.num_envs // 2))
+                       rows=-(-args.num_envs // 2), grammar=grammar)
     tasks = list(range(args.num_envs))
     kwargs = dict(groups=2, envs_per_worker=4)
     runs = {"episodes": [], "continuous": []}
@@ -108,7 +121,7 @@ def compare_budget(args, spec, prompt_cfg, tokenizer, params, config, sampling) 
                 runs["episodes"].append(episodes.run(policy, tasks, jax.random.key(r + 1))[1])
                 runs["continuous"].append(continuous.run(policy, tasks, jax.random.key(r + 1))[1])
     print(f"\none episode per env vs continuous episodes, {budget} turns per rollout, "
-          f"{args.repeats} interleaved rounds")
+          f"{args.repeats} interleaved rounds, constraint {args.constraint}")
     header = (f"{'mode':>10} {'turns':>6} {'turns/s min':>12} {'median':>8} {'max':>8} "
               f"{'active fraction':>16} {'wall s':>8}")
     print(header + "\n" + "-" * len(header))

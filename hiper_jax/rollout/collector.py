@@ -403,6 +403,7 @@ class Collector:
                     raise RolloutInterrupted("the rollout was stopped between env steps")
                 if any(not episodes[i].done for i in self.group_rows[g]):
                     pending[g] = self._dispatch(g, policy, episodes, key)
+                    timing["active"].append(len(pending[g][1]) / len(self.group_rows[g]))
 
     def _reset(self, rows: Sequence[int], task_of: Callable[[int], int],
                episodes: list[_Episode]) -> None:

@@ -273,15 +273,21 @@ def test_continuous_episodes_play_the_turn_budget_and_pack(tiny_tokenizer):
 
 
 def test_default_collector_records_the_decode_active_fraction(tiny_tokenizer):
-    """One episode per env (the default): every env takes the same 2 turns, so all four decode
-    batches (2 groups x 2 turns) are full."""
+    """One episode per env (the default): the first call of each pair of first turns wins at
+    once, the other takes 2 turns, so each group's second decode batch has 1 of its 2 envs."""
     spec = EnvSpec("hiper_envs:hiper/ChooseWord-v0", {"num_tasks": 8}, "task")
     prompt_cfg = PromptConfig(env="choose_word", max_steps=3, max_prompt_tokens=1024)
-    policy = ScriptedPolicy(lambda view: format_response(view.step == 0, "open the door",
-                                                         "say beta" if view.step == 0 else "say alpha"),
-                            tiny_tokenizer)
+    first_turns = []
+
+    def respond(view):
+        if view.step == 0:
+            first_turns.append(view)
+            return format_response(True, "open the door", "say alpha" if len(first_turns) % 2 else "say beta")
+        return format_response(False, "open the door", "say alpha")
+
     with Collector(spec, 4, prompt_cfg, tiny_tokenizer, TokenBytes(tiny_tokenizer), max_turns=3,
                    groups=2, envs_per_worker=2) as collector:
-        trajectories, stats = collector.run(policy, [0, 1, 2, 3], jax.random.key(0))
-    assert [t.num_turns for t in trajectories] == [2, 2, 2, 2] and stats.turns == 8
-    assert stats.active_fraction == 1.0
+        trajectories, stats = collector.run(ScriptedPolicy(respond, tiny_tokenizer), [0, 1, 2, 3],
+                                            jax.random.key(0))
+    assert [t.num_turns for t in trajectories] == [1, 2, 1, 2] and stats.turns == 6
+    assert stats.active_fraction == pytest.approx((1 + 1 + 0.5 + 0.5) / 4)
