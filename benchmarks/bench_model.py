@@ -10,6 +10,11 @@ returning all logits (jitted ``compute_logits`` vs ``model(input_ids)``). Decode
 generation of ``new`` tokens after a ``batch x prompt`` prompt, prefill included (jitted
 ``sampling.generate`` vs ``model.generate``); tokens/s counts generated tokens. Load: our
 streaming ``load_hf_checkpoint`` of a random checkpoint, peak memory growth vs the weights' size.
+Backward (JAX only): one jitted ``value_and_grad`` of the mean token log-prob (``forward`` +
+``token_logprobs``, as the PPO loss runs them) over ``batch x prompt`` tokens.
+``--compare DIR`` runs our side only, this checkout against the ``hiper_jax`` package in
+``DIR`` (e.g. an older checkout), in alternating processes, and prints min/median/max tokens/s
+of each side over the rounds.
 Timings are the best of ``--rounds`` interleaved processes per side, each timing ``--repeats``
 runs after one warm-up (compilation excluded and reported separately); the machine is shared,
 so the best run is the least disturbed one. Decode runs on both parameter layouts: stacked
@@ -150,6 +155,17 @@ def worker_jax(name: str, mode: str, repeats: int, threads: int, layout: str,
                              jnp.int32)
         run = lambda: qwen2.compute_logits(params, config, tokens).block_until_ready()
         count = prefill_batch * PROMPT_TOKENS
+    elif mode == "backward":
+        tokens = jnp.asarray(rng.integers(3, config.vocab_size, (prefill_batch, PROMPT_TOKENS)),
+                             jnp.int32)
+
+        def loss(p):
+            hidden, _ = qwen2.forward(p, config, tokens)
+            return jnp.mean(qwen2.token_logprobs(p, config, hidden[:, :-1], tokens[:, 1:]).logprobs)
+
+        step = jax.jit(jax.value_and_grad(loss))
+        run = lambda: jax.block_until_ready(step(params))
+        count = prefill_batch * PROMPT_TOKENS
     else:
         tokens = jnp.asarray(rng.integers(3, config.vocab_size,
                                           (decode_batch, DECODE_PROMPT_TOKENS)), jnp.int32)
@@ -192,15 +208,46 @@ def worker_load(path: str) -> dict:
                 largest_mib=max(per_tensor) / 2 ** 20)
 
 
-def _spawn(args: list[str], threads: int) -> dict:
+def _spawn(args: list[str], threads: int, package_dir: str = "") -> dict:
+    """Runs one worker in a fresh process; ``package_dir``: import ``hiper_jax`` from there."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
     env.pop("XLA_FLAGS", None)
+    if package_dir:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_dir, env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, __file__, "--worker", *args], env=env,
                           capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(args: argparse.Namespace) -> None:
+    """This checkout's model code against the one in ``args.compare``: alternating processes,
+    min / median / max over the rounds of each process's best-of-repeats tokens/s."""
+    import statistics
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sides = {"this": here, "other": os.path.abspath(args.compare)}
+    print(f"this: {here}\nother: {sides['other']}\nthreads={args.threads}, {args.rounds} "
+          f"alternating rounds x best of {args.repeats} runs; tokens/s min / median / max")
+    cases = [("prefill", "stacked"), ("decode", "stacked"), ("decode", "unstacked"),
+             ("backward", "stacked")]
+    for name in args.models:
+        for mode, layout in cases:
+            rates: dict[str, list[float]] = {side: [] for side in sides}
+            for _ in range(args.rounds):
+                for side, package_dir in sides.items():
+                    result = _spawn(["jax", name, mode, layout, "float32", "--repeats",
+                                     str(args.repeats)], args.threads, package_dir)
+                    if os.path.dirname(result["package"]) != package_dir:
+                        raise RuntimeError(f"{side} imported {result['package']}")
+                    rates[side].append(result["tokens_per_s"])
+            stats = {side: (min(r), statistics.median(r), max(r)) for side, r in rates.items()}
+            print(f"{name:6} {mode:8} {layout:9} "
+                  + "  ".join(f"{side} {lo:8.1f} {mid:8.1f} {hi:8.1f}"
+                              for side, (lo, mid, hi) in stats.items())
+                  + f"  median ratio {stats['this'][1] / stats['other'][1]:.3f}", flush=True)
 
 
 def main() -> None:
@@ -211,14 +258,19 @@ def main() -> None:
                         help="interleaved processes per side; the best one is reported")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument("--compare", metavar="DIR",
+                        help="JAX only: this checkout against the hiper_jax package in DIR")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         kind, *rest = args.worker
         if kind == "jax":
+            import hiper_jax
+
             name, mode, layout, dtype = rest
-            print(json.dumps(worker_jax(name, mode, args.repeats, args.threads, layout, dtype)))
+            result = worker_jax(name, mode, args.repeats, args.threads, layout, dtype)
+            print(json.dumps(dict(result, package=os.path.dirname(hiper_jax.__file__))))
         elif kind == "torch":
             name, mode = rest
             print(json.dumps(worker_torch(name, mode, args.repeats, args.threads)))
@@ -228,6 +280,9 @@ def main() -> None:
             print(json.dumps(worker_load(*rest)))
         return
 
+    if args.compare:
+        compare(args)
+        return
     print(f"threads={args.threads}, best of {args.rounds} rounds x {args.repeats} runs; "
           f"prefill {PROMPT_TOKENS} "
           f"tokens/row; decode {DECODE_PROMPT_TOKENS}-token prompt + {NEW_TOKENS} new, greedy")

@@ -1,5 +1,5 @@
-"""Models: the Qwen2/Qwen2.5 port (:mod:`.qwen2`), critic value heads (:mod:`.value_heads`) and
-the logical-axis sharding rules shared by both (:mod:`.sharding`)."""
+"""Models: the Qwen2/Qwen2.5 port (:mod:`.qwen2`) and the critic (:mod:`.value_heads`) as Flax NNX
+modules, and the logical-axis sharding rules that place their parameters (:mod:`.sharding`)."""
 
 from hiper_jax.models import qwen2, sharding, value_heads
 from hiper_jax.models.qwen2 import Qwen2Config, param_shardings

@@ -1,6 +1,7 @@
 """The JAX Qwen2 port against transformers' PyTorch Qwen2 (fp32, CPU)."""
 
 import jax
+from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -41,6 +42,11 @@ def test_logits_match_transformers(reference):
     assert ours.shape == (2, 13, config.vocab_size)
     assert expected.std() > 0.5, "reference logits too flat to catch mapping errors"
     np.testing.assert_allclose(ours, expected, atol=TOLERANCE, rtol=0)
+    # The same through the NNX module itself, called eagerly.
+    module = qwen2.as_module(params, config)
+    hidden, _ = module(jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(module.logits(hidden)), expected, atol=TOLERANCE,
+                               rtol=0)
 
 
 def test_left_padded_batch_matches_transformers(reference):
@@ -167,3 +173,27 @@ def test_init_params_match_specs():
     assert "lm_head" not in params
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
     assert qwen2.count_params(config) == sum(x.size for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_module_state_is_the_parameter_tree(stacked):
+    config = qwen2.Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=24,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = qwen2.Qwen2ForCausalLM(config, rngs=nnx.Rngs(3), stacked=stacked)
+    params = qwen2.module_params(model)
+    assert jax.tree.map(lambda x: x.shape, params) == qwen2.param_shapes(config, stacked)
+    assert isinstance(params["layers"], dict if stacked else list)
+    # Logical axes live on the module's parameters.
+    q = model.layers.self_attn.q_proj if stacked else model.layers[1].self_attn.q_proj
+    assert q.kernel.get_metadata()["out_sharding"] == (
+        ("layers",) if stacked else ()) + ("embed", "heads", "head_dim")
+    assert qwen2.param_axes(config, stacked)["lm_head"]["kernel"] == ("embed", "vocab")
+    tokens = jnp.asarray(_random_tokens(config.vocab_size, (2, 6), seed=2))
+    hidden, _ = model(tokens)
+    np.testing.assert_allclose(model.logits(hidden),  # eager vs jitted: rounding only
+                               qwen2.compute_logits(params, config, tokens), atol=1e-6)
+    # as_module rebuilds the same module over the tree, and module_params takes it back apart.
+    rebuilt = qwen2.module_params(qwen2.as_module(params, config))
+    jax.tree.map(np.testing.assert_array_equal, rebuilt, params)
+    backbone = qwen2.as_module(params, config, qwen2.Qwen2Model)
+    assert "lm_head" not in qwen2.module_params(backbone)

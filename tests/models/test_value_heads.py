@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from hiper_jax.models import qwen2, sharding, value_heads
 
@@ -45,3 +46,20 @@ def test_separate_and_shared_critics():
                                   (value_heads.CriticConfig(shared_backbone=True), shared)):
         shardings = value_heads.critic_param_shardings(CONFIG, critic_config, mesh)
         assert jax.tree.structure(shardings) == jax.tree.structure(params)
+
+
+def test_critic_module_state_is_the_critic_tree():
+    for shared in (False, True):
+        critic_config = value_heads.CriticConfig(shared_backbone=shared)
+        module = value_heads.Critic(CONFIG, critic_config, rngs=nnx.Rngs(0))
+        params = qwen2.module_params(module)
+        policy = qwen2.init_params(jax.random.key(0), CONFIG)
+        assert (jax.tree.structure(params)
+                == jax.tree.structure(value_heads.init_critic(jax.random.key(1), CONFIG, policy,
+                                                              critic_config)))
+        assert module.heads.kernel.get_metadata()["out_sharding"] == ("embed", "value_heads")
+        tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, CONFIG.vocab_size)
+        hidden = None if not shared else jax.random.normal(jax.random.key(2), (2, 7, 16))
+        np.testing.assert_allclose(module(tokens, policy_hidden=hidden),
+                                   value_heads.critic_values(params, CONFIG, tokens,
+                                                             policy_hidden=hidden), atol=1e-6)

@@ -1,9 +1,13 @@
-"""Qwen2 / Qwen2.5 causal LM in JAX: config, functional model, HF checkpoint load/save.
+"""Qwen2 / Qwen2.5 causal LM in JAX: config, Flax NNX modules with pure entry points over their
+parameter tree, HF checkpoint load/save.
 
     from hiper_jax.models import qwen2
     config, params = qwen2.load_hf_checkpoint(path, dtype=jnp.float32)
     logits = qwen2.compute_logits(params, config, tokens)     # [B, L] -> [B, L, V]
     qwen2.save_hf_checkpoint(params, config, out_dir)
+
+    model = qwen2.as_module(params, config)                   # the Flax NNX module over them
+    hidden, _ = model(tokens); logits = model.logits(hidden)
 """
 
 from hiper_jax.models.qwen2.checkpoint import (
@@ -15,16 +19,21 @@ from hiper_jax.models.qwen2.config import ConfigFileError, Qwen2Config, Unsuppor
 from hiper_jax.models.qwen2.model import (
     CACHE_AXES,
     AllowedTokens,
+    Dense,
     KVCache,
     ParamSpec,
     Params,
+    Qwen2ForCausalLM,
+    Qwen2Model,
     TokenStats,
+    as_module,
     compute_logits,
     count_params,
     forward,
     init_cache,
     init_params,
     lm_head,
+    module_params,
     param_axes,
     param_shapes,
     param_shardings,
@@ -36,8 +45,9 @@ from hiper_jax.models.qwen2.model import (
 )
 
 __all__ = [
-    "AllowedTokens", "CACHE_AXES", "CheckpointError", "ConfigFileError", "KVCache", "ParamSpec", "Params",
-    "Qwen2Config",
+    "AllowedTokens", "CACHE_AXES", "CheckpointError", "ConfigFileError", "Dense", "KVCache",
+    "ParamSpec", "Params", "Qwen2Config", "Qwen2ForCausalLM", "Qwen2Model", "as_module",
+    "module_params",
     "TokenStats", "UnsupportedConfigError", "compute_logits", "count_params", "forward",
     "init_cache", "init_params", "lm_head", "load_hf_checkpoint", "param_axes", "param_shapes",
     "param_shardings", "param_specs", "positions_from_segments", "save_hf_checkpoint",

@@ -3,9 +3,11 @@
 The name map is one small table (:func:`_tensor_map`): each HF tensor has a path in our tree,
 the HF shape, and a pair of layout conversions (HF linear weights are ``[out, in]``; ours are
 ``[in, heads, head_dim]`` etc.). Loading checks every name and shape against the config before
-reading any data, then streams tensor by tensor: read, convert, cast, place on its sharding, and
-write into the stacked layer array in place, so peak memory stays near one model copy plus one
-tensor.
+reading any data, then streams tensor by tensor into the parameter tree of the module (the
+state of :class:`~hiper_jax.models.qwen2.model.Qwen2ForCausalLM`, whose shardings come from the
+logical axes on the abstract module's parameters; no module is built with data): read, convert,
+cast, place on its sharding, and write into the stacked layer array in place, so peak memory
+stays near one model copy plus one tensor.
 """
 
 from __future__ import annotations

@@ -1,4 +1,16 @@
-"""Qwen2 / Qwen2.5 decoder in plain JAX: parameters are a nested dict of arrays.
+"""Qwen2 / Qwen2.5 decoder as Flax NNX modules, run through pure functions of a parameter tree.
+
+The architecture lives in modules (:class:`Qwen2ForCausalLM`, :class:`Qwen2Model` without the
+head, their :class:`DecoderLayer`, :class:`Attention`, :class:`MLP`, :class:`Dense`, ...), and
+each ``nnx.Param`` carries its logical axis names as ``out_sharding`` metadata, which
+:func:`param_shardings` maps onto a mesh through the rules of :mod:`hiper_jax.models.sharding`.
+The rest of the package (sampler, PPO, optimizer, orbax checkpoints) holds the parameters as a
+plain nested dict: the module's ``nnx.Param`` state as a pure dict (:func:`module_params`). The
+pure entry points (:func:`forward`, :func:`compute_logits`, :func:`token_logprobs`) take that
+tree and rebuild the module inside jit with ``nnx.merge`` of a cached graph definition
+(:func:`as_module`): the split/merge pattern, chosen over ``nnx.jit`` on module arguments
+because optax, orbax, ``jax.grad`` and the sharding code all work on the tree unchanged, and
+merging costs nothing once traced (the compiled program is the one the plain-JAX port had).
 
 Layer parameters come in two layouts, and every function here accepts both:
 
@@ -38,11 +50,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from flax import nnx
 from jax.sharding import Mesh
 
 from hiper_jax.models import sharding
@@ -55,129 +68,10 @@ _MASKED = -1e30  # finite, so fully masked (padding) rows give a uniform softmax
 
 
 class ParamSpec(NamedTuple):
-    """Shape, logical axis names and initializer ("normal", "zeros" or "ones") of one parameter."""
+    """Shape and logical axis names of one parameter (read from the module's metadata)."""
 
     shape: tuple[int, ...]
     axes: sharding.LogicalAxes
-    init: str
-
-
-def param_specs(config: Qwen2Config) -> dict[str, Any]:
-    """The parameter tree of ``config`` described as :class:`ParamSpec` leaves."""
-    n, e, m, v = (config.num_hidden_layers, config.hidden_size, config.intermediate_size,
-                  config.vocab_size)
-    h, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-
-    def proj(heads: int, heads_axis: str) -> dict[str, ParamSpec]:
-        return {
-            "kernel": ParamSpec((n, e, heads, d), ("layers", "embed", heads_axis, "head_dim"),
-                                "normal"),
-            "bias": ParamSpec((n, heads, d), ("layers", heads_axis, "head_dim"), "zeros"),
-        }
-
-    specs: dict[str, Any] = {
-        "embed_tokens": {"embedding": ParamSpec((v, e), ("vocab", "embed"), "normal")},
-        "layers": {
-            "input_layernorm": {"scale": ParamSpec((n, e), ("layers", "embed"), "ones")},
-            "self_attn": {
-                "q_proj": proj(h, "heads"),
-                "k_proj": proj(kv, "kv_heads"),
-                "v_proj": proj(kv, "kv_heads"),
-                "o_proj": {"kernel": ParamSpec(
-                    (n, h, d, e), ("layers", "heads", "head_dim", "embed"), "normal")},
-            },
-            "post_attention_layernorm": {"scale": ParamSpec((n, e), ("layers", "embed"), "ones")},
-            "mlp": {
-                "gate_proj": {"kernel": ParamSpec((n, e, m), ("layers", "embed", "mlp"), "normal")},
-                "up_proj": {"kernel": ParamSpec((n, e, m), ("layers", "embed", "mlp"), "normal")},
-                "down_proj": {"kernel": ParamSpec((n, m, e), ("layers", "mlp", "embed"), "normal")},
-            },
-        },
-        "norm": {"scale": ParamSpec((e,), ("embed",), "ones")},
-    }
-    if not config.tie_word_embeddings:
-        specs["lm_head"] = {"kernel": ParamSpec((e, v), ("embed", "vocab"), "normal")}
-    return specs
-
-
-def _spec_leaves(fn, config: Qwen2Config) -> Any:
-    return jax.tree.map(fn, param_specs(config), is_leaf=lambda x: isinstance(x, ParamSpec))
-
-
-def param_axes(config: Qwen2Config, stacked: bool = True) -> Any:
-    """The parameter tree with each leaf replaced by its logical axis names."""
-    axes = _spec_leaves(lambda s: s.axes, config)
-    return axes if stacked else _unstack_tree(axes, config, lambda a: a[1:])
-
-
-def param_shapes(config: Qwen2Config, stacked: bool = True) -> Any:
-    """The parameter tree with each leaf replaced by its shape."""
-    shapes = _spec_leaves(lambda s: s.shape, config)
-    return shapes if stacked else _unstack_tree(shapes, config, lambda a: a[1:])
-
-
-def param_shardings(config: Qwen2Config, mesh: Mesh,
-                    rules: sharding.AxisRules = sharding.DEFAULT_RULES,
-                    stacked: bool = True) -> Any:
-    """NamedShardings of every parameter on ``mesh`` under ``rules`` (same tree as the params)."""
-    return sharding.named_shardings(param_axes(config, stacked), param_shapes(config, stacked),
-                                    mesh, rules)
-
-
-def _unstack_tree(tree: Any, config: Qwen2Config, per_layer) -> Any:
-    """Replaces the stacked ``layers`` subtree of axes/shapes by a list of per-layer subtrees."""
-    layer = jax.tree.map(per_layer, tree["layers"], is_leaf=lambda x: isinstance(x, tuple))
-    return dict(tree, layers=[layer] * config.num_hidden_layers)
-
-
-def unstack_layers(params: Params, dtype: Optional[jnp.dtype] = None) -> Params:
-    """Stacked -> unstacked layout (optionally cast, e.g. fp32 master weights to bf16 for
-    sampling). Makes a copy; jit it with ``out_shardings`` to place the result on a mesh."""
-    cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
-    stacked = params["layers"]
-    num_layers = jax.tree.leaves(stacked)[0].shape[0]
-    layers = [jax.tree.map(lambda x: cast(x[i]), stacked) for i in range(num_layers)]
-    rest = {k: jax.tree.map(cast, v) for k, v in params.items() if k != "layers"}
-    return dict(rest, layers=layers)
-
-
-def stack_layers(params: Params) -> Params:
-    """Unstacked -> stacked layout (the inverse of :func:`unstack_layers`)."""
-    return dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"]))
-
-
-def count_params(config: Qwen2Config) -> int:
-    """Number of parameters of the model (tied embeddings counted once)."""
-    return sum(math.prod(s.shape) for s in jax.tree.leaves(
-        param_specs(config), is_leaf=lambda x: isinstance(x, ParamSpec)))
-
-
-def init_params(key: Array, config: Qwen2Config, mesh: Optional[Mesh] = None,
-                rules: sharding.AxisRules = sharding.DEFAULT_RULES) -> Params:
-    """Random parameters (normal(0, initializer_range) weights, zero biases, unit norms) in
-    ``config.param_dtype``; created directly on their shardings when a mesh is given.
-
-    One parameter at a time, so peak memory is the model plus one parameter's temporaries.
-    """
-    specs = param_specs(config)
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
-    targets = ([None] * len(leaves) if mesh is None
-               else jax.tree.leaves(param_shardings(config, mesh, rules)))
-    keys = jax.random.split(key, len(leaves))
-    arrays = [_leaf_initializer(spec, config.initializer_range, config.param_dtype, target)(k)
-              for k, spec, target in zip(keys, leaves, targets)]
-    return jax.tree.unflatten(treedef, arrays)
-
-
-@functools.lru_cache(maxsize=None)
-def _leaf_initializer(spec: ParamSpec, scale: float, dtype: str, target: Any):
-    """A jitted ``key -> array`` for one parameter (cached: layers share shapes)."""
-    def create(key: Array) -> Array:
-        if spec.init == "normal":
-            return (scale * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
-        return jnp.full(spec.shape, 1.0 if spec.init == "ones" else 0.0, dtype)
-
-    return jax.jit(create, out_shardings=target)
 
 
 class KVCache(NamedTuple):
@@ -287,27 +181,365 @@ def _dense(x: Array, kernel: Array, preferred_element_type=None) -> Array:
     return flat.reshape(lead + out_shape)
 
 
-def _mlp(x: Array, p: Params) -> Array:
+def _param(rngs: nnx.Rngs, config: Qwen2Config, shape: tuple[int, ...],
+           axes: sharding.LogicalAxes, init: str) -> nnx.Param:
+    """One parameter in ``config.param_dtype``: ``init`` is "normal" (normal(0,
+    initializer_range)), "zeros" or "ones"; ``axes`` (logical names) become its ``out_sharding``
+    metadata, which :func:`param_shardings` maps onto a mesh (never sharded at creation: the
+    jitted :func:`init_params` and the loader place every array themselves)."""
+    dtype = jnp.dtype(config.param_dtype)
+    if init == "normal":
+        value = (config.initializer_range
+                 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    else:
+        value = jnp.full(shape, 1.0 if init == "ones" else 0.0, dtype)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def _layer_axes(lead: tuple[int, ...]) -> sharding.LogicalAxes:
+    return ("layers",) * len(lead)
+
+
+class Embed(nnx.Module):
+    """Token embedding ``embedding [V, E]``; also the output head of tied models."""
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
+        self.embedding = _param(rngs, config, (config.vocab_size, config.hidden_size),
+                                ("vocab", "embed"), "normal")
+
+    def __call__(self, tokens: Array, dtype: jnp.dtype) -> Array:
+        """``tokens [B, L]`` -> ``[B, L, E]`` in ``dtype``."""
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned ``scale [*lead, E]``."""
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs, lead: tuple[int, ...] = ()):
+        self.scale = _param(rngs, config, lead + (config.hidden_size,),
+                            _layer_axes(lead) + ("embed",), "ones")
+        self.eps = config.rms_norm_eps
+
+    def __call__(self, x: Array) -> Array:
+        return _rms_norm(x, self.scale[...], self.eps)
+
+
+class Dense(nnx.Module):
+    """A projection whose input and output may span several axes: ``kernel [*lead, *I, *O]``,
+    optional ``bias [*lead, *O]`` (``lead`` is the stacked-layer axis, if any).
+
+    It runs as one 2-D matmul on flattened rows and flattened ``I`` (see :func:`_dense`).
+    Flattening ``(heads, head_dim)`` of o_proj's input too matters: contracting them as two
+    axes makes XLA transpose the whole kernel on every call instead of the small activation.
+    """
+
+    def __init__(self, config: Qwen2Config, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                 in_axes: sharding.LogicalAxes, out_axes: sharding.LogicalAxes, *,
+                 rngs: nnx.Rngs, bias: bool = False, lead: tuple[int, ...] = ()):
+        self.kernel = _param(rngs, config, lead + in_shape + out_shape,
+                             _layer_axes(lead) + in_axes + out_axes, "normal")
+        self.bias = (_param(rngs, config, lead + out_shape, _layer_axes(lead) + out_axes, "zeros")
+                     if bias else None)
+        self.in_dims = len(in_shape)
+
+    def __call__(self, x: Array) -> Array:
+        """``x [..., *I]`` -> ``[..., *O]`` in ``x.dtype``."""
+        kernel = self.kernel[...].astype(x.dtype)
+        in_shape, out_shape = kernel.shape[:self.in_dims], kernel.shape[self.in_dims:]
+        width = math.prod(in_shape)
+        flat_in = x if self.in_dims == 1 else x.reshape(x.shape[:-self.in_dims] + (width,))
+        y = _dense(flat_in, kernel if self.in_dims == 1 else kernel.reshape((width,) + out_shape))
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE and biased q/k/v projections."""
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs, lead: tuple[int, ...] = ()):
+        e, h, kv, d = (config.hidden_size, config.num_attention_heads,
+                       config.num_key_value_heads, config.head_dim)
+        self.q_proj = Dense(config, (e,), (h, d), ("embed",), ("heads", "head_dim"), rngs=rngs,
+                            bias=True, lead=lead)
+        self.k_proj = Dense(config, (e,), (kv, d), ("embed",), ("kv_heads", "head_dim"),
+                            rngs=rngs, bias=True, lead=lead)
+        self.v_proj = Dense(config, (e,), (kv, d), ("embed",), ("kv_heads", "head_dim"),
+                            rngs=rngs, bias=True, lead=lead)
+        self.o_proj = Dense(config, (h, d), (e,), ("heads", "head_dim"), ("embed",), rngs=rngs,
+                            lead=lead)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+                 cache: Optional[tuple[Array, Array, Any, Array]] = None
+                 ) -> tuple[Array, Optional[Array], Optional[Array]]:
+        """``x [B, L, E]`` -> ``([B, L, E]``, updated cache keys, values).
+
+        ``cos, sin [B, L, 1, D/2]`` (:func:`_rope_tables`), ``mask [B, L, S]``; ``cache`` is
+        ``(k, v, layer_index, slot)`` with the stacked ``k, v [layers, B, KV, S, D]``: this
+        layer's keys and values are written from ``slot`` on and attention reads all ``S``.
+        """
+        dtype = x.dtype
+        q = _apply_rope(self.q_proj(x), cos, sin)
+        k = _apply_rope(self.k_proj(x), cos, sin).swapaxes(1, 2)
+        v = self.v_proj(x).swapaxes(1, 2)
+        kv_axes = ("batch", "kv_heads", "length", "head_dim")
+        q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"))
+        k, v = sharding.constrain(k, kv_axes), sharding.constrain(v, kv_axes)
+        cache_k = cache_v = None
+        if cache is not None:
+            cache_k, cache_v, layer_index, slot = cache
+            start = (layer_index, 0, 0, slot, 0)
+            cache_k = lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], start)
+            cache_v = lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], start)
+            k = cache_k[layer_index].astype(dtype)
+            v = cache_v[layer_index].astype(dtype)
+        attn = _attention(q, k, v, mask)
+        return self.o_proj(attn), cache_k, cache_v
+
+
+class MLP(nnx.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
-    dtype = x.dtype
-    gate = _dense(x, p["gate_proj"]["kernel"].astype(dtype))
-    up = _dense(x, p["up_proj"]["kernel"].astype(dtype))
-    hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    return _dense(hidden, p["down_proj"]["kernel"].astype(dtype))
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs, lead: tuple[int, ...] = ()):
+        e, m = config.hidden_size, config.intermediate_size
+        self.gate_proj = Dense(config, (e,), (m,), ("embed",), ("mlp",), rngs=rngs, lead=lead)
+        self.up_proj = Dense(config, (e,), (m,), ("embed",), ("mlp",), rngs=rngs, lead=lead)
+        self.down_proj = Dense(config, (m,), (e,), ("mlp",), ("embed",), rngs=rngs, lead=lead)
+
+    def __call__(self, x: Array) -> Array:
+        hidden = sharding.constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x),
+                                    ("batch", "length", "mlp"))
+        return self.down_proj(hidden)
 
 
-def _qkv(x: Array, p: Params, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
-    """Projections with RoPE: ``q [B, L, H, D]``, head-major ``k, v [B, KV, L, D]``."""
-    def project(name: str) -> Array:
-        kernel, bias = p[name]["kernel"].astype(x.dtype), p[name]["bias"].astype(x.dtype)
-        return _dense(x, kernel) + bias
+class DecoderLayer(nnx.Module):
+    """One pre-norm decoder block; with ``lead=(N,)`` it holds all ``N`` layers stacked."""
 
-    q = _apply_rope(project("q_proj"), cos, sin)
-    k = _apply_rope(project("k_proj"), cos, sin).swapaxes(1, 2)
-    v = project("v_proj").swapaxes(1, 2)
-    kv_axes = ("batch", "kv_heads", "length", "head_dim")
-    return (sharding.constrain(q, ("batch", "length", "heads", "head_dim")),
-            sharding.constrain(k, kv_axes), sharding.constrain(v, kv_axes))
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs, lead: tuple[int, ...] = ()):
+        self.input_layernorm = RMSNorm(config, rngs=rngs, lead=lead)
+        self.self_attn = Attention(config, rngs=rngs, lead=lead)
+        self.post_attention_layernorm = RMSNorm(config, rngs=rngs, lead=lead)
+        self.mlp = MLP(config, rngs=rngs, lead=lead)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+                 cache: Optional[tuple[Array, Array, Any, Array]] = None
+                 ) -> tuple[Array, Optional[Array], Optional[Array]]:
+        """``x [B, L, E]`` -> ``([B, L, E]``, cache keys, values); see :meth:`Attention.__call__`."""
+        attn, cache_k, cache_v = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return sharding.constrain(x, ("batch", "length", "embed")), cache_k, cache_v
+
+
+class Qwen2Model(nnx.Module):
+    """The decoder without its output head (what a separate critic runs on).
+
+    ``stacked=True`` (the default) holds the layers as one :class:`DecoderLayer` with a leading
+    ``layers`` axis, run by ``lax.scan``; ``stacked=False`` as an ``nnx.List`` of layers, run
+    unrolled (see the module docstring).
+    """
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs, stacked: bool = True):
+        self.config = config
+        self.embed_tokens = Embed(config, rngs=rngs)
+        n = config.num_hidden_layers
+        self.layers = (DecoderLayer(config, rngs=rngs, lead=(n,)) if stacked
+                       else nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(n)]))
+        self.norm = RMSNorm(config, rngs=rngs)
+
+    def __call__(self, tokens: Array, *, segment_ids: Optional[Array] = None,
+                 positions: Optional[Array] = None, cache: Optional[KVCache] = None,
+                 remat: bool = False) -> tuple[Array, Optional[KVCache]]:
+        """``tokens [B, L]`` -> (final normed hidden states ``[B, L, E]``, cache); see
+        :func:`forward`."""
+        config = self.config
+        batch, length = tokens.shape
+        dtype = jnp.dtype(config.compute_dtype)
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        segment_ids = segment_ids.astype(jnp.int32)
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+            if cache is not None:
+                positions = positions + jnp.sum(cache.segment_ids != 0, axis=1, keepdims=True)
+        cos, sin = _rope_tables(positions, config.head_dim, config.rope_theta)
+
+        if cache is None:
+            query_slots = key_slots = jnp.arange(length)
+            key_segments = segment_ids
+        else:
+            query_slots = cache.index + jnp.arange(length)
+            key_slots = jnp.arange(cache.segment_ids.shape[1])
+            key_segments = lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids,
+                                                           cache.index, axis=1)
+        mask = ((key_slots[None, None, :] <= query_slots[None, :, None])
+                & (key_segments[:, None, :] == segment_ids[:, :, None]))
+
+        x = sharding.constrain(self.embed_tokens(tokens, dtype), ("batch", "length", "embed"))
+
+        def layer_step(graphdef: nnx.GraphDef) -> Callable:
+            # Pure in (carry, (layer state, index)): the scan slices the stacked state and each
+            # step rebuilds one layer's module from its slice.
+            def step(carry: tuple, layer_in: tuple) -> tuple:
+                x, cache_k, cache_v = carry
+                state, layer_index = layer_in
+                layer_cache = None if cache_k is None else (cache_k, cache_v, layer_index,
+                                                            cache.index)
+                return nnx.merge(graphdef, state)(x, cos, sin, mask, layer_cache), None
+            return jax.checkpoint(step, prevent_cse=False) if remat else step
+
+        carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
+        if isinstance(self.layers, DecoderLayer):
+            graphdef, state = nnx.split(self.layers)
+            carry, _ = lax.scan(layer_step(graphdef), carry,
+                                (state, jnp.arange(config.num_hidden_layers)))
+        else:
+            for index, layer in enumerate(self.layers):
+                graphdef, state = nnx.split(layer)
+                carry, _ = layer_step(graphdef)(carry, (state, index))
+        x, cache_k, cache_v = carry
+        hidden = self.norm(x)
+        if cache is None:
+            return hidden, None
+        return hidden, KVCache(cache_k, cache_v, key_segments, cache.index + length)
+
+
+class Qwen2ForCausalLM(Qwen2Model):
+    """The decoder plus its output head: ``lm_head.kernel [E, V]`` for untied models, the
+    embedding for tied ones."""
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs, stacked: bool = True):
+        super().__init__(config, rngs=rngs, stacked=stacked)
+        self.lm_head = (None if config.tie_word_embeddings else
+                        Dense(config, (config.hidden_size,), (config.vocab_size,), ("embed",),
+                              ("vocab",), rngs=rngs))
+
+    def logits(self, hidden: Array) -> Array:
+        """Logits ``[..., V]`` in float32 from hidden states ``[..., E]``."""
+        hidden = hidden.astype(jnp.dtype(self.config.compute_dtype))
+        if self.lm_head is None:
+            weight = self.embed_tokens.embedding[...].astype(hidden.dtype).T
+        else:
+            weight = self.lm_head.kernel[...].astype(hidden.dtype)
+        return _dense(hidden, weight, preferred_element_type=jnp.float32)
+
+
+# Modules <-> parameter trees. A module's state as a pure dict (``nnx.to_pure_dict``) is the
+# parameter tree of the module docstring, except that an ``nnx.List`` of layers becomes a dict
+# keyed 0, 1, ...: the conversions below turn it into the plain list the unstacked layout uses.
+
+def abstract_specs(create: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, Params]:
+    """Graph definition and parameter tree of :class:`ParamSpec` (shape, logical axes from each
+    ``nnx.Param``'s ``out_sharding``) of the module ``create()`` builds, without any data."""
+    module = nnx.eval_shape(create)
+    specs: Params = {}
+    for path, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Param):
+            _set_path(specs, path, ParamSpec(tuple(node.shape), node.get_metadata()["out_sharding"]))
+    return nnx.split(module)[0], _lists(specs)
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract(cls: type, config: Qwen2Config, stacked: bool) -> tuple[nnx.GraphDef, Params]:
+    """:func:`abstract_specs` of ``cls(config)``, cached."""
+    return abstract_specs(lambda: cls(config, rngs=nnx.Rngs(0), stacked=stacked))
+
+
+def _set_path(tree: Params, path: tuple, value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _lists(tree: Any) -> Any:
+    """A pure-dict module state with its ``layers`` dict ``{0: ..., 1: ...}`` as a list."""
+    if isinstance(tree, dict) and isinstance(tree.get("layers"), dict) \
+            and all(isinstance(k, int) for k in tree["layers"]):
+        layers = tree["layers"]
+        return dict(tree, layers=[layers[i] for i in range(len(layers))])
+    return tree
+
+
+def module_params(module: nnx.Module) -> Params:
+    """The parameter tree of a model module (its ``nnx.Param`` state as plain nested dicts)."""
+    return _lists(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+
+
+def as_module(params: Params, config: Qwen2Config, cls: type = Qwen2ForCausalLM) -> nnx.Module:
+    """The module ``cls`` (:class:`Qwen2ForCausalLM` or :class:`Qwen2Model`) over ``params``
+    (stacked or unstacked; a :class:`Qwen2Model` ignores ``lm_head``). Cheap: ``nnx.merge`` of a
+    cached graph definition with the given arrays, so pure functions call it inside jit."""
+    stacked = not isinstance(params["layers"], (list, tuple))
+    graphdef, specs = _abstract(cls, config, stacked)
+    tree = {name: params[name] for name in specs}
+    if not stacked:
+        tree["layers"] = dict(enumerate(tree["layers"]))
+    return nnx.merge(graphdef, tree)
+
+
+def param_specs(config: Qwen2Config, stacked: bool = True) -> dict[str, Any]:
+    """The parameter tree of ``config`` with :class:`ParamSpec` leaves (shape, logical axes),
+    read from the abstract :class:`Qwen2ForCausalLM`."""
+    return _abstract(Qwen2ForCausalLM, config, stacked)[1]
+
+
+def _spec_leaves(fn, config: Qwen2Config, stacked: bool) -> Any:
+    return jax.tree.map(fn, param_specs(config, stacked),
+                        is_leaf=lambda x: isinstance(x, ParamSpec))
+
+
+def param_axes(config: Qwen2Config, stacked: bool = True) -> Any:
+    """The parameter tree with each leaf replaced by its logical axis names."""
+    return _spec_leaves(lambda s: s.axes, config, stacked)
+
+
+def param_shapes(config: Qwen2Config, stacked: bool = True) -> Any:
+    """The parameter tree with each leaf replaced by its shape."""
+    return _spec_leaves(lambda s: s.shape, config, stacked)
+
+
+def param_shardings(config: Qwen2Config, mesh: Mesh,
+                    rules: sharding.AxisRules = sharding.DEFAULT_RULES,
+                    stacked: bool = True) -> Any:
+    """NamedShardings of every parameter on ``mesh`` under ``rules`` (same tree as the params)."""
+    return sharding.named_shardings(param_axes(config, stacked), param_shapes(config, stacked),
+                                    mesh, rules)
+
+
+def unstack_layers(params: Params, dtype: Optional[jnp.dtype] = None) -> Params:
+    """Stacked -> unstacked layout (optionally cast, e.g. fp32 master weights to bf16 for
+    sampling). Makes a copy; jit it with ``out_shardings`` to place the result on a mesh."""
+    cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
+    stacked = params["layers"]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    layers = [jax.tree.map(lambda x: cast(x[i]), stacked) for i in range(num_layers)]
+    rest = {k: jax.tree.map(cast, v) for k, v in params.items() if k != "layers"}
+    return dict(rest, layers=layers)
+
+
+def stack_layers(params: Params) -> Params:
+    """Unstacked -> stacked layout (the inverse of :func:`unstack_layers`)."""
+    return dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"]))
+
+
+def count_params(config: Qwen2Config) -> int:
+    """Number of parameters of the model (tied embeddings counted once)."""
+    return sum(math.prod(s.shape) for s in jax.tree.leaves(
+        param_specs(config), is_leaf=lambda x: isinstance(x, ParamSpec)))
+
+
+def init_params(key: Array, config: Qwen2Config, mesh: Optional[Mesh] = None,
+                rules: sharding.AxisRules = sharding.DEFAULT_RULES) -> Params:
+    """Random parameters (normal(0, initializer_range) weights, zero biases, unit norms) in
+    ``config.param_dtype``: a fresh :class:`Qwen2ForCausalLM`'s state, created by one jitted
+    function directly on its shardings when a mesh is given (never whole on one device)."""
+    return _initializer(config, mesh, tuple(rules))(key)
+
+
+@functools.lru_cache(maxsize=None)
+def _initializer(config: Qwen2Config, mesh: Optional[Mesh], rules: sharding.AxisRules):
+    """The jitted ``key -> params`` of :func:`init_params` (cached per config and placement)."""
+    targets = None if mesh is None else param_shardings(config, mesh, rules)
+    return jax.jit(lambda key: module_params(Qwen2ForCausalLM(config, rngs=nnx.Rngs(key))),
+                   out_shardings=targets)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "remat"))
@@ -318,7 +550,8 @@ def forward(params: Params, config: Qwen2Config, tokens: Array, *,
     """Runs the decoder: ``tokens [B, L]`` -> final (normed) hidden states ``[B, L, E]``.
 
     Args:
-        params: parameter tree, stacked or unstacked (see module docstring).
+        params: parameter tree, stacked or unstacked (see module docstring); ``lm_head`` is
+            not read (a critic backbone has none).
         config: the architecture (static).
         tokens: ``[B, L]`` int token ids.
         segment_ids: ``[B, L]`` int, 0 for padding (see module docstring); default all ones.
@@ -331,76 +564,13 @@ def forward(params: Params, config: Qwen2Config, tokens: Array, *,
     Returns:
         ``(hidden [B, L, E]`` in the compute dtype, updated cache or None).
     """
-    batch, length = tokens.shape
-    dtype = jnp.dtype(config.compute_dtype)
-    if segment_ids is None:
-        segment_ids = jnp.ones((batch, length), jnp.int32)
-    segment_ids = segment_ids.astype(jnp.int32)
-    if positions is None:
-        positions = positions_from_segments(segment_ids)
-        if cache is not None:
-            positions = positions + jnp.sum(cache.segment_ids != 0, axis=1, keepdims=True)
-    cos, sin = _rope_tables(positions, config.head_dim, config.rope_theta)
-
-    if cache is None:
-        query_slots = key_slots = jnp.arange(length)
-        key_segments = segment_ids
-    else:
-        query_slots = cache.index + jnp.arange(length)
-        key_slots = jnp.arange(cache.segment_ids.shape[1])
-        key_segments = lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids,
-                                                       cache.index, axis=1)
-    mask = ((key_slots[None, None, :] <= query_slots[None, :, None])
-            & (key_segments[:, None, :] == segment_ids[:, :, None]))
-
-    x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0).astype(dtype)
-    x = sharding.constrain(x, ("batch", "length", "embed"))
-
-    def layer(carry: tuple, layer_in: tuple) -> tuple:
-        x, cache_k, cache_v = carry
-        p, layer_index = layer_in
-        attn_in = _rms_norm(x, p["input_layernorm"]["scale"], config.rms_norm_eps)
-        q, k, v = _qkv(attn_in, p["self_attn"], cos, sin)
-        if cache_k is not None:
-            start = (layer_index, 0, 0, cache.index, 0)
-            cache_k = lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], start)
-            cache_v = lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], start)
-            k = cache_k[layer_index].astype(dtype)
-            v = cache_v[layer_index].astype(dtype)
-        # Flattened to [B, L, H * D] first: contracting (h, d) as two axes makes XLA transpose
-        # the whole o_proj kernel on every call instead of the small activation.
-        attn = _attention(q, k, v, mask)
-        o_kernel = p["self_attn"]["o_proj"]["kernel"].astype(dtype)
-        attn = _dense(attn.reshape(attn.shape[:2] + (-1,)), o_kernel.reshape(-1, o_kernel.shape[-1]))
-        x = x + attn
-        mlp_in = _rms_norm(x, p["post_attention_layernorm"]["scale"], config.rms_norm_eps)
-        x = sharding.constrain(x + _mlp(mlp_in, p["mlp"]), ("batch", "length", "embed"))
-        return (x, cache_k, cache_v), None
-
-    if remat:
-        layer = jax.checkpoint(layer, prevent_cse=False)
-    carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
-    if isinstance(params["layers"], (list, tuple)):
-        for index, layer_params in enumerate(params["layers"]):
-            carry, _ = layer(carry, (layer_params, index))
-        x, cache_k, cache_v = carry
-    else:
-        (x, cache_k, cache_v), _ = lax.scan(
-            layer, carry, (params["layers"], jnp.arange(config.num_hidden_layers)))
-    hidden = _rms_norm(x, params["norm"]["scale"], config.rms_norm_eps)
-    if cache is None:
-        return hidden, None
-    return hidden, KVCache(cache_k, cache_v, key_segments, cache.index + length)
+    model = as_module(params, config, Qwen2Model)
+    return model(tokens, segment_ids=segment_ids, positions=positions, cache=cache, remat=remat)
 
 
 def lm_head(params: Params, config: Qwen2Config, hidden: Array) -> Array:
     """Logits ``[..., V]`` in float32 from hidden states ``[..., E]`` (tied or untied head)."""
-    hidden = hidden.astype(jnp.dtype(config.compute_dtype))
-    if config.tie_word_embeddings:
-        weight = params["embed_tokens"]["embedding"].astype(hidden.dtype).T
-    else:
-        weight = params["lm_head"]["kernel"].astype(hidden.dtype)
-    return _dense(hidden, weight, preferred_element_type=jnp.float32)
+    return as_module(params, config).logits(hidden)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
