@@ -80,7 +80,7 @@ def _main(argv) -> None:
 
     from hiper_jax.study import minibatch_gradient_stats
     from hiper_jax.train import ppo as ppo_lib
-    from hiper_jax.train.trainer import Trainer, build_ppo_batch
+    from hiper_jax.train.trainer import Trainer
 
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
@@ -99,9 +99,7 @@ def _main(argv) -> None:
     finally:
         collector.close()
     text_mask = trainer.grammar.text_mask if trainer.grammar is not None else None
-    batch, _, _, stats = build_ppo_batch(trajectories, trainer.state, trainer.ref_params, trainer.model_config,
-                                         config, trainer.hae_cfg, trainer.pad_id, mesh=trainer.mesh,
-                                         text_mask=text_mask)
+    batch, _, _, stats = trainer.build_batch(trajectories)
     result = {"policy": policy_name, "estimator": config.advantage.estimator, "episodes": len(trajectories),
               "success": float(np.mean([t.won for t in trajectories])), "turn_rows": stats["batch_rows"],
               "pg_minibatch": {}}

@@ -49,6 +49,7 @@ from hiper_jax.hae import (
     shape_rewards,
 )
 from hiper_jax.shapes import check_rank, check_shape, check_type
+from hiper_jax.vocab import ESTIMATOR_NAMES, ESTIMATOR_TRAITS
 
 Array = jax.Array
 
@@ -503,17 +504,24 @@ class EstimatorSpec:
     options: Optional[type] = None
 
 
+_FUNCTIONS: dict[str, Callable[..., HAEOutput]] = {
+    "hae": hae_estimator,
+    "turn_gae": turn_gae_estimator,
+    "grpo": _episode_estimator(grpo_advantages),
+    "rloo": _episode_estimator(rloo_advantages),
+    "gigpo": gigpo_estimator,
+    "hae_no_term": hae_no_term_estimator,
+    "hae_no_keep_penalty": hae_no_keep_penalty_estimator,
+    "hae_flat_subgoal": hae_flat_subgoal_estimator,
+}
+_OPTIONS: dict[str, type] = {"gigpo": GiGPOConfig}
+if set(_FUNCTIONS) != set(ESTIMATOR_TRAITS):
+    raise ImportError(f"estimator functions {sorted(_FUNCTIONS)} and names {ESTIMATOR_NAMES} differ")
+# Names and what each needs: hiper_jax.vocab.ESTIMATOR_TRAITS (read by the config without JAX).
 ESTIMATORS: dict[str, EstimatorSpec] = {
-    "hae": EstimatorSpec(hae_estimator, ("low", "high", "term"), needs_groups=False),
-    "turn_gae": EstimatorSpec(turn_gae_estimator, ("low",), needs_groups=False),
-    "grpo": EstimatorSpec(_episode_estimator(grpo_advantages), (), needs_groups=True),
-    "rloo": EstimatorSpec(_episode_estimator(rloo_advantages), (), needs_groups=True),
-    "gigpo": EstimatorSpec(gigpo_estimator, (), needs_groups=True, needs_states=True, options=GiGPOConfig),
-    "hae_no_term": EstimatorSpec(hae_no_term_estimator, ("low", "high"), needs_groups=False),
-    "hae_no_keep_penalty": EstimatorSpec(hae_no_keep_penalty_estimator, ("low", "high", "term"),
-                                         needs_groups=False),
-    "hae_flat_subgoal": EstimatorSpec(hae_flat_subgoal_estimator, ("low", "high", "term"),
-                                      needs_groups=False),
+    name: EstimatorSpec(_FUNCTIONS[name], traits.value_heads, traits.needs_groups, traits.needs_states,
+                        _OPTIONS.get(name))
+    for name, traits in ESTIMATOR_TRAITS.items()
 }
 
 

@@ -39,10 +39,9 @@ import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-logger = logging.getLogger(__name__)
+from hiper_jax.vocab import BATCH_AXES, MESH_AXES
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------

@@ -215,18 +215,12 @@ def regroup_by_task(trajectories: Sequence, tasks: Sequence[int]) -> list:
 
 def estimator_output(trainer, trajectories: Sequence):
     """The trainer's estimator output for ``trajectories`` under its critic, from the trainer's
-    own batch building (:func:`~hiper_jax.train.trainer.build_ppo_batch`): an
+    own batch building (:meth:`~hiper_jax.train.trainer.Trainer.build_batch`): an
     :class:`~hiper_jax.hae.HAEOutput`-shaped tuple of NumPy ``[B, T]`` arrays (``adv_low``,
     ``adv_high``, ``adv_term``, ``boundary`` = segment starts, ...)."""
     import jax
 
-    from hiper_jax.train.trainer import build_ppo_batch
-
-    text_mask = trainer.grammar.text_mask if trainer.grammar is not None else None
-    _, _, out, _ = build_ppo_batch(list(trajectories), trainer.state, trainer.ref_params,
-                                   trainer.model_config, trainer.config, trainer.hae_cfg,
-                                   trainer.pad_id, mesh=trainer.mesh, text_mask=text_mask)
-    return jax.tree.map(np.asarray, out)
+    return jax.tree.map(np.asarray, trainer.build_batch(list(trajectories)).estimate)
 
 
 def per_turn_advantages(out) -> np.ndarray:

@@ -574,7 +574,8 @@ def gradient_variance(config: ml_collections.ConfigDict, progress: bool = True) 
     The policy and critic are the final state of the first estimator's first-seed run when it
     has finished (a critic that has learned something), else the warm start.
     """
-    from hiper_jax.train.trainer import Trainer, build_ppo_batch
+    from hiper_jax.train.config import batch_settings
+    from hiper_jax.train.trainer import Trainer
 
     study = config.study
     source_estimator = "hae" if "hae" in study.estimators else study.estimators[0]
@@ -605,9 +606,7 @@ def gradient_variance(config: ml_collections.ConfigDict, progress: bool = True) 
     for estimator in study.variance_estimators:
         cfg = copy.deepcopy(run)
         cfg.advantage.estimator = estimator
-        batch, _, _, _ = build_ppo_batch(trajectories, trainer.state, trainer.ref_params,
-                                         trainer.model_config, cfg, trainer.hae_cfg, trainer.pad_id,
-                                         mesh=trainer.mesh, text_mask=text_mask)
+        batch = trainer.build_batch(trajectories, batch_settings(cfg)).batch
         out["estimators"][estimator] = minibatch_gradient_stats(
             trainer.state.actor, trainer.model_config, batch, run.ppo.mini_batch_rows,
             study.variance_minibatches, run.sampling.temperature or 1.0, text_mask=text_mask)

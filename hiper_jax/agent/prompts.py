@@ -32,11 +32,12 @@ class PromptConfig:
     """How prompts look.
 
     Attributes:
-      env: "alfworld" or "webshop" (selects the introduction).
+      env: a key of :data:`ENV_INTROS` (selects the introduction) or any name with ``intro``.
       style: "plan_execute" (switch/subgoal/action) or "flat" (action only).
       history_turns: how many past (observation, action) pairs to show at most.
       max_prompt_tokens: token budget of the rendered prompt.
       max_steps: the episode's step limit, shown as "step t of max_steps".
+      intro: the system introduction ("" = ``ENV_INTROS[env]``); env adapters set it.
     """
 
     env: str = "alfworld"
@@ -44,10 +45,12 @@ class PromptConfig:
     history_turns: int = 2
     max_prompt_tokens: int = 2048
     max_steps: int = 50
+    intro: str = ""
 
     def __post_init__(self):
-        if self.env not in ENV_INTROS:
-            raise ValueError(f"PromptConfig.env must be one of {sorted(ENV_INTROS)}, got {self.env!r}")
+        if not self.intro and self.env not in ENV_INTROS:
+            raise ValueError(f"PromptConfig.env must be one of {sorted(ENV_INTROS)} (or come with "
+                             f"an intro), got {self.env!r}")
         if self.style not in STYLES:
             raise ValueError(f"PromptConfig.style must be one of {STYLES}, got {self.style!r}")
         for name in ("history_turns", "max_prompt_tokens", "max_steps"):
@@ -106,7 +109,7 @@ def build_messages(view: AgentView, cfg: PromptConfig,
     if history is None:
         history = list(view.history)[-cfg.history_turns:] if cfg.history_turns else []
     return [
-        {"role": "system", "content": ENV_INTROS[cfg.env]},
+        {"role": "system", "content": cfg.intro or ENV_INTROS[cfg.env]},
         {"role": "user", "content": _user_message(
             view, cfg, history, view.observation if observation is None else observation)},
     ]

@@ -32,11 +32,13 @@ from typing import Any, Optional, Union
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hiper_jax.vocab import MESH_AXES
+
 MeshAxes = Union[None, str, tuple[str, ...]]
 AxisRules = tuple[tuple[str, MeshAxes], ...]
 LogicalAxes = tuple[Optional[str], ...]
 
-MESH_AXIS_NAMES = ("data", "fsdp", "tensor")
+MESH_AXIS_NAMES = MESH_AXES
 
 DEFAULT_RULES: AxisRules = (
     ("batch", ("data", "fsdp")),

@@ -23,12 +23,13 @@ from jax.sharding import Mesh
 
 from hiper_jax.models import sharding
 from hiper_jax.models.qwen2.config import Qwen2Config
+from hiper_jax.vocab import VALUE_HEADS
 from hiper_jax.models.qwen2.model import (ParamSpec, Params, Qwen2Model, _param, abstract_specs,
                                           module_params)
 
 Array = jax.Array
 
-VALUE_HEAD_NAMES = ("low", "high", "term")
+VALUE_HEAD_NAMES = VALUE_HEADS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,24 +36,9 @@ import numpy as np
 from hiper_jax.agent.parsing import decide_turn, parse_response
 from hiper_jax.agent.prompts import AgentView, PromptConfig, render_prompt
 from hiper_jax.agent.spans import TokenBytes, response_spans
+from hiper_jax.rollout.adapters import EnvSpec
 from hiper_jax.rollout.env_pool import EnvPool, GymFactory
 from hiper_jax.rollout.types import TurnRecord, Trajectory
-
-
-@dataclasses.dataclass(frozen=True)
-class EnvSpec:
-    """How to build an env in a worker and how to pick a task at reset.
-
-    Attributes:
-      env_id: gymnasium id with its module, e.g. ``"hiper_envs:hiper/WebShop-v0"``.
-      kwargs: constructor keyword arguments (picklable; read data inside the worker).
-      task_option: the reset option that selects a task by index (``"game"`` for ALFWorld,
-        ``"goal_index"`` for WebShop).
-    """
-
-    env_id: str
-    kwargs: dict
-    task_option: str
 
 
 @dataclasses.dataclass
@@ -207,7 +192,7 @@ class Collector:
         self.info_keys = tuple(info_keys)
         bounds = np.linspace(0, num_envs, groups + 1).astype(int)
         self.group_rows = [list(range(bounds[g], bounds[g + 1])) for g in range(groups)]
-        factory = GymFactory(spec.env_id, **{"max_steps": max_turns, **spec.kwargs})
+        factory = GymFactory(spec.env_id, **{spec.max_steps_key: max_turns, **spec.kwargs})
         self.pools: list[EnvPool] = []
         try:
             for rows in self.group_rows:
@@ -420,10 +405,10 @@ class Collector:
             for i, (obs, info) in zip(mine, answers):
                 episode = episodes[i]
                 episode.task = str(info.get("task", ""))
-                episode.task_type = str(info.get("task_type", ""))
+                episode.task_type = str(info.get(self.spec.task_type_key, ""))
                 episode.game = info.get("gamefile", info.get("goal_id"))
                 episode.observation = obs
-                episode.admissible = list(info.get("admissible_actions", ()))
+                episode.admissible = list(info.get(self.spec.admissible_key, ()))
                 episode.subgoals = list(info.get("admissible_subgoals", ()))
                 episode.info = {k: info.get(k) for k in self.info_keys}
                 if info.get("env_crashed") or info.get("env_error"):  # the reset itself failed
@@ -495,7 +480,7 @@ class Collector:
             episode.turns.append(record)
             episode.subgoal = decision.subgoal
             episode.observation = result.observation
-            episode.admissible = list(info.get("admissible_actions", ()))
+            episode.admissible = list(info.get(self.spec.admissible_key, ()))
             episode.subgoals = list(info.get("admissible_subgoals", episode.subgoals))
             episode.info = {key: info.get(key) for key in self.info_keys}
             episode.won = episode.won or bool(info.get("won", False))

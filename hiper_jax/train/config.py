@@ -13,11 +13,10 @@ from typing import Any, Sequence
 
 import ml_collections
 
-# hiper_jax.advantages.ESTIMATORS holds the functions (this module imports no JAX).
-ESTIMATOR_NAMES = ("hae", "turn_gae", "grpo", "rloo", "gigpo", "hae_no_term", "hae_no_keep_penalty",
-                   "hae_flat_subgoal")
-GROUP_ESTIMATORS = ("grpo", "rloo", "gigpo")  # need several rollouts per task
-ENV_NAMES = ("alfworld", "webshop", "choose_word")
+from hiper_jax.rollout.adapters import EnvSettings, adapter_names
+
+from hiper_jax.vocab import (BATCH_AXES, CRITIC_FREE_ESTIMATORS, ESTIMATOR_NAMES, GROUP_ESTIMATORS,
+                             KL_ESTIMATORS, MESH_AXES)
 DTYPES = ("float32", "bfloat16", "float16")
 CONSTRAINTS = ("none", "grammar")
 
@@ -253,11 +252,13 @@ def _require(condition: bool, field: str, message: str):
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
-             check_paths: bool = True) -> None:
+             check_paths: bool = True, num_processes: int | None = None) -> None:
     """Raises :class:`ConfigError` (a ValueError) naming the first bad field; returns None when the config is usable.
 
     Args:
       num_devices: the global device count the mesh must divide (None: not checked).
+      num_processes: the job's process count; with several, mini-batches must split evenly
+        over the mesh's batch shards (checked with ``num_devices``).
       check_paths: check that named input paths (checkpoint, games, demos) exist.
     """
     # Imported here, not at the top: config files import this module, and loading one (e.g. in
@@ -268,7 +269,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _check_types(config, base_config())
     env, model, adv, ppo, train, mesh = (config.env, config.model, config.advantage, config.ppo,
                                          config.train, config.mesh)
-    _require(env.name in ENV_NAMES, "env.name", f"must be one of {ENV_NAMES}, got {env.name!r}")
+    _require(env.name in adapter_names(), "env.name",
+             f"must be a registered env, one of {adapter_names()}, got {env.name!r}")
     for field in ("num_envs", "max_turns", "num_eval_games", "envs_per_worker"):
         _require(env[field] >= 1, f"env.{field}", f"must be >= 1, got {env[field]}")
     _require(env.num_train_games >= 1 or env.games_dir, "env.num_train_games",
@@ -309,13 +311,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                  f"must be >= 2 for the group-based estimator {adv.estimator!r}")
     _require(env.num_envs % adv.rollouts_per_task == 0, "env.num_envs",
              f"must be a multiple of advantage.rollouts_per_task={adv.rollouts_per_task}")
-    _require(ppo.kl_estimator in ("low_var_kl", "kl", "mse"), "ppo.kl_estimator",
-             f"must be low_var_kl, kl or mse, got {ppo.kl_estimator!r}")
+    _require(ppo.kl_estimator in KL_ESTIMATORS, "ppo.kl_estimator",
+             f"must be one of {KL_ESTIMATORS}, got {ppo.kl_estimator!r}")
     _require(ppo.dual_clip > 1, "ppo.dual_clip", f"must be > 1, got {ppo.dual_clip}")
     for field in ("actor_lr", "critic_lr", "clip_ratio", "value_clip", "max_grad_norm", "value_coef"):
         _require(ppo[field] > 0, f"ppo.{field}", f"must be > 0, got {ppo[field]}")
     _require(ppo.critic_warmup_iterations >= 0, "ppo.critic_warmup_iterations",
              f"must be >= 0, got {ppo.critic_warmup_iterations}")
+    if ppo.critic_warmup_iterations:
+        _require(adv.estimator not in CRITIC_FREE_ESTIMATORS, "ppo.critic_warmup_iterations",
+                 f"the estimator {adv.estimator!r} has no critic to warm up; set it to 0")
     for field in ("epochs", "mini_batch_rows", "micro_batch_rows", "length_multiple"):
         _require(ppo[field] >= 1, f"ppo.{field}", f"must be >= 1, got {ppo[field]}")
     for field in ("iterations", "eval_every", "checkpoint_every", "keep_checkpoints"):
@@ -336,7 +341,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _require(ppo.mini_batch_rows % ppo.micro_batch_rows == 0, "ppo.mini_batch_rows",
              f"must be a multiple of ppo.micro_batch_rows={ppo.micro_batch_rows}")
     _require(bool(train.out_dir), "train.out_dir", "must not be empty")
-    sizes = [mesh.data, mesh.fsdp, mesh.tensor]
+    sizes = [mesh[axis] for axis in MESH_AXES]
     _require(all(s == -1 or s >= 1 for s in sizes), "mesh", f"sizes must be >= 1 or -1, got {sizes}")
     _require(sizes.count(-1) <= 1, "mesh", f"at most one axis may be -1, got {sizes}")
     if num_devices is not None:
@@ -345,6 +350,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
             fixed *= s if s != -1 else 1
         _require(num_devices % fixed == 0 and (-1 in sizes or fixed == num_devices), "mesh",
                  f"data x fsdp x tensor = {sizes} does not fit {num_devices} devices")
+        if num_processes is not None and num_processes > 1:
+            resolved = dict(zip(MESH_AXES, (s if s != -1 else num_devices // fixed for s in sizes)))
+            shards = 1
+            for axis in BATCH_AXES:
+                shards *= resolved[axis]
+            _require(ppo.mini_batch_rows % shards == 0, "ppo.mini_batch_rows",
+                     f"must be a multiple of the mesh's {shards} batch shards with several processes")
     if check_paths:
         for field, path in (("model.checkpoint", model.checkpoint), ("model.tokenizer", model.tokenizer),
                             ("env.games_dir", env.games_dir), ("sft.demos", config.sft.demos)):
@@ -359,6 +371,29 @@ def estimator_options(adv: ml_collections.ConfigDict) -> dict[str, Any]:
     if adv.estimator == "gigpo":
         return {"step_weight": float(adv.gigpo_step_weight), "mode": adv.gigpo_mode}
     return {}
+
+
+def batch_settings(config: ml_collections.ConfigDict):
+    """The :class:`hiper_jax.train.batch.BatchSettings` of a config (imports JAX)."""
+    from hiper_jax.train.batch import BatchSettings
+
+    return BatchSettings(
+        estimator=config.advantage.estimator, estimator_options=estimator_options(config.advantage),
+        max_turns=config.env.max_turns, rows=config.ppo.mini_batch_rows,
+        length_multiple=config.ppo.length_multiple, group_by_length=config.ppo.group_by_length,
+        temperature=config.sampling.temperature or 1.0, reference_pass=bool(config.ppo.kl_coef),
+        gigpo_similarity=config.advantage.gigpo_similarity)
+
+
+def env_settings(config: ml_collections.ConfigDict) -> EnvSettings:
+    """The ``env`` section's entries an env adapter reads (see
+    :class:`hiper_jax.rollout.adapters.EnvSettings`)."""
+    env = config.env
+    kwargs = env.env_kwargs.to_dict() if hasattr(env.env_kwargs, "to_dict") else dict(env.env_kwargs)
+    return EnvSettings(kwargs=kwargs, success_reward=env.success_reward, games_dir=env.games_dir,
+                       num_train_games=env.num_train_games, num_eval_games=env.num_eval_games,
+                       task_types=tuple(env.task_types), max_receptacles=env.max_receptacles,
+                       max_distractors=env.max_distractors, seed=config.train.seed)
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-KL_ESTIMATORS = ("low_var_kl", "kl", "mse")
+from hiper_jax.vocab import KL_ESTIMATORS
 
 
 def token_mean(values: Array, mask: Array) -> Array:

@@ -38,36 +38,26 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hiper_jax import distributed
-from hiper_jax.advantages import TurnBatch, anchor_state_ids, get_estimator
-from hiper_jax.agent.grammar import ResponseGrammar, forced_tokens
+from hiper_jax.advantages import get_estimator
+from hiper_jax.agent.grammar import ResponseGrammar
 from hiper_jax.agent.prompts import PromptConfig
 from hiper_jax.agent.spans import TokenBytes
-from hiper_jax.hae import HAEConfig, assign_token_advantages
+from hiper_jax.hae import HAEConfig
 from hiper_jax.models import qwen2
 from hiper_jax.models.value_heads import CriticConfig, critic_param_shardings, init_critic
-from hiper_jax.rollout.collector import Collector, EnvSpec, FaultCounts, RolloutInterrupted
+from hiper_jax.rollout.adapters import EnvSpec, get_adapter
+from hiper_jax.rollout.collector import Collector, FaultCounts, RolloutInterrupted
 from hiper_jax.rollout.metrics import rollout_metrics
-from hiper_jax.rollout.packing import pack_tokens, pack_turns
 from hiper_jax.rollout.policies import LLMPolicy
 from hiper_jax.rollout.types import Trajectory
 from hiper_jax.train import checkpoints as checkpoint_lib
 from hiper_jax.train import config as config_lib
 from hiper_jax.train import throughput
+from hiper_jax.train.batch import BuiltBatch, build_ppo_batch
 from hiper_jax.train.logger import MetricsLogger
 from hiper_jax.train.plots import plot_run
-from hiper_jax.train.ppo import (
-    PPOBatch,
-    PPOConfig,
-    TrainState,
-    init_train_state,
-    logprob_pass,
-    logprob_value_pass,
-    make_optimizer,
-    ppo_update,
-    row_lengths,
-)
+from hiper_jax.train.ppo import PPOBatch, PPOConfig, init_train_state, make_optimizer, ppo_update, row_lengths
 
-HEADS = ("low", "high", "term")
 # Exit status of a run stopped by SIGTERM/SIGINT after checkpointing (EX_TEMPFAIL: try again,
 # i.e. resume with --config.train.resume=True).
 EXIT_INTERRUPTED = 75
@@ -81,59 +71,10 @@ class TrainingDivergedError(RuntimeError):
 
 
 def prepare_env_data(config: ml_collections.ConfigDict, out_dir: str, progress: bool = True) -> dict:
-    """Finds or makes the env data; returns ``{"train": EnvSpec, "eval": EnvSpec,
-    "num_train_tasks": int, "num_eval_tasks": int}``.
-
-    ALFWorld: ``env.games_dir`` with ``train/`` and ``eval/`` folders of games (for the official
-    data, link ``json_2.1.1/train`` and ``valid_unseen`` there) or, when empty, games generated
-    into ``out_dir/games``.
-    WebShop: ``env.env_kwargs`` go to the env (``data_dir`` for the official data, else a
-    generated catalog); the task count is read from a catalog built here. ChooseWord: the
-    sanity-check task (``env_kwargs.num_tasks`` tasks, the same in both splits).
-    """
-    env = config.env
-    common = dict(env.env_kwargs.to_dict() if hasattr(env.env_kwargs, "to_dict") else env.env_kwargs)
-    common["success_reward"] = env.success_reward
-    if env.name == "alfworld":
-        from hiper_envs.alfworld.games import find_games
-        from hiper_envs.alfworld.generate import TASK_TYPES, GeneratorConfig, generate_games
-
-        games_dir = env.games_dir or os.path.join(out_dir, "games")
-        task_types = tuple(env.task_types) or TASK_TYPES
-        for split, count in (("train", env.num_train_games), ("eval", env.num_eval_games)):
-            split_dir = os.path.join(games_dir, split)
-            if env.games_dir:
-                if not os.path.isdir(split_dir):
-                    raise FileNotFoundError(f"env.games_dir has no {split}/ folder: {split_dir}")
-                continue
-            existing = find_games(split_dir) if os.path.isdir(split_dir) else []
-            if len(existing) != count and distributed.is_main_process():
-                scenes = GeneratorConfig(max_receptacles=env.max_receptacles,
-                                         max_distractors=env.max_distractors)
-                generate_games(games_dir, count, seed=config.train.seed, task_types=task_types,
-                               split=split, config=scenes, workers=2, progress=progress)
-        if jax.process_count() > 1:  # the other hosts wait for process 0's games
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("hiper_jax: generated games ready")
-        specs = {split: EnvSpec("hiper_envs:hiper/ALFWorld-v0",
-                                dict(common, games=os.path.join(games_dir, split)), "game")
-                 for split in ("train", "eval")}
-        counts = {split: len(find_games(os.path.join(games_dir, split))) for split in ("train", "eval")}
-    elif env.name == "choose_word":
-        spec = EnvSpec("hiper_envs:hiper/ChooseWord-v0", common, "task")
-        specs = {"train": spec, "eval": spec}
-        num_tasks = int(common.get("num_tasks", 8))
-        counts = {"train": num_tasks, "eval": num_tasks}
-    else:
-        from hiper_envs.webshop.env import WebShopEnv
-
-        specs, counts = {}, {}
-        for split in ("train", "eval"):
-            specs[split] = EnvSpec("hiper_envs:hiper/WebShop-v0", dict(common, split=split), "goal_index")
-            counts[split] = len(WebShopEnv(**dict(common, split=split)).goals)
-    return {"train": specs["train"], "eval": specs["eval"],
-            "num_train_tasks": counts["train"], "num_eval_tasks": counts["eval"]}
+    """Finds or makes the data of ``env.name``'s adapter (:mod:`hiper_jax.rollout.adapters`);
+    returns ``{"train": EnvSpec, "eval": EnvSpec, "num_train_tasks": int, "num_eval_tasks": int}``."""
+    adapter = get_adapter(config.env.name)
+    return adapter.prepare_data(config_lib.env_settings(config), out_dir, progress).as_dict()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,165 +100,6 @@ class TaskSchedule:
         return tasks, groups
 
 
-# --- batches --------------------------------------------------------------------------------
-
-
-def _chunked(fn, token_arrays: tuple, row_arrays: tuple, rows: int, mesh=None, length_multiple: int = 0,
-             per_token: tuple[bool, ...] = (True,)) -> tuple[np.ndarray, ...]:
-    """Applies a jitted row-wise ``fn(*token_arrays, *row_arrays)`` in chunks of ``rows`` rows.
-
-    ``token_arrays`` are ``[N, L, ...]`` (the second is ``valid``), ``row_arrays`` ``[N, ...]``;
-    ``fn`` returns a tuple whose outputs are per token (``[rows, L_c, ...]``) or per row where
-    ``per_token`` says so. Only rows with real tokens are computed; with ``length_multiple > 0``
-    rows of similar length go together, each chunk cut to the bucketed width of its longest row
-    (a few compiled shapes, little padding), and per-token outputs are padded back to ``L``
-    (zeros elsewhere, as for padding rows).
-
-    With several processes, every process holds the same arrays: each chunk goes in as global
-    arrays split over ``mesh``'s batch axes and comes back whole on every process.
-    """
-    from hiper_jax.train.ppo import length_groups, row_lengths
-
-    num_rows, width = token_arrays[0].shape[:2]
-    lengths = row_lengths(token_arrays[1])
-    real = np.flatnonzero(lengths > 0)
-    if length_multiple > 0:
-        groups = [(real[index], cut) for index, cut in length_groups(lengths[real], rows, length_multiple, width)]
-    else:
-        groups = [(real[i: i + rows], width) for i in range(0, len(real), rows)]
-    multihost = mesh is not None and jax.process_count() > 1
-    outs = None
-    for index, cut in groups:
-        full = np.resize(index, rows)  # the last chunk repeats rows to keep the compiled shape
-        chunk = tuple(a[full][:, :cut] for a in token_arrays) + tuple(a[full] for a in row_arrays)
-        if multihost:
-            results = distributed.gather_to_all_hosts(fn(*distributed.global_from_host_copy(chunk, mesh)))
-        else:
-            results = jax.tree.map(np.asarray, fn(*chunk))
-        if outs is None:
-            outs = tuple(np.zeros((num_rows, width) + r.shape[2:] if tok else (num_rows,) + r.shape[1:], r.dtype)
-                         for r, tok in zip(results, per_token))
-        for out, result, tok in zip(outs, results, per_token):
-            if tok:
-                out[index, :cut] = result[: len(index)]
-            else:
-                out[index] = result[: len(index)]
-    return outs
-
-
-def _estimate(spec, turn_batch: TurnBatch, hae_cfg: HAEConfig, mesh=None):
-    """The estimator's output as NumPy. On a mesh with several batch shards, HAE and turn-GAE
-    run under ``shard_map`` with trajectories split over the batch axes (normalisation
-    statistics reduced across devices); GRPO/RLOO/GiGPO need whole groups and run unsharded."""
-    shards = distributed.num_batch_shards(mesh) if mesh is not None else 1
-    rows = np.shape(turn_batch.rewards)[0]
-    if shards == 1 or spec.needs_groups or rows % shards:
-        return jax.tree.map(np.asarray, spec.fn(turn_batch, hae_cfg))
-    placed = distributed.global_from_host_copy(turn_batch, mesh)
-    return distributed.gather_to_all_hosts(distributed.sharded_estimator(spec.fn, mesh)(placed, hae_cfg))
-
-
-def logp_mismatch(sampled: np.ndarray, recomputed: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    """|sampler log-prob - learner log-prob| per response token (``[N, L]`` arrays): mean and
-    max. Far from 0, the update trains a distribution other than the one that sampled."""
-    diff = np.abs(np.asarray(sampled) - np.asarray(recomputed))[mask]
-    return {"logp_mismatch_mean": float(diff.mean()) if diff.size else 0.0,
-            "logp_mismatch_max": float(diff.max()) if diff.size else 0.0}
-
-
-def turn_observations(trajectories) -> list[list[str]]:
-    """The env observation each turn's prompt showed (its view's), per trajectory."""
-    return [[t.view.observation if t.view is not None else "" for t in traj.turns] for traj in trajectories]
-
-
-def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: qwen2.Qwen2Config,
-                    cfg: ml_collections.ConfigDict, hae_cfg: HAEConfig, pad_id: int, mesh=None,
-                    text_mask: Optional[np.ndarray] = None):
-    """Packs trajectories, runs the log-prob and value passes, computes advantages; returns
-    ``(PPOBatch, turn arrays, estimator output, stats)``; ``stats`` holds the seconds the passes
-    (``passes_s``) and the estimator with the token assignment (``advantages_s``) took.
-    ``mesh`` is needed only with several processes (each holds all trajectories; the passes run
-    on the global mesh). ``text_mask``: the grammar's, when the trajectories were sampled with a
-    constraint (log-probs are then those of the constrained distribution)."""
-    spec = get_estimator(cfg.advantage.estimator, **config_lib.estimator_options(cfg.advantage))
-    rows = cfg.ppo.mini_batch_rows
-    turns = pack_turns(trajectories, cfg.env.max_turns)
-    tokens = pack_tokens(trajectories, pad_id, row_multiple=rows, length_multiple=cfg.ppo.length_multiple)
-    temperature = cfg.sampling.temperature or 1.0
-    arrays = (tokens.tokens, tokens.valid)
-    if tokens.allowed_mode is not None:
-        arrays += (tokens.allowed_mode, tokens.allowed_ids)
-    multiple = cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0
-
-    reads = np.stack([tokens.v_low_read, tokens.v_high_read, tokens.v_term_read], axis=1)
-
-    def allowed_of(allowed: tuple):
-        return qwen2.AllowedTokens(*allowed, text_mask) if allowed else None
-
-    # The actor's log-probs and the critic's values of the batch, one chunked pass.
-    def old_pass(t, v, *rest):
-        *allowed, r = rest
-        if not spec.value_heads:
-            return logprob_pass(state.actor, model_config, t, v, temperature, allowed_of(allowed)), r
-        return logprob_value_pass(state.actor, state.critic, model_config, t, v, r, temperature,
-                                  allowed_of(allowed))
-
-    def ref_pass(t, v, *allowed):
-        return (logprob_pass(ref_params, model_config, t, v, temperature, allowed_of(allowed)),)
-
-    passes_start = time.perf_counter()
-    old_logp, values = _chunked(old_pass, arrays, (reads,), rows, mesh, multiple, per_token=(True, False))
-    if not spec.value_heads:
-        values = np.zeros(reads.shape, np.float32)
-    # Without a KL term the reference policy is never used: skip its pass.
-    ref_logp = (_chunked(ref_pass, arrays, (), rows, mesh, multiple)[0] if cfg.ppo.kl_coef
-                else np.zeros_like(old_logp))
-    passes_s = time.perf_counter() - passes_start
-    valid_rows = tokens.row_valid
-    values_bt = np.zeros(turns.mask.shape + (3,), np.float32)
-    values_bt[tokens.traj_index[valid_rows], tokens.turn_index[valid_rows]] = values[valid_rows]
-    turn_batch = TurnBatch(
-        rewards=turns.rewards, values_low=values_bt[..., 0], values_high=values_bt[..., 1],
-        switch=turns.switch, dones=turns.dones, mask=turns.mask, values_term=values_bt[..., 2],
-        invalid=turns.invalid, keep_changed=turns.keep_changed, group_ids=turns.group_ids,
-        state_ids=anchor_state_ids(turn_observations(trajectories), turns.group_ids, cfg.env.max_turns,
-                                   cfg.advantage.gigpo_similarity)
-        if spec.needs_states else None)
-    advantages_start = time.perf_counter()
-    out = _estimate(spec, turn_batch, hae_cfg, mesh)
-    advantages = np.asarray(assign_token_advantages(out, tokens.traj_index, tokens.turn_index,
-                                                    tokens.action_mask, tokens.subgoal_mask,
-                                                    tokens.switch_mask))
-    advantages_s = time.perf_counter() - advantages_start
-    blocks = tokens.action_mask | tokens.subgoal_mask | tokens.switch_mask
-    b, t = tokens.traj_index, tokens.turn_index
-    targets = np.stack([np.asarray(out.ret_low)[b, t], np.asarray(out.ret_high)[b, t],
-                        np.asarray(out.ret_term)[b, t]], axis=1).astype(np.float32)
-    boundary = np.asarray(out.boundary)[b, t]
-    value_mask = np.stack([valid_rows & ("low" in spec.value_heads),
-                           valid_rows & boundary & ("high" in spec.value_heads),
-                           valid_rows & ("term" in spec.value_heads)], axis=1)
-    loss_mask = blocks & tokens.response_mask
-    if tokens.allowed_mode is not None:
-        # A token the grammar forced is no decision: its log-prob is 0 under every policy, so
-        # it would only dilute the token means of the loss.
-        loss_mask &= ~forced_tokens(tokens.allowed_mode, tokens.allowed_ids)
-    batch = PPOBatch(tokens=tokens.tokens, valid=tokens.valid, loss_mask=loss_mask,
-                     advantages=advantages.astype(np.float32), old_logp=old_logp, ref_logp=ref_logp,
-                     value_read=reads.astype(np.int32), value_targets=targets,
-                     old_values=values.astype(np.float32), value_mask=value_mask,
-                     allowed_mode=tokens.allowed_mode, allowed_ids=tokens.allowed_ids)
-    adv_tokens = advantages[batch.loss_mask]
-    stats = {"batch_rows": float(valid_rows.sum()), "batch_tokens": float(tokens.valid.sum()),
-             "token_length": float(tokens.tokens.shape[1]),
-             "advantage_mean": float(adv_tokens.mean()) if adv_tokens.size else 0.0,
-             "advantage_std": float(adv_tokens.std()) if adv_tokens.size else 0.0,
-             "value_mean": float(values[valid_rows, 0].mean()) if valid_rows.any() else 0.0}
-    stats.update(logp_mismatch(tokens.old_logp, old_logp, tokens.response_mask))
-    stats.update(passes_s=passes_s, advantages_s=advantages_s)
-    return batch, turns, out, stats
-
-
 # --- the trainer ------------------------------------------------------------------------------
 
 
@@ -337,7 +119,7 @@ class Trainer:
         distributed.initialize(cfg.distributed.coordinator_address or None,
                                cfg.distributed.num_processes or None,
                                cfg.distributed.process_id if cfg.distributed.process_id >= 0 else None)
-        config_lib.validate(config, num_devices=jax.device_count())
+        config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
         self.is_main = distributed.is_main_process()
         self.out_dir = cfg.train.out_dir
         os.makedirs(self.out_dir, exist_ok=True)
@@ -349,9 +131,6 @@ class Trainer:
         # hold); trajectories are then gathered so every process builds the same global batch.
         self.multihost = jax.process_count() > 1
         self.env_share = distributed.host_share(self.mesh, cfg.env.num_envs) if self.multihost else None
-        if self.multihost and cfg.ppo.mini_batch_rows % distributed.num_batch_shards(self.mesh):
-            config_lib._fail("ppo.mini_batch_rows", f"must be a multiple of the mesh's "
-                             f"{distributed.num_batch_shards(self.mesh)} batch shards with several processes")
         self.estimator = get_estimator(cfg.advantage.estimator)
         self.hae_cfg = HAEConfig(
             gamma=cfg.advantage.gamma, lam_turn=cfg.advantage.lam_turn, lam_seg=cfg.advantage.lam_seg,
@@ -368,10 +147,7 @@ class Trainer:
             value_heads=self.estimator.value_heads,
             length_multiple=cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0,
             value_coef=cfg.ppo.value_coef)
-        if cfg.ppo.critic_warmup_iterations and not self.estimator.value_heads:
-            raise config_lib.ConfigError(
-                f"config field ppo.critic_warmup_iterations: the estimator {cfg.advantage.estimator!r} "
-                "has no critic to warm up; set it to 0")
+        self.batch_settings = config_lib.batch_settings(cfg)
         self._load_model()
         self.data = prepare_env_data(cfg, self.out_dir, progress=progress)
         self.schedule = TaskSchedule(self.data["num_train_tasks"], cfg.env.num_envs,
@@ -379,7 +155,8 @@ class Trainer:
         self.prompt_cfg = PromptConfig(env=cfg.env.name, style=cfg.prompt.style,
                                        history_turns=cfg.prompt.history_turns,
                                        max_prompt_tokens=cfg.prompt.max_prompt_tokens,
-                                       max_steps=cfg.env.max_turns)
+                                       max_steps=cfg.env.max_turns,
+                                       intro=get_adapter(cfg.env.name).intro)
         self._checkpoints = None
         self.stop_signal: Optional[int] = None  # the SIGTERM/SIGINT that stopped run()
         self._policies: dict[float, LLMPolicy] = {}
@@ -667,9 +444,7 @@ class Trainer:
         trajectories, rollout = self._collect(collector, self._policy(cfg.sampling.temperature), tasks, key, groups)
         rollout_s = time.perf_counter() - start
         text_mask = self.grammar.text_mask if self.grammar is not None else None
-        batch, _, _, batch_stats = build_ppo_batch(trajectories, self.state, self.ref_params,
-                                                   self.model_config, cfg, self.hae_cfg, self.pad_id,
-                                                   mesh=self.mesh, text_mask=text_mask)
+        batch, _, _, batch_stats = self.build_batch(trajectories)
         update_start = time.perf_counter()
         warmup = iteration < cfg.ppo.critic_warmup_iterations
         ppo = dataclasses.replace(self.ppo, train_actor=False) if warmup else self.ppo
@@ -698,6 +473,13 @@ class Trainer:
             tqdm.write(f"iteration {iteration}: {update['skipped']:.0%} of the update steps had a "
                        "non-finite loss or gradient and were skipped")
         return record
+
+    def build_batch(self, trajectories: list[Trajectory], settings=None) -> BuiltBatch:
+        """The PPO batch of ``trajectories`` under the current actor and critic
+        (:func:`hiper_jax.train.batch.build_ppo_batch`); ``settings`` default to the config's."""
+        return build_ppo_batch(trajectories, self.state, self.ref_params, self.model_config,
+                               settings or self.batch_settings, self.hae_cfg, self.pad_id, mesh=self.mesh,
+                               text_mask=self.grammar.text_mask if self.grammar is not None else None)
 
     def _place_batch(self, mini: PPOBatch) -> PPOBatch:
         return distributed.global_from_host_copy(mini, self.mesh)
