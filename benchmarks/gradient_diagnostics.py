@@ -41,13 +41,6 @@ _CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", "", "a run's checkpoints
 _OUT = flags.DEFINE_string("out", "runs/gradient_diagnostics.json", "JSON output path")
 
 
-def flatten(tree) -> np.ndarray:
-    """All leaves of a gradient pytree as one float64 vector ``[P]``."""
-    import jax
-
-    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
-
-
 def split_actor_gradient(trainer, mini, text_mask) -> dict:
     """Norms and cosine of the actor's gradient of the policy loss and of the weighted value loss
     on one mini-batch (the loss the update minimises, evaluated with ``value_coef`` 0 and as
@@ -55,6 +48,7 @@ def split_actor_gradient(trainer, mini, text_mask) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from hiper_jax.study import flat_vector
     from hiper_jax.train import ppo as ppo_lib
 
     counts = ppo_lib._counts(mini)
@@ -63,7 +57,7 @@ def split_actor_gradient(trainer, mini, text_mask) -> dict:
     def actor_grad(value_coef: float) -> np.ndarray:
         cfg = dataclasses.replace(trainer.ppo, value_coef=value_coef)
         loss = lambda params: ppo_lib._loss(params, mini, counts, mask, trainer.model_config, cfg)[0]  # noqa: E731
-        return flatten(jax.grad(loss)((trainer.state.actor, trainer.state.critic))[0])
+        return flat_vector(jax.grad(loss)((trainer.state.actor, trainer.state.critic))[0])
 
     policy = actor_grad(0.0)
     value = actor_grad(trainer.ppo.value_coef) - policy

@@ -63,16 +63,6 @@ class ProcessInfo:
         return self.process_index == 0
 
 
-def process_index() -> int:
-    """This process's index in ``[0, process_count)`` (0 in a single-process run)."""
-    return jax.process_index()
-
-
-def process_count() -> int:
-    """Number of processes (hosts) in the job."""
-    return jax.process_count()
-
-
 def is_main_process() -> bool:
     """True on process 0, the one that writes logs, plots and metrics files."""
     return jax.process_index() == 0

@@ -534,6 +534,11 @@ def _pg_loss(actor, config, tokens, valid, loss_mask, advantages, temperature, a
 _pg_grad = jax.jit(jax.grad(_pg_loss), static_argnames=("config", "temperature"))
 
 
+def flat_vector(tree) -> np.ndarray:
+    """All leaves of a pytree (e.g. a gradient) as one float64 vector ``[P]``."""
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
 def minibatch_gradient_stats(actor, model_config, batch, rows: int, minibatches: int, temperature: float,
                              seed: int = 0, text_mask=None) -> dict:
     """Variance of the on-policy gradient ``-mean(A * grad log pi)`` over random mini-batches.
@@ -555,7 +560,7 @@ def minibatch_gradient_stats(actor, model_config, batch, rows: int, minibatches:
             grads = _pg_grad(actor, model_config, jnp.asarray(mini.tokens), jnp.asarray(mini.valid),
                              jnp.asarray(mini.loss_mask), jnp.asarray(mini.advantages), temperature,
                              batch_allowed(mini, text_mask))
-            flat = np.concatenate([np.asarray(g, np.float64).ravel() for g in jax.tree.leaves(grads)])
+            flat = flat_vector(grads)
             total = flat if total is None else total + flat
             sq_norms.append(float(flat @ flat))
             count += 1

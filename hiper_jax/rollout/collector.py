@@ -319,23 +319,18 @@ class Collector:
                 pending[g] = self._dispatch(g, policy, episodes, key, rows=rows,
                                             step=len(timing["active"]))
 
+        def restart_ended(g: int) -> None:
+            ended = [i for i in self.group_rows[g] if episodes[i].done]
+            if ended and budget["left"] > 0:
+                start_episodes(ended)
+
+        def redispatch(g: int) -> None:
+            if budget["left"] > 0:
+                dispatch(g)
+
         for g in range(len(self.group_rows)):
             dispatch(g)
-        while pending:
-            for g in list(pending):
-                handle, active, inputs = pending.pop(g)
-                responses = handle.result()
-                intervals.append((handle.dispatched_at, handle.done_at))
-                step_start = time.perf_counter()
-                self._apply(g, active, inputs, responses, episodes)
-                ended = [i for i in self.group_rows[g] if episodes[i].done]
-                if ended and budget["left"] > 0:
-                    start_episodes(ended)
-                timing["env_step_s"] += time.perf_counter() - step_start
-                if self.should_stop is not None and self.should_stop():
-                    raise RolloutInterrupted("the rollout was stopped between env steps")
-                if budget["left"] > 0:
-                    dispatch(g)
+        self._drive(pending, episodes, intervals, timing, redispatch, after_apply=restart_ended)
         faults = FaultCounts()
         trajectories = []
         for i, n, e in sorted(played, key=lambda p: p[:2]):
@@ -372,10 +367,23 @@ class Collector:
         episodes must be done already."""
         self._reset(sorted(set(rows)), lambda i: int(task_indices[i]), episodes)
         pending = {}
-        for g in range(len(self.group_rows)):
+
+        def dispatch(g: int) -> None:
             if any(not episodes[i].done for i in self.group_rows[g]):
                 pending[g] = self._dispatch(g, policy, episodes, key)
                 timing["active"].append(len(pending[g][1]) / len(self.group_rows[g]))
+
+        for g in range(len(self.group_rows)):
+            dispatch(g)
+        self._drive(pending, episodes, intervals, timing, dispatch)
+
+    def _drive(self, pending: dict, episodes: list[_Episode], intervals: list, timing: dict,
+               redispatch: Callable[[int], None],
+               after_apply: Optional[Callable[[int], None]] = None) -> None:
+        """Until no group has a generation in flight: waits on each group's in turn, steps its
+        envs with the responses (then ``after_apply(g)``, both timed as env stepping), checks
+        ``should_stop`` and lets ``redispatch(g)`` send the group's next prompts (it puts them
+        in ``pending``). Records device intervals in ``intervals`` and env seconds in ``timing``."""
         while pending:
             for g in list(pending):
                 handle, active, inputs = pending.pop(g)
@@ -383,12 +391,12 @@ class Collector:
                 intervals.append((handle.dispatched_at, handle.done_at))
                 step_start = time.perf_counter()
                 self._apply(g, active, inputs, responses, episodes)
+                if after_apply is not None:
+                    after_apply(g)
                 timing["env_step_s"] += time.perf_counter() - step_start
                 if self.should_stop is not None and self.should_stop():
                     raise RolloutInterrupted("the rollout was stopped between env steps")
-                if any(not episodes[i].done for i in self.group_rows[g]):
-                    pending[g] = self._dispatch(g, policy, episodes, key)
-                    timing["active"].append(len(pending[g][1]) / len(self.group_rows[g]))
+                redispatch(g)
 
     def _reset(self, rows: Sequence[int], task_of: Callable[[int], int],
                episodes: list[_Episode]) -> None:

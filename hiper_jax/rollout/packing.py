@@ -42,7 +42,6 @@ class TokenArrays(NamedTuple):
     """
 
     tokens: np.ndarray          # [N, L] int32
-    positions: np.ndarray       # [N, L] int32
     valid: np.ndarray           # [N, L] bool, real (non-padding) tokens
     response_mask: np.ndarray   # [N, L] bool
     action_mask: np.ndarray     # [N, L] bool
@@ -157,7 +156,6 @@ def pack_tokens(
         traj_index[n], turn_index[n], row_valid[n] = b, t, True
         spans = turn.spans
         reads[:, n] = [max(prompt_len + p - 1, 0) for p in (spans.v_low_pos, spans.v_high_pos, spans.v_term_pos)]
-    positions = np.broadcast_to(np.arange(length, dtype=np.int32), shape).copy()
-    return TokenArrays(tokens, positions, valid, response, action, subgoal, switch, old_logp,
+    return TokenArrays(tokens, valid, response, action, subgoal, switch, old_logp,
                        traj_index, turn_index, row_valid, reads[0], reads[1], reads[2],
                        allowed_mode, allowed_ids)

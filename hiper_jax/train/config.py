@@ -89,7 +89,6 @@ def base_config() -> ml_collections.ConfigDict:
         # start), so the first policy step sees a baseline fitted to the warm start's returns.
         critic_warmup_iterations=0,
     )
-    c.sft = dict(demos="", epochs=1, lr=1e-4, batch_rows=8, max_length=1024)
     c.train = dict(
         iterations=150, eval_every=10, eval_episodes=0,  # 0 = every eval game once
         max_env_turns=0,            # > 0: stop once this many training env turns were played
@@ -359,7 +358,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                      f"must be a multiple of the mesh's {shards} batch shards with several processes")
     if check_paths:
         for field, path in (("model.checkpoint", model.checkpoint), ("model.tokenizer", model.tokenizer),
-                            ("env.games_dir", env.games_dir), ("sft.demos", config.sft.demos)):
+                            ("env.games_dir", env.games_dir)):
             if path:
                 _require(os.path.exists(path), field, f"path does not exist: {path}")
         _require(bool(model.checkpoint), "model.checkpoint", "must name a HF checkpoint directory")

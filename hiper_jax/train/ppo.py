@@ -30,6 +30,7 @@ from hiper_jax.models import qwen2
 from hiper_jax.models.value_heads import critic_values
 from hiper_jax.shapes import check_flags, check_rank, check_same_shape, check_shape, check_type
 from hiper_jax.train.losses import clipped_value_loss, kl_penalty, ppo_dual_clip_loss
+from hiper_jax.train.throughput import TokenSet
 
 Array = jax.Array
 Params = dict
@@ -413,8 +414,8 @@ def token_counts(mini: PPOBatch) -> dict[str, float]:
     attends to its row) and ``computed_tokens`` (every position the step computes, ``N * L``)."""
     valid = np.asarray(mini.valid)
     carries = np.asarray(mini.loss_mask).any(1) | np.asarray(mini.value_mask).any(1)
-    lengths = valid[carries].sum(axis=1).astype(np.float64)
-    return {"real_tokens": float(lengths.sum()), "real_attention_pairs": float(np.square(lengths).sum()),
+    real = TokenSet.of_rows(valid[carries].sum(axis=1))
+    return {"real_tokens": real.tokens, "real_attention_pairs": real.attention_pairs,
             "computed_tokens": float(valid.size)}
 
 

@@ -288,7 +288,6 @@ class Trainer:
 
         manager = self._checkpoint_manager()
         meta = {"iteration": iteration, "seed": self.config.train.seed,
-                "task_cursor": iteration * (self.config.env.num_envs // self.config.advantage.rollouts_per_task),
                 "env_turns_total": float(env_turns_total)}
         try:
             manager.save(iteration, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
