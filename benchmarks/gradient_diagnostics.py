@@ -85,13 +85,7 @@ def _main(argv) -> None:
     policy_name = "warm start"
     if _CHECKPOINT_DIR.value:
         policy_name = f"{_CHECKPOINT_DIR.value} after {trainer.restore(_CHECKPOINT_DIR.value)} iterations"
-    collector = trainer._collector("train")
-    try:
-        tasks, groups = trainer.schedule.tasks(0)
-        trajectories, _ = trainer._collect(collector, trainer._policy(config.sampling.temperature), tasks,
-                                           jax.random.key(config.train.seed + 12345), groups)
-    finally:
-        collector.close()
+    trajectories = trainer.collect(config.env.num_envs, jax.random.key(config.train.seed + 12345))
     text_mask = trainer.grammar.text_mask if trainer.grammar is not None else None
     batch, _, _, stats = trainer.build_batch(trajectories)
     result = {"policy": policy_name, "estimator": config.advantage.estimator, "episodes": len(trajectories),

@@ -593,18 +593,8 @@ def gradient_variance(config: ml_collections.ConfigDict, progress: bool = True) 
     if is_finished(source):
         iteration = trainer.restore(os.path.join(source, "checkpoints"))
         policy_name = f"{source_estimator} seed {study.seeds[0]} after {iteration} iterations"
-    collector = trainer._collector("train")
-    trajectories = []
-    try:
-        policy = trainer._policy(run.sampling.temperature)
-        per_run = run.env.num_envs // run.advantage.rollouts_per_task
-        for k in range(math.ceil(study.variance_episodes / run.env.num_envs)):
-            tasks, groups = trainer.schedule.tasks(k)
-            batch, _ = trainer._collect(collector, policy, tasks, jax.random.fold_in(jax.random.key(12345), k),
-                                        [g + k * per_run for g in groups])
-            trajectories.extend(batch)
-    finally:
-        collector.close()
+    trajectories = trainer.collect(study.variance_episodes, jax.random.key(12345), split="train",
+                                   temperature=run.sampling.temperature)
     out = {"policy": policy_name, "episodes": len(trajectories), "minibatches": study.variance_minibatches,
            "rows": run.ppo.mini_batch_rows, "estimators": {}}
     text_mask = trainer.grammar.text_mask if trainer.grammar is not None else None

@@ -409,6 +409,38 @@ class Trainer:
         bar.close()
         return trajectories
 
+    def collect(self, num_episodes: int, key: jax.Array, *, split: str = "train",
+                temperature: Optional[float] = None) -> list[Trajectory]:
+        """Plays episodes with the current actor, in whole batches of ``env.num_envs``
+        (``ceil(num_episodes / env.num_envs)`` batches, batch ``k`` sampled with
+        ``fold_in(key, k)``); returns their trajectories in batch order.
+
+        ``split="train"``: batch ``k`` plays the tasks the training schedule gives iteration
+        ``k`` (rollouts of a task share a group id, numbered on across batches).
+        ``split="eval"``: the eval tasks in order, wrapping around, each episode its own group.
+        ``temperature``: default the training one (``"train"``) or the eval one (``"eval"``).
+        """
+        cfg = self.config
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        if temperature is None:
+            temperature = cfg.sampling.temperature if split == "train" else cfg.sampling.eval_temperature
+        num_envs = cfg.env.num_envs
+        per_batch = num_envs // cfg.advantage.rollouts_per_task
+        trajectories: list[Trajectory] = []
+        with self._collector(split) as collector:
+            policy = self._policy(temperature)
+            for k in range(math.ceil(num_episodes / num_envs)):
+                if split == "train":
+                    tasks, groups = self.schedule.tasks(k)
+                    groups = [g + k * per_batch for g in groups]
+                else:
+                    tasks = [(k * num_envs + i) % self.data["num_eval_tasks"] for i in range(num_envs)]
+                    groups = list(range(k * num_envs, (k + 1) * num_envs))
+                batch, _ = self._collect(collector, policy, tasks, jax.random.fold_in(key, k), groups)
+                trajectories.extend(batch)
+        return trajectories
+
     @functools.cached_property
     def peak(self) -> throughput.Peak:
         """Peak FLOP/s of the mesh's devices (measured once on CPU), for MFU."""
