@@ -152,7 +152,7 @@ def load_model(name: str, qwen_tok=None):
 
     from hiper_jax.agent.spans import TokenBytes
     from hiper_jax.models import qwen2
-    from hiper_jax.tiny import TINY_ALFWORLD
+    from hiper_jax.assets import TINY_ALFWORLD
 
     if name == "tiny":
         tokenizer = AutoTokenizer.from_pretrained(TINY_ALFWORLD)

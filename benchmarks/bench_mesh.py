@@ -44,7 +44,7 @@ def model_config(name: str):
     from hiper_jax.models import qwen2
 
     if name == "tiny":
-        from hiper_jax.tiny import TINY_ALFWORLD
+        from hiper_jax.assets import TINY_ALFWORLD
 
         return qwen2.Qwen2Config.from_hf_config(TINY_ALFWORLD)
     if name == "0.5b":  # Qwen2.5-0.5B's architecture

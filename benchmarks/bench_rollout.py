@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     from hiper_jax.rollout.collector import Collector, EnvSpec
     from hiper_jax.rollout.policies import LLMPolicy
     from hiper_jax.sampling import SamplingConfig
-    from hiper_jax.tiny import TINY_ALFWORLD
+    from hiper_jax.assets import TINY_ALFWORLD
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", default="alfworld", choices=["alfworld", "webshop", "choose_word"],

@@ -33,7 +33,7 @@ def _main(argv) -> None:
     del argv
     from absl import logging
 
-    from hiper_jax.study import run_study, summarize
+    from hiper_jax.experiments.study import run_study, summarize
 
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value

@@ -9,7 +9,7 @@ newest checkpoint with ``--checkpoint_dir``), builds the PPO batch as the traine
 
 - ``pg_minibatch``: for each mini-batch size in ``--rows``, ``||E g||^2``, ``tr Cov(g)`` and their
   ratio (SNR) of the on-policy gradient ``-mean(A * grad log pi)`` over ``--minibatches`` draws
-  (:func:`hiper_jax.study.minibatch_gradient_stats`); the cosine of one mini-batch's gradient
+  (:func:`hiper_jax.experiments.study.minibatch_gradient_stats`); the cosine of one mini-batch's gradient
   with the mean is about ``sqrt(SNR / (1 + SNR))``.
 - ``actor_pull``: on one mini-batch, the actor's gradient of the policy loss alone and of the
   value loss (times ``ppo.value_coef``) alone — with a critic sharing the actor's backbone the
@@ -48,7 +48,7 @@ def split_actor_gradient(trainer, mini, text_mask) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from hiper_jax.study import flat_vector
+    from hiper_jax.experiments.study import flat_vector
     from hiper_jax.train import ppo as ppo_lib
 
     counts = ppo_lib._counts(mini)
@@ -72,7 +72,7 @@ def _main(argv) -> None:
     import jax
     from absl import logging
 
-    from hiper_jax.study import minibatch_gradient_stats
+    from hiper_jax.experiments.study import minibatch_gradient_stats
     from hiper_jax.train import ppo as ppo_lib
     from hiper_jax.train.trainer import Trainer
 

@@ -160,7 +160,7 @@ def _tiny_config(games, **env):
 
 
 def test_bad_split_fails_before_loading(games_root, tmp_path, monkeypatch):
-    from hiper_jax.tiny import TINY_ALFWORLD
+    from hiper_jax.assets import TINY_ALFWORLD
 
     config = _tiny_config(games_root)
     with pytest.raises(ValueError, match="unknown; known splits: eval, train, official:valid_seen"):
@@ -182,7 +182,7 @@ def test_bad_split_fails_before_loading(games_root, tmp_path, monkeypatch):
      "error: --split 'valid': unknown; known splits:"),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path):
-    from hiper_jax.tiny import TINY_ALFWORLD
+    from hiper_jax.assets import TINY_ALFWORLD
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = [a.format(tiny=TINY_ALFWORLD) for a in args]
@@ -229,7 +229,7 @@ def check_outputs(result, episodes, seeds, with_advantages):
 def test_eval_hf_checkpoint_on_generated_games(games_root, tmp_path):
     """The command on the shipped tiny model (3 episodes x 2 seeds, 3 turns each; ~35 s of CPU
     in the main process plus the env workers', mostly compilation)."""
-    from hiper_jax.tiny import TINY_ALFWORLD
+    from hiper_jax.assets import TINY_ALFWORLD
 
     result = evaluate_checkpoint(TINY_ALFWORLD, _tiny_config(games_root), episodes=3, seeds=(0, 1),
                                  out_dir=str(tmp_path / "eval"), prompts=True, progress=False)
@@ -270,7 +270,7 @@ def test_eval_run_directory_on_the_official_layout(games_root, train_games, tmp_
 @pytest.mark.slow
 def test_cli_end_to_end(games_root, tmp_path):
     """``python -m hiper_jax.eval`` with a config file and overrides (a fresh process: ~1-2 min)."""
-    from hiper_jax.tiny import TINY_ALFWORLD
+    from hiper_jax.assets import TINY_ALFWORLD
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "out"

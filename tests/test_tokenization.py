@@ -6,7 +6,7 @@ import jax
 from transformers import AutoTokenizer
 
 from hiper_jax.models import qwen2
-from hiper_jax.tiny import tiny_model_config
+from hiper_jax.experiments.tiny import tiny_model_config
 from hiper_jax.tokenization import train_byte_level_bpe
 
 TEXTS = [
@@ -46,7 +46,7 @@ def test_a_damaged_tokenizer_directory_names_the_file(tmp_path):
 
     import pytest
 
-    from hiper_jax.tiny import TINY_ALFWORLD
+    from hiper_jax.assets import TINY_ALFWORLD
     from hiper_jax.tokenization import TokenizerFileError, load_tokenizer
 
     path = tmp_path / "tok"

@@ -4,7 +4,7 @@ warm-started checkpoint and a training config that learns in a few iterations.""
 import numpy as np
 
 from hiper_jax.agent.prompts import PromptConfig
-from hiper_jax.tiny import training_texts, tiny_model_config
+from hiper_jax.experiments.tiny import training_texts, tiny_model_config
 from hiper_jax.tokenization import train_byte_level_bpe
 from hiper_jax.train.config import base_config
 

@@ -1,7 +1,7 @@
 """Files shipped inside the package (importing this module reads no JAX).
 
 ``TINY_ALFWORLD`` is the embedded default's HF checkpoint directory (config, safetensors,
-tokenizer), made by ``python -m hiper_jax.tiny``.
+tokenizer), made by ``python -m hiper_jax.experiments.tiny``.
 """
 
 import os

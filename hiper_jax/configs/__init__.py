@@ -12,7 +12,7 @@ alfworld_tiny)"`` name the same file.
     configs.path("alfworld_tiny")              # its file, for --config flags
 
 Loading a training config imports no JAX (the study configs do: their section defaults live in
-:mod:`hiper_jax.study`).
+:mod:`hiper_jax.experiments.study`).
 """
 
 from __future__ import annotations

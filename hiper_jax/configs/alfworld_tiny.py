@@ -4,7 +4,7 @@
 
 Constrained decoding (responses follow the Plan-Execute grammar and name one admissible action
 and one of the task's subgoals), HAE, and the task types, scene size and prompt settings the
-shipped warm start was trained on (`python -m hiper_jax.tiny`).
+shipped warm start was trained on (`python -m hiper_jax.experiments.tiny`).
 """
 
 from hiper_jax.assets import TINY_ALFWORLD

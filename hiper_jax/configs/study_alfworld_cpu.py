@@ -19,7 +19,7 @@ from the command line for a first look.
 import ml_collections
 
 from hiper_jax.configs.alfworld_tiny import get_config as main_job_config
-from hiper_jax.study import base_study
+from hiper_jax.experiments.study_config import base_study
 
 
 def get_config():

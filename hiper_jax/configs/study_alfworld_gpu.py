@@ -13,7 +13,7 @@ to use it instead of generated games.
 
 import ml_collections
 
-from hiper_jax.study import base_study
+from hiper_jax.experiments.study_config import base_study
 from hiper_jax.train.config import published_hiper_config
 
 

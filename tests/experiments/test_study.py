@@ -11,8 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hiper_jax import study as study_lib
-from hiper_jax.study import (
+from hiper_jax.experiments import study as study_lib
+from hiper_jax.experiments.study import (
     MULTI_SUBTASK_TYPES,
     SINGLE_SUBTASK_TYPES,
     base_study,
@@ -101,7 +101,7 @@ def test_summary_of_finished_runs(tmp_path):
 
 def test_minibatch_gradient_variance_matches_explicit_computation():
     from hiper_jax.models import qwen2
-    from hiper_jax.tiny import tiny_model_config
+    from hiper_jax.experiments.tiny import tiny_model_config
     from hiper_jax.train.ppo import PPOBatch, mini_batches
 
     config = tiny_model_config(64, hidden_size=32, num_layers=1, intermediate_size=64)

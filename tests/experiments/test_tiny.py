@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from hiper_jax.tiny import Recipe, _finished_rounds, _load_examples, _save_examples
+from hiper_jax.experiments.tiny import Recipe, _finished_rounds, _load_examples, _save_examples
 from hiper_jax.train.sft import SFTExample
 
 
@@ -39,6 +39,6 @@ def test_only_complete_rounds_resume(tmp_path):
 
 def test_recipe_command_names_every_field():
     command = Recipe(rounds=1, task_types=("pick_and_place_simple",)).command("out")
-    assert command.startswith("python -m hiper_jax.tiny --out out ")
+    assert command.startswith("python -m hiper_jax.experiments.tiny --out out ")
     assert "--rounds 1" in command and "--task-types pick_and_place_simple" in command
     assert "--dagger-games 200" in command

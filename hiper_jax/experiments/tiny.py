@@ -2,7 +2,7 @@
 
 The shipped checkpoint (``hiper_jax/assets/tiny_alfworld``) is made by this module::
 
-    python -m hiper_jax.tiny --out hiper_jax/assets/tiny_alfworld --work-dir build/tiny
+    python -m hiper_jax.experiments.tiny --out hiper_jax/assets/tiny_alfworld --work-dir build/tiny
 
 which generates ALFWorld games of all six task types in scenes that vary, writes expert
 demonstrations (with the task's subgoals), trains the tokenizer on the prompts and responses the
@@ -122,7 +122,7 @@ class Recipe:
                     flags.append("--task-types " + " ".join(value))
                 continue
             flags.append(f"--{field.name.replace('_', '-')} {value}")
-        return f"python -m hiper_jax.tiny --out {out_dir} " + " ".join(flags)
+        return f"python -m hiper_jax.experiments.tiny --out {out_dir} " + " ".join(flags)
 
 
 def _rounded(params):
