@@ -182,7 +182,7 @@ def resolve_split(config, split: str):
                          f"{config.env.name!r} (use eval or train)")
     from hiper_envs.alfworld.games import official_games
 
-    from hiper_jax.rollout.collector import EnvSpec
+    from hiper_jax.rollout.adapters import get_adapter
 
     try:
         games = official_games(split.split(":", 1)[1])
@@ -193,7 +193,7 @@ def resolve_split(config, split: str):
     kwargs = dict(config.env.env_kwargs.to_dict() if hasattr(config.env.env_kwargs, "to_dict")
                   else config.env.env_kwargs)
     kwargs.update(success_reward=config.env.success_reward, games=split)
-    return EnvSpec("hiper_envs:hiper/ALFWorld-v0", kwargs, "game"), len(games)
+    return get_adapter("alfworld").spec(kwargs), len(games)
 
 
 def episode_tasks(num_tasks: int, episodes: int) -> list[int]:
