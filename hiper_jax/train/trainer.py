@@ -400,13 +400,12 @@ class Trainer:
         policy = self._policy(temperature)
         num_envs = self.config.env.num_envs
         trajectories = []
-        bar = tqdm(total=len(tasks), desc="episodes", disable=not (progress and self.is_main))
-        for start in range(0, len(tasks), num_envs):
-            chunk = [tasks[(start + k) % len(tasks)] for k in range(num_envs)]
-            batch, _ = self._collect(collector, policy, chunk, jax.random.fold_in(key, start))
-            trajectories.extend(batch[: len(tasks) - start])
-            bar.update(min(num_envs, len(tasks) - start))
-        bar.close()
+        with tqdm(total=len(tasks), desc="episodes", disable=not (progress and self.is_main)) as bar:
+            for start in range(0, len(tasks), num_envs):
+                chunk = [tasks[(start + k) % len(tasks)] for k in range(num_envs)]
+                batch, _ = self._collect(collector, policy, chunk, jax.random.fold_in(key, start))
+                trajectories.extend(batch[: len(tasks) - start])
+                bar.update(min(num_envs, len(tasks) - start))
         return trajectories
 
     def collect(self, num_episodes: int, key: jax.Array, *, split: str = "train",
@@ -560,6 +559,7 @@ class Trainer:
                                config=config_lib.to_dict(cfg))
         previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
         collectors: list[Collector] = []
+        bar = None
         try:
             train_collector = self._collector("train")
             collectors.append(train_collector)
@@ -648,6 +648,8 @@ class Trainer:
                          title=f"{cfg.env.name} / {cfg.advantage.estimator}")
             return history
         finally:
+            if bar is not None:  # also when an error ends the loop (tqdm's close is idempotent)
+                bar.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             for collector in collectors:

@@ -50,3 +50,44 @@ def test_gigpo_anchor_states_are_the_observations_each_prompt_showed():
     ids = anchor_state_ids(observations, [t.group_id for t in trajectories], 3)
     assert ids[0, 0] == ids[1, 0] and ids[0, 1] == ids[1, 2] != ids[1, 1]
     assert ids[2, 0] not in (ids[0, 0], ids[0, 1], ids[1, 1]) and ids[0, 2] == -1
+
+
+def test_row_values_land_on_their_turns_and_targets_come_back_per_row():
+    """[N, 3] per-row values go to their (trajectory, turn) cell of the [B, T] grid (padding rows
+    and cells stay 0), and assemble reads each row's returns and boundary back from the grid."""
+    from hiper_jax.hae import HAEOutput
+    from hiper_jax.rollout.packing import TokenArrays, TurnArrays
+    from hiper_jax.train.batch import Passes, assemble, turn_batch
+
+    b, t, n, length = 2, 3, 4, 5
+    turns = TurnArrays(rewards=np.zeros((b, t), np.float32), switch=np.zeros((b, t), bool),
+                       dones=np.zeros((b, t), bool), mask=np.array([[1, 1, 0], [1, 0, 0]], bool),
+                       invalid=np.zeros((b, t), bool), keep_changed=np.zeros((b, t), bool),
+                       group_ids=np.arange(b), won=np.zeros(b, bool))
+    flags = np.zeros((n, length), bool)
+    response = flags.copy()
+    response[:3, 2:] = True
+    tokens = TokenArrays(tokens=np.ones((n, length), np.int32), valid=response | True, response_mask=response,
+                         action_mask=response, subgoal_mask=flags, switch_mask=flags,
+                         old_logp=np.zeros((n, length), np.float32),
+                         traj_index=np.array([0, 0, 1, 0], np.int32), turn_index=np.array([0, 1, 0, 0], np.int32),
+                         row_valid=np.array([True, True, True, False]), v_low_read=np.full(n, 1, np.int32),
+                         v_high_read=np.full(n, 2, np.int32), v_term_read=np.full(n, 3, np.int32))
+    values = np.arange(12, dtype=np.float32).reshape(n, 3) + 1
+    inputs = turn_batch(turns, tokens, values)
+    np.testing.assert_array_equal(inputs.values_low, [[1, 4, 0], [7, 0, 0]])
+    np.testing.assert_array_equal(inputs.values_high, [[2, 5, 0], [8, 0, 0]])
+    np.testing.assert_array_equal(inputs.values_term, [[3, 6, 0], [9, 0, 0]])
+
+    grid = np.arange(b * t, dtype=np.float32).reshape(b, t)
+    zeros = np.zeros((b, t), np.float32)
+    out = HAEOutput(adv_low=zeros, ret_low=grid, adv_high=zeros, ret_high=grid + 10, adv_term=zeros,
+                    ret_term=grid + 20, boundary=np.array([[True, False, False], [True, False, False]]))
+    passes = Passes(np.zeros((n, length), np.float32), np.zeros((n, length), np.float32), values)
+    batch, stats = assemble(tokens, passes, out, np.zeros((n, length), np.float32), ("low", "high"))
+    np.testing.assert_array_equal(batch.value_targets[:3], [[0, 10, 20], [1, 11, 21], [3, 13, 23]])
+    np.testing.assert_array_equal(batch.value_mask[:, 0], [True, True, True, False])
+    np.testing.assert_array_equal(batch.value_mask[:, 1], [True, False, True, False])  # segment starts
+    assert not batch.value_mask[:, 2].any()  # no term head
+    np.testing.assert_array_equal(batch.value_read, [[1, 2, 3]] * n)
+    assert stats["batch_rows"] == 3 and stats["value_mean"] == pytest.approx((1 + 4 + 7) / 3)

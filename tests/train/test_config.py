@@ -118,3 +118,48 @@ def test_gigpo_options_reach_the_estimator(tmp_path):
     assert spec.fn.keywords["options"] == GiGPOConfig(step_weight=0.25, mode="mean_std_norm")
     config.advantage.estimator = "hae"
     assert estimator_options(config.advantage) == {}
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "gigpo"])
+def test_critic_warmup_needs_an_estimator_with_a_critic(tmp_path, estimator):
+    config = valid_config(tmp_path)
+    config.advantage.estimator = estimator
+    config.advantage.rollouts_per_task = 2
+    validate(config)
+    config.ppo.critic_warmup_iterations = 2
+    with pytest.raises(ValueError, match=f"ppo.critic_warmup_iterations: the estimator '{estimator}' has no critic"):
+        validate(config)
+    config.advantage.estimator = "turn_gae"  # one value head is a critic to warm up
+    config.advantage.rollouts_per_task = 1
+    validate(config)
+
+
+def test_several_processes_need_mini_batches_that_split_over_the_batch_shards(tmp_path):
+    config = valid_config(tmp_path)
+    config.ppo.mini_batch_rows = 24
+    config.ppo.micro_batch_rows = 8
+    config.mesh.data, config.mesh.fsdp = -1, 1
+    validate(config, num_devices=8, num_processes=1)  # one process: any row count
+    validate(config, num_devices=8)
+    with pytest.raises(ValueError, match="ppo.mini_batch_rows: must be a multiple of the mesh's 16 batch shards"):
+        validate(config, num_devices=16, num_processes=2)
+    config.mesh.data, config.mesh.tensor = -1, 2  # 8 data shards x 2 tensor: 24 % 8 == 0
+    validate(config, num_devices=16, num_processes=2)
+
+
+def test_batch_settings_carry_the_config_entries(tmp_path):
+    from hiper_jax.train.config import batch_settings
+
+    config = valid_config(tmp_path)
+    config.advantage.estimator = "gigpo"
+    config.advantage.rollouts_per_task = 2
+    config.advantage.gigpo_step_weight = 0.5
+    config.ppo.kl_coef = 0.0
+    config.sampling.temperature = 0.0
+    settings = batch_settings(config)
+    assert settings.estimator == "gigpo" and dict(settings.estimator_options) == {"step_weight": 0.5,
+                                                                                  "mode": "mean_norm"}
+    assert (settings.max_turns, settings.rows, settings.length_multiple) == (
+        config.env.max_turns, config.ppo.mini_batch_rows, config.ppo.length_multiple)
+    assert settings.temperature == 1.0 and not settings.reference_pass  # greedy sampling: logits at 1
+    assert settings.estimator_spec().needs_states
