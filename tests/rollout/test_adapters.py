@@ -9,7 +9,7 @@ from hiper_jax.rollout import adapters
 from hiper_jax.rollout.adapters import EnvAdapter, EnvSettings, get_adapter, register_adapter
 from hiper_jax.train import config as config_lib
 
-TOY = EnvAdapter("toy", "tests.train.toy_env:hiper_test/Toy-v0", "puzzle", "You are an agent at a toy door.",
+TOY = EnvAdapter("toy_door", "tests.train.toy_env:hiper_test/Toy-v0", "puzzle", "You are an agent at a toy door.",
                  adapters.same_for_both_splits(lambda kwargs: kwargs["num_puzzles"]),
                  admissible_key="choices", task_type_key="kind", reward_key="win_reward",
                  max_steps_key="limit")
@@ -40,7 +40,7 @@ def test_a_name_cannot_be_taken_twice_by_another_adapter():
     register_adapter(TOY)
     register_adapter(TOY)  # the same adapter again is fine
     with pytest.raises(ValueError, match="registered already"):
-        register_adapter(EnvAdapter("toy", "x:y-v0", "i", "intro", TOY.prepare))
+        register_adapter(EnvAdapter("toy_door", "x:y-v0", "i", "intro", TOY.prepare))
 
 
 def test_choose_word_data_is_one_task_set_with_the_success_reward():
@@ -61,14 +61,14 @@ def test_an_outside_env_is_validated_prepared_and_collected_with_its_own_keys(ti
 
     register_adapter(TOY)
     config = config_lib.base_config()
-    config.env.name = "toy"
+    config.env.name = "toy_door"
     config.env.env_kwargs = {"num_puzzles": 3}
     config.model.checkpoint = "x"
     config_lib.validate(config, check_paths=False)
     data = TOY.prepare_data(config_lib.env_settings(config), "/unused")
     assert data.num_train_tasks == 3
     assert data.train.kwargs == {"num_puzzles": 3, "win_reward": config.env.success_reward}
-    prompt_cfg = PromptConfig(env="toy", intro=TOY.intro, max_steps=2, max_prompt_tokens=512)
+    prompt_cfg = PromptConfig(env="toy_door", intro=TOY.intro, max_steps=2, max_prompt_tokens=512)
     token_bytes = TokenBytes(tiny_tokenizer)
     policy = ScriptedPolicy(lambda view: format_response(view.step == 0, "open the door",
                                                          "say beta" if view.step == 0 else "say alpha"),
