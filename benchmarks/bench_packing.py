@@ -111,6 +111,9 @@ def main(argv=None) -> None:
     parser.add_argument("--pack-lengths", default="0,1152",
                         help="packed row widths to compare, comma-separated (0: the length bucket)")
     parser.add_argument("--batch", default="", help="npz file keeping the built batch")
+    parser.add_argument("--turns", type=int, default=0,
+                        help="> 0: time on the batch's first this many turn rows only (a loaded "
+                             "machine; the lengths keep their distribution)")
     parser.add_argument("--out-dir", default="/tmp/bench_packing")
     args = parser.parse_args(argv)
 
@@ -122,6 +125,9 @@ def main(argv=None) -> None:
     config.env.num_eval_games = 4
     trainer = Trainer(config, progress=False)
     batch = build_batch(trainer, args.batch or None)
+    if args.turns:
+        real = np.flatnonzero(np.asarray(batch.valid).any(1))[: args.turns]
+        batch = jax.tree.map(lambda x: np.asarray(x)[real], batch)
     lengths = np.asarray(batch.valid).sum(1)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {np.shape(batch.tokens)} "
@@ -134,10 +140,13 @@ def main(argv=None) -> None:
     for name, pack, width in layouts:  # compilation
         _, metrics[name] = update(trainer, batch, pack, width)
         passes(trainer, batch, pack, width)
-    for _ in range(args.rounds):
+        print(f"compiled: {name}", flush=True)
+    for round_index in range(args.rounds):
         for name, pack, width in layouts:
             times[name]["update"].append(update(trainer, batch, pack, width)[0])
             times[name]["passes"].append(passes(trainer, batch, pack, width))
+            print(f"round {round_index}: {name}: update {times[name]['update'][-1]:.2f} s, "
+                  f"passes {times[name]['passes'][-1]:.2f} s", flush=True)
 
     def spread(values):
         return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"

@@ -242,6 +242,7 @@ def packed_micro_rows(micro_rows: int, length: int, width: int) -> int:
 def packed_rows_per_step(num_packed: int, num_unpacked: int, rows: int, multiple: int) -> int:
     """Packed rows per optimizer step so that an epoch over ``num_packed`` packed rows takes as
     many steps as one over ``num_unpacked`` rows in steps of ``rows`` rows: the packed rows split
-    evenly over those steps, rounded up to a multiple of ``multiple`` (the micro-batch)."""
+    evenly over those steps, rounded up to a multiple of ``multiple`` (the micro-batch; the
+    rounding can leave fewer steps, never more)."""
     steps = max(1, math.ceil(num_unpacked / rows))
     return max(multiple, math.ceil(num_packed / steps / multiple) * multiple)

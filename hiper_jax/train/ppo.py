@@ -59,7 +59,7 @@ class PPOConfig:
     # and the value loss reaches a shared backbone's weights not at all (only the heads learn).
     train_actor: bool = True
     # True: ppo_update packs several turn rows into each row (hiper_jax.train.packing); the
-    # mini-batches then hold packed rows, as many steps per epoch as unpacked.
+    # mini-batches then hold packed rows, about as many steps per epoch as unpacked.
     pack_rows: bool = False
     pack_length: int = 0  # width of a packed row (0: the batch's length bucket)
 
@@ -454,9 +454,10 @@ def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
     grammar's, for a batch sampled with a constraint.
 
     With ``ppo.pack_rows`` the turn rows are first packed into rows of ``ppo.pack_length`` (or
-    the batch's width; :func:`~hiper_jax.train.packing.pack_ppo_batch`); an epoch then takes as
-    many steps as unpacked, each over packed rows, in micro-batches of at most about as many
-    tokens (:func:`~hiper_jax.train.packing.packed_micro_rows`).
+    the batch's width; :func:`~hiper_jax.train.packing.pack_ppo_batch`); an epoch then takes
+    about as many steps as unpacked (:func:`~hiper_jax.train.packing.packed_rows_per_step`),
+    each over packed rows, in micro-batches of at most about as many tokens
+    (:func:`~hiper_jax.train.packing.packed_micro_rows`).
     """
     check_ppo_batch(batch)
     place = place or jax.device_put
