@@ -21,6 +21,7 @@ settings from one).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
@@ -34,6 +35,7 @@ from hiper_jax.hae import HAEConfig, HAEOutput, assign_token_advantages
 from hiper_jax.models import qwen2
 from hiper_jax.rollout.packing import TokenArrays, TurnArrays, pack_tokens, pack_turns
 from hiper_jax.rollout.types import Trajectory
+from hiper_jax.train.packing import packed_pass
 from hiper_jax.train.ppo import PPOBatch, TrainState, length_groups, logprob_pass, logprob_value_pass, row_lengths
 
 
@@ -51,6 +53,9 @@ class BatchSettings:
       temperature: the sampling temperature the log-probs are taken at (0 counts as 1).
       reference_pass: run the reference policy's pass (the loss has a KL term).
       gigpo_similarity: GiGPO's anchor-state similarity threshold.
+      pack_rows: run the passes on packed rows (several turns per row,
+        :func:`hiper_jax.train.packing.packed_pass`); ``pack_length`` their width (0: the
+        batch's length bucket).
     """
 
     estimator: str
@@ -61,6 +66,8 @@ class BatchSettings:
     temperature: float = 1.0
     reference_pass: bool = True
     gigpo_similarity: float = 1.0
+    pack_rows: bool = False
+    pack_length: int = 0
     estimator_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def estimator_spec(self) -> EstimatorSpec:
@@ -162,12 +169,14 @@ def model_passes(tokens: TokenArrays, state: TrainState, ref_params, model_confi
     def ref_pass(t, v, *allowed):
         return (logprob_pass(ref_params, model_config, t, v, temperature, allowed_of(allowed)),)
 
-    old_logp, values = chunked(old_pass, arrays, (reads,), rows, mesh, multiple, per_token=(True, False))
+    run = functools.partial(chunked, rows=rows, mesh=mesh, length_multiple=multiple)
+    if settings.pack_rows:
+        run = packed_pass(run, tokens.valid, settings.pack_length or None)
+    old_logp, values = run(old_pass, arrays, (reads,), per_token=(True, False))
     if not uses_critic:
         values = np.zeros(reads.shape, np.float32)
     # Without a KL term the reference policy is never used: skip its pass.
-    ref_logp = (chunked(ref_pass, arrays, (), rows, mesh, multiple)[0] if settings.reference_pass
-                else np.zeros_like(old_logp))
+    ref_logp = run(ref_pass, arrays, ())[0] if settings.reference_pass else np.zeros_like(old_logp)
     return Passes(old_logp, ref_logp, values)
 
 

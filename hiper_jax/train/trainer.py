@@ -146,7 +146,7 @@ class Trainer:
             micro_batch_rows=cfg.ppo.micro_batch_rows, temperature=cfg.sampling.temperature or 1.0,
             value_heads=self.estimator.value_heads,
             length_multiple=cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0,
-            value_coef=cfg.ppo.value_coef)
+            value_coef=cfg.ppo.value_coef, pack_rows=cfg.ppo.pack_rows, pack_length=cfg.ppo.pack_length)
         self.batch_settings = config_lib.batch_settings(cfg)
         self._load_model()
         self.data = prepare_env_data(cfg, self.out_dir, progress=progress)
