@@ -223,7 +223,7 @@ def estimator_output(trainer, trajectories: Sequence):
     from hiper_jax.train.trainer import build_ppo_batch
 
     text_mask = trainer.grammar.text_mask if trainer.grammar is not None else None
-    _, _, out, _ = build_ppo_batch(list(trajectories), trainer.state, trainer.ref_params,
+    _, _, out, _ = build_ppo_batch(list(trajectories), trainer.full_state(), trainer.ref_params,
                                    trainer.model_config, trainer.config, trainer.hae_cfg,
                                    trainer.pad_id, mesh=trainer.mesh, text_mask=text_mask)
     return jax.tree.map(np.asarray, out)

@@ -605,7 +605,7 @@ def gradient_variance(config: ml_collections.ConfigDict, progress: bool = True) 
     for estimator in study.variance_estimators:
         cfg = copy.deepcopy(run)
         cfg.advantage.estimator = estimator
-        batch, _, _, _ = build_ppo_batch(trajectories, trainer.state, trainer.ref_params,
+        batch, _, _, _ = build_ppo_batch(trajectories, trainer.full_state(), trainer.ref_params,
                                          trainer.model_config, cfg, trainer.hae_cfg, trainer.pad_id,
                                          mesh=trainer.mesh, text_mask=text_mask)
         out["estimators"][estimator] = minibatch_gradient_stats(
