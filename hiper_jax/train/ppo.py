@@ -12,6 +12,10 @@ length. Actor and critic have their own AdamW with global-norm clipping. A step 
 gradient is not finite is skipped: parameters and optimizer states stay as they were, and the
 metrics say so. Batches are checked against the shapes and dtypes :class:`PPOBatch` promises at
 the entry points (:func:`check_ppo_batch`); a mismatch raises ValueError naming the field.
+
+With LoRA the train state holds only what trains (adapters, value heads) and the optimizers
+see only that; the frozen base weights come in as a separate, undonated argument
+(:func:`init_lora_params`), so no gradient or moment is ever allocated for them.
 """
 
 from __future__ import annotations

@@ -41,6 +41,10 @@ head dim, ``M`` MLP width, ``V`` vocab)::
 
 (unstacked: ``layers`` is a list of ``N`` trees with the same names and no leading ``N``.)
 
+With ``config.lora_rank = r > 0`` each targeted projection also holds ``lora_a [N, *I, r]`` and
+``lora_b [N, r, *O]`` (``nnx.LoRAParam``); a tree without them runs as the base model under the
+same config (:func:`tree_config`). See :mod:`hiper_jax.models.qwen2.lora`.
+
 Masks are *segment ids* ``[B, L]`` int: 0 marks padding, tokens attend causally to earlier
 tokens of the same segment. A HF-style 0/1 ``attention_mask`` is a valid value (one segment per
 row, e.g. left-padded prompts); ids 1, 2, 3, ... pack several sequences into one row.
