@@ -280,7 +280,7 @@ def float_size(tree):
     return sum(x.size for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating))
 
 
-@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("shared", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_lora_step_trains_only_adapters_and_heads(shared):
     base, actor, critic, frozen = lora_setup(shared)
     assert float_size(actor) == qwen2.lora.count_adapter_params(LORA_CONFIG)
