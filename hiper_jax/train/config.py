@@ -93,6 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
         # Rows of similar length share a mini-batch (and a log-prob/value pass chunk), cut to
         # the bucketed width of its longest row: much less padding, a few compiled widths.
         group_by_length=True,
+        # Several turns per update row (segments up to the length bucket; attention stays inside
+        # each), for the update and the log-prob/value passes; the same loss, fewer padding tokens.
+        pack_rows=False,
+        pack_length=0,              # packed row width; 0: the batch's length bucket
         value_coef=1.0,             # value-loss weight; < 1 keeps a shared backbone the policy's
         # The first this many iterations update the critic only (the actor stays the warm
         # start), so the first policy step sees a baseline fitted to the warm start's returns.
@@ -332,6 +336,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
              f"must be >= 0, got {ppo.critic_warmup_iterations}")
     for field in ("epochs", "mini_batch_rows", "micro_batch_rows", "length_multiple"):
         _require(ppo[field] >= 1, f"ppo.{field}", f"must be >= 1, got {ppo[field]}")
+    _require(ppo.pack_length >= 0, "ppo.pack_length", f"must be >= 0, got {ppo.pack_length}")
     for field in ("iterations", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _require(train[field] >= 0 if field == "iterations" else train[field] >= 1,
                  f"train.{field}", f"must be positive, got {train[field]}")

@@ -35,6 +35,8 @@ from hiper_jax.models.value_heads import (CriticConfig, critic_values, init_lora
                                           lora_critic_base)
 from hiper_jax.shapes import check_flags, check_rank, check_same_shape, check_shape, check_type
 from hiper_jax.train.losses import clipped_value_loss, kl_penalty, ppo_dual_clip_loss
+from hiper_jax.train.packing import (pack_ppo_batch, packed_micro_rows, packed_rows_per_step,
+                                     segment_lengths)
 
 Array = jax.Array
 Params = dict
@@ -61,6 +63,10 @@ class PPOConfig:
     # False: a critic-only step (warm-up): the actor and its optimizer state stay as they are,
     # and the value loss reaches a shared backbone's weights not at all (only the heads learn).
     train_actor: bool = True
+    # True: ppo_update packs several turn rows into each row (hiper_jax.train.packing); the
+    # mini-batches then hold packed rows, about as many steps per epoch as unpacked.
+    pack_rows: bool = False
+    pack_length: int = 0  # width of a packed row (0: the batch's length bucket)
 
 
 class TrainState(NamedTuple):
@@ -78,11 +84,12 @@ class PPOBatch(NamedTuple):
 
     ``value_*`` are ``[N, 3]`` (heads low, high, term): the hidden-state position each head
     reads, its target return, its value at rollout time, and whether the head is trained on
-    that row.
+    that row. In packed rows (:mod:`hiper_jax.train.packing`) ``valid`` holds segment ids
+    (int, 0 padding) and ``value_*`` are per segment, ``[N, S, 3]``.
     """
 
     tokens: Array          # [N, L] int32
-    valid: Array           # [N, L] bool, real tokens (prompt and response)
+    valid: Array           # [N, L] bool, real tokens (prompt and response); or int segment ids
     loss_mask: Array       # [N, L] bool, response tokens inside the three blocks
     advantages: Array      # [N, L] float32
     old_logp: Array        # [N, L] float32
@@ -96,17 +103,25 @@ class PPOBatch(NamedTuple):
     allowed_ids: Optional[Array] = None   # [N, L, K] int32
 
 
+def value_shape(num_rows: int, value_read) -> tuple[tuple[Optional[int], ...], str]:
+    """The shape (and its spec) of the value arrays that go with ``value_read``: ``[N, 3]``,
+    or ``[N, S, 3]`` per segment of packed rows."""
+    if value_read is not None and jnp.ndim(value_read) == 3:
+        return (num_rows, None, 3), "[N, S, 3]"
+    return (num_rows, 3), "[N, 3]"
+
+
 def check_token_rows(tokens, valid, value_read=None, prefix: str = "") -> tuple[int, int]:
-    """``tokens`` ``[N, L]`` int, ``valid`` the same shape (bool or integer), ``value_read``
-    ``[N, 3]`` int (None: not checked); returns ``(N, L)``. Raises ValueError naming the
-    argument (after ``prefix``). Reads shapes and dtypes only, so inside jit it runs once while
-    tracing."""
+    """``tokens`` ``[N, L]`` int, ``valid`` the same shape (bool, or integer segment ids),
+    ``value_read`` ``[N, 3]`` or ``[N, S, 3]`` int (None: not checked); returns ``(N, L)``.
+    Raises ValueError naming the argument (after ``prefix``). Reads shapes and dtypes only, so
+    inside jit it runs once while tracing."""
     named = lambda name, x: {prefix + name: x}
     check_rank(2, "[N, L]", **named("tokens", tokens))
     check_type(int, **named("tokens", tokens))
     num_rows, length = check_same_shape(**named("tokens", tokens), **named("valid", valid))
     check_flags(**named("valid", valid))
-    check_shape((num_rows, 3), "[N, 3]", **named("value_read", value_read))
+    check_shape(*value_shape(num_rows, value_read), **named("value_read", value_read))
     check_type(int, **named("value_read", value_read))
     return num_rows, length
 
@@ -136,7 +151,7 @@ def check_ppo_batch(batch: PPOBatch) -> tuple[int, int]:
     check_shape((num_rows, length), "[N, L]",
                 **fields("loss_mask", "advantages", "old_logp", "ref_logp", "allowed_mode"))
     check_shape((num_rows, length, None), "[N, L, K]", **fields("allowed_ids"))
-    check_shape((num_rows, 3), "[N, 3]", **fields("value_targets", "old_values", "value_mask"))
+    check_shape(*value_shape(num_rows, batch.value_read), **fields("value_targets", "old_values", "value_mask"))
     check_flags(**fields("loss_mask", "value_mask"))
     check_type(float, **fields("advantages", "old_logp", "ref_logp", "value_targets", "old_values"))
     check_type(int, **fields("allowed_mode", "allowed_ids"))
@@ -229,9 +244,12 @@ def batch_allowed(batch, text_mask: Optional[Array]) -> Optional[qwen2.AllowedTo
 
 def read_values(critic: Params, config: qwen2.Qwen2Config, tokens: Array, valid: Array,
                 value_read: Array, policy_hidden: Optional[Array] = None, remat: bool = False) -> Array:
-    """Critic values ``[N, 3]`` at each head's read position ``value_read [N, 3]``."""
+    """Critic values ``[N, 3]`` at each head's read position ``value_read [N, 3]`` (per
+    segment of packed rows: ``[N, S, 3]`` at ``[N, S, 3]``)."""
     values = critic_values(critic, config, tokens, segment_ids=_segment_ids(valid),
                            policy_hidden=policy_hidden, remat=remat)
+    if value_read.ndim == 3:
+        return jnp.take_along_axis(values, value_read, axis=1)
     return jnp.take_along_axis(values, value_read[:, None, :], axis=1)[:, 0, :]
 
 
@@ -300,10 +318,10 @@ def _loss(params, batch: PPOBatch, counts: dict, text_mask: Optional[Array], con
     for head, name in enumerate(("low", "high", "term")):
         if name not in ppo.value_heads:
             continue
-        head_mask = batch.value_mask[:, head]
+        head_mask = batch.value_mask[..., head]
         head_share = jnp.sum(head_mask) / jnp.maximum(counts[name], 1.0)
         value_loss += head_share * clipped_value_loss(
-            values[:, head], batch.old_values[:, head], batch.value_targets[:, head], head_mask,
+            values[..., head], batch.old_values[..., head], batch.value_targets[..., head], head_mask,
             clip=ppo.value_clip)
     metrics = {
         "pg_loss": pg.loss * share, "kl": kl / denominator, "entropy": ent / denominator,
@@ -321,7 +339,7 @@ def _split(batch: PPOBatch, parts: int) -> PPOBatch:
 def _counts(batch: PPOBatch) -> dict:
     counts = {"tokens": jnp.sum(batch.loss_mask).astype(jnp.float32)}
     for head, name in enumerate(("low", "high", "term")):
-        counts[name] = jnp.sum(batch.value_mask[:, head]).astype(jnp.float32)
+        counts[name] = jnp.sum(batch.value_mask[..., head]).astype(jnp.float32)
     return counts
 
 
@@ -374,8 +392,14 @@ def ppo_step(state: TrainState, mini: PPOBatch, text_mask: Optional[Array] = Non
 
 
 def row_lengths(valid) -> np.ndarray:
-    """``[N]`` real tokens per row of a right-padded ``valid [N, L]``."""
-    return np.asarray(valid).sum(axis=1)
+    """``[N]`` real tokens per row of ``valid [N, L]`` (flags or segment ids)."""
+    return (np.asarray(valid) != 0).sum(axis=1)
+
+
+def _carries(batch: PPOBatch) -> np.ndarray:
+    """``[N]`` bool: rows with a loss token or a trained value head."""
+    value_mask = np.asarray(batch.value_mask)
+    return np.asarray(batch.loss_mask).any(1) | value_mask.reshape(value_mask.shape[0], -1).any(1)
 
 
 def length_groups(lengths: np.ndarray, rows: int, length_multiple: int, width: int,
@@ -406,7 +430,7 @@ def mini_batches(batch: PPOBatch, rows: int, rng: np.random.Generator,
     order), each mini-batch cut to the bucketed width of its longest row, so the update
     computes on far fewer padding tokens; a handful of widths compile.
     """
-    carries = np.flatnonzero(np.asarray(batch.loss_mask).any(1) | np.asarray(batch.value_mask).any(1))
+    carries = np.flatnonzero(_carries(batch))
     empty = np.flatnonzero(~np.isin(np.arange(np.shape(batch.tokens)[0]), carries))
     width = np.shape(batch.tokens)[1]
     if length_multiple > 0:
@@ -425,7 +449,7 @@ def mini_batches(batch: PPOBatch, rows: int, rng: np.random.Generator,
         if len(chosen) < rows:  # padding rows: no loss, no value loss
             keep = np.arange(rows) < len(chosen)
             part = part._replace(loss_mask=part.loss_mask & keep[:, None],
-                                 value_mask=part.value_mask & keep[:, None])
+                                 value_mask=part.value_mask & keep.reshape((-1,) + (1,) * (part.value_mask.ndim - 1)))
         out.append(part)
     return out
 
@@ -440,11 +464,11 @@ def _cut_width(batch: PPOBatch, width: int) -> PPOBatch:
 
 def token_counts(mini: PPOBatch) -> dict[str, float]:
     """Tokens of a host mini-batch: ``real_tokens`` (valid tokens of the rows that carry a loss
-    or a value loss), their ``real_attention_pairs`` (sum of squared row lengths: each token
-    attends to its row) and ``computed_tokens`` (every position the step computes, ``N * L``)."""
+    or a value loss), their ``real_attention_pairs`` (sum of squared segment lengths: each token
+    attends to its segment, a whole row unless packed) and ``computed_tokens`` (every position
+    the step computes, ``N * L``)."""
     valid = np.asarray(mini.valid)
-    carries = np.asarray(mini.loss_mask).any(1) | np.asarray(mini.value_mask).any(1)
-    lengths = valid[carries].sum(axis=1).astype(np.float64)
+    lengths = segment_lengths(valid[_carries(mini)]).astype(np.float64)
     return {"real_tokens": float(lengths.sum()), "real_attention_pairs": float(np.square(lengths).sum()),
             "computed_tokens": float(valid.size)}
 
@@ -459,12 +483,25 @@ def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
     Every step has the same shape, so the update compiles once per token length. ``place``
     puts a host mini-batch on devices (default ``jax.device_put``). ``text_mask [V]``: the
     grammar's, for a batch sampled with a constraint. ``frozen``: see :func:`ppo_step`.
+
+    With ``ppo.pack_rows`` the turn rows are first packed into rows of ``ppo.pack_length`` (or
+    the batch's width; :func:`~hiper_jax.train.packing.pack_ppo_batch`); an epoch then takes
+    about as many steps as unpacked (:func:`~hiper_jax.train.packing.packed_rows_per_step`),
+    each over packed rows, in micro-batches of at most about as many tokens
+    (:func:`~hiper_jax.train.packing.packed_micro_rows`).
     """
     check_ppo_batch(batch)
     place = place or jax.device_put
+    rows, length_multiple = ppo.mini_batch_rows, ppo.length_multiple
+    if ppo.pack_rows:
+        batch, plan = pack_ppo_batch(batch, ppo.pack_length or None)
+        micro = packed_micro_rows(ppo.micro_batch_rows, plan.source_width, plan.width)
+        rows = packed_rows_per_step(plan.num_rows, plan.source.size, rows, micro)
+        ppo = dataclasses.replace(ppo, micro_batch_rows=micro)
+        length_multiple = 0  # packed rows are full: nothing to gain from grouping by length
     history, counts = [], []
     for _ in range(ppo.epochs):
-        for mini in mini_batches(batch, ppo.mini_batch_rows, rng, ppo.length_multiple):
+        for mini in mini_batches(batch, rows, rng, length_multiple):
             counts.append(token_counts(mini))
             state, metrics = ppo_step(state, place(mini), text_mask, frozen, config=config, ppo=ppo,
                                       actor_tx=actor_tx, critic_tx=critic_tx)

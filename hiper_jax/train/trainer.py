@@ -53,6 +53,7 @@ from hiper_jax.rollout.types import Trajectory
 from hiper_jax.train import checkpoints as checkpoint_lib
 from hiper_jax.train import config as config_lib
 from hiper_jax.train import throughput
+from hiper_jax.train.packing import packed_pass
 from hiper_jax.train.logger import MetricsLogger
 from hiper_jax.train.plots import plot_run
 from hiper_jax.train.ppo import (
@@ -268,12 +269,14 @@ def build_ppo_batch(trajectories, state: TrainState, ref_params, model_config: q
         return (logprob_pass(ref_params, model_config, t, v, temperature, allowed_of(allowed)),)
 
     passes_start = time.perf_counter()
-    old_logp, values = _chunked(old_pass, arrays, (reads,), rows, mesh, multiple, per_token=(True, False))
+    run = functools.partial(_chunked, rows=rows, mesh=mesh, length_multiple=multiple)
+    if cfg.ppo.pack_rows:
+        run = packed_pass(run, tokens.valid, cfg.ppo.pack_length or None)
+    old_logp, values = run(old_pass, arrays, (reads,), per_token=(True, False))
     if not spec.value_heads:
         values = np.zeros(reads.shape, np.float32)
     # Without a KL term the reference policy is never used: skip its pass.
-    ref_logp = (_chunked(ref_pass, arrays, (), rows, mesh, multiple)[0] if cfg.ppo.kl_coef
-                else np.zeros_like(old_logp))
+    ref_logp = run(ref_pass, arrays, ())[0] if cfg.ppo.kl_coef else np.zeros_like(old_logp)
     passes_s = time.perf_counter() - passes_start
     valid_rows = tokens.row_valid
     values_bt = np.zeros(turns.mask.shape + (3,), np.float32)
@@ -369,7 +372,7 @@ class Trainer:
             micro_batch_rows=cfg.ppo.micro_batch_rows, temperature=cfg.sampling.temperature or 1.0,
             value_heads=self.estimator.value_heads,
             length_multiple=cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0,
-            value_coef=cfg.ppo.value_coef)
+            value_coef=cfg.ppo.value_coef, pack_rows=cfg.ppo.pack_rows, pack_length=cfg.ppo.pack_length)
         if cfg.ppo.critic_warmup_iterations and not self.estimator.value_heads:
             raise config_lib.ConfigError(
                 f"config field ppo.critic_warmup_iterations: the estimator {cfg.advantage.estimator!r} "

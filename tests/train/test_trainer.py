@@ -256,3 +256,22 @@ def test_continuous_episodes_train_on_the_turn_budget(word_checkpoint, tmp_path)
         assert r["train/episodes"] > 32  # envs started further episodes
         assert 0.5 < r["time/decode_active_fraction"] <= 1
         assert r["update/real_tokens"] > 0 and np.isfinite(r["update/pg_loss"])
+
+
+@pytest.mark.slow  # four training iterations: a few CPU-minutes, mostly compilation
+def test_packed_rows_train_with_exact_logprobs(word_checkpoint, tmp_path):
+    """With ppo.pack_rows the log-prob pass on packed rows still equals the sampler's, the
+    update rows are mostly real tokens, and the policy learns."""
+    from hiper_jax.train.trainer import Trainer
+
+    config = word_config(word_checkpoint, tmp_path, "hae", iterations=4)
+    config.sampling.constraint = "grammar"
+    config.ppo.pack_rows = True
+    history = Trainer(config, progress=False).run()
+    iterations = [r for r in history if "batch/logp_mismatch_max" in r]
+    assert len(iterations) == 4
+    assert all(0 <= r["batch/logp_mismatch_max"] < 1e-3 for r in iterations), iterations
+    assert all(r["throughput/update_real_fraction"] > 0.5 for r in iterations), iterations
+    evals = success_rates(history, "eval")
+    assert evals[-1] >= evals[0] + 0.1, (evals, success_rates(history, "train"))
+    assert_accounting(history)
