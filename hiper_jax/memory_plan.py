@@ -8,7 +8,8 @@ What is counted, per chip (bytes; ``P`` parameters of a tensor after sharding):
 * resident all run long: policy params (fp32 master, or bf16), a bf16 compute copy of the
   policy for sampling, AdamW moments (2 x fp32), the frozen reference policy (bf16), and the
   critic (its own backbone, value heads, fp32 params and AdamW moments) unless it shares the
-  policy backbone;
+  policy backbone; with LoRA (``lora_rank``) the moments, gradients and the critic's own
+  weights are those of the adapters and heads only, and there is no reference copy;
 * rollout phase: the KV cache of every env's sequence (``prompt + response`` tokens, bf16), the
   prefill working set, and the weights FSDP gathers at once;
 * update phase: gradients (policy and critic, in the params' dtype), the activations of one
@@ -81,6 +82,25 @@ class ModelShape:
             out.append(Tensor("value_heads", h * value_heads, fsdp_dim=h))
             out.append(Tensor("value_heads.bias", value_heads))
         return out
+
+    def lora_tensors(self, rank: int) -> list["Tensor"]:
+        """The LoRA adapters of rank ``rank`` on all seven projections of every layer: ``A [in,
+        r]`` and ``B [r, out]``, sharded along ``in`` / ``out`` as their kernel is (the rank
+        dimension is replicated)."""
+        h, n, i = self.hidden, self.layers, self.intermediate
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return [
+            Tensor("q_proj.lora_a", n * h * rank, fsdp_dim=h),
+            Tensor("q_proj.lora_b", n * rank * q, tensor_dim=self.heads),
+            Tensor("k_proj+v_proj.lora_a", 2 * n * h * rank, fsdp_dim=h),
+            Tensor("k_proj+v_proj.lora_b", 2 * n * rank * kv, tensor_dim=self.kv_heads),
+            Tensor("o_proj.lora_a", n * q * rank, tensor_dim=self.heads),
+            Tensor("o_proj.lora_b", n * rank * h, fsdp_dim=h),
+            Tensor("gate_proj+up_proj.lora_a", 2 * n * h * rank, fsdp_dim=h),
+            Tensor("gate_proj+up_proj.lora_b", 2 * n * rank * i, tensor_dim=i),
+            Tensor("down_proj.lora_a", n * i * rank, tensor_dim=i),
+            Tensor("down_proj.lora_b", n * rank * h, fsdp_dim=h),
+        ]
 
     @property
     def param_count(self) -> int:
@@ -163,6 +183,10 @@ class TrainingSetup:
       separate_critic: the critic has its own backbone (else value heads on the policy).
       attention: "naive" (float32 probabilities materialised) or "flash" (none kept).
       logits_chunk_tokens: tokens whose logits exist at once in the loss (None: all).
+      lora_rank: > 0: LoRA adapters of this rank on all attention and MLP projections. Only
+        they and the value heads train (gradients and AdamW moments for them alone); the
+        policy's weights are frozen and are the reference policy (no copy); a separate critic
+        is adapters of its own on those same weights; sampling runs a merged bf16 copy.
     """
 
     num_envs: int = 128
@@ -176,10 +200,13 @@ class TrainingSetup:
     separate_critic: bool = True
     attention: str = "naive"
     logits_chunk_tokens: Optional[int] = None
+    lora_rank: int = 0
 
     def __post_init__(self):
         if self.attention not in ("naive", "flash"):
             raise ValueError(f"attention must be 'naive' or 'flash', got {self.attention!r}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
 
     @property
     def sequence_tokens(self) -> int:
@@ -249,15 +276,22 @@ def memory_plan(model: ModelShape, data: int, fsdp: int, tensor: int,
                          f"{batch_shards}")
     param_bytes = FP32 if setup.fp32_master else BF16
     policy = _sharded_params(model.tensors(), fsdp, tensor)
-    critic = _sharded_params(
-        model.tensors(lm_head=False, value_heads=3) if setup.separate_critic
-        else model.tensors(value_heads=3)[-2:], fsdp, tensor)
+    heads = _sharded_params(model.tensors(value_heads=3)[-2:], fsdp, tensor)
+    if setup.lora_rank:
+        trainable = _sharded_params(model.lora_tensors(setup.lora_rank), fsdp, tensor)
+        critic = heads + (trainable if setup.separate_critic else 0.0)
+    else:
+        trainable = policy
+        critic = _sharded_params(model.tensors(lm_head=False, value_heads=3), fsdp, tensor) \
+            if setup.separate_critic else heads
 
     resident = {"policy params": policy * param_bytes}
-    if setup.bf16_compute_copy and setup.fp32_master:
+    if setup.lora_rank:
+        resident["policy LoRA adapters"] = trainable * param_bytes
+    if setup.bf16_compute_copy and (setup.fp32_master or setup.lora_rank):
         resident["policy bf16 copy"] = policy * BF16
-    resident["policy AdamW"] = policy * 2 * FP32
-    if setup.reference_policy:
+    resident["policy AdamW"] = trainable * 2 * FP32
+    if setup.reference_policy and not setup.lora_rank:
         resident["reference policy"] = policy * BF16
     resident["critic params + AdamW"] = critic * (param_bytes + 2 * FP32)
 
@@ -279,7 +313,7 @@ def memory_plan(model: ModelShape, data: int, fsdp: int, tensor: int,
     tokens = rows * seq
     logit_tokens = min(tokens, setup.logits_chunk_tokens or tokens)
     update = {
-        "grads": (policy + critic) * param_bytes,
+        "grads": (trainable + critic) * param_bytes,
         "remat checkpoints": model.layers * tokens * model.hidden * BF16,
         "layer activations": 2 * _layer_activation_bytes(model, tokens, tensor),
         "attention probs": 2 * _attention_bytes(model, rows, seq, seq, tensor, setup),
@@ -288,6 +322,20 @@ def memory_plan(model: ModelShape, data: int, fsdp: int, tensor: int,
     }
     return MemoryPlan(resident=resident, rollout=rollout, update=update)
 
+
+def trainable_params(model: ModelShape, setup: TrainingSetup = TrainingSetup()) -> dict[str, int]:
+    """Parameters that train (and get gradients and AdamW moments), in all: ``policy`` and
+    ``critic`` (value heads, plus its backbone or, with LoRA, its own adapters)."""
+    heads = sum(t.numel for t in model.tensors(value_heads=3)[-2:])
+    if setup.lora_rank:
+        policy = sum(t.numel for t in model.lora_tensors(setup.lora_rank))
+        return {"policy": policy, "critic": heads + (policy if setup.separate_critic else 0)}
+    critic = sum(t.numel for t in model.tensors(lm_head=False, value_heads=3)) \
+        if setup.separate_critic else heads
+    return {"policy": model.param_count, "critic": critic}
+
+
+_LORA_7B = {"lora_rank": 16, "fp32_master": False, "prefill_rows_per_chip": 4}
 
 # README tables: (model, accelerator, mesh (data, fsdp, tensor), setup changes, note).
 README_PLANS = (
@@ -298,6 +346,8 @@ README_PLANS = (
     ("7b", "v4-32", (1, 16, 1), {}, ""),
     ("7b", "v5litepod-32", (1, 32, 1), {"logits_chunk_tokens": 512}, "chunked logits"),
     ("7b", "v5p-16", (1, 8, 1), {}, "recommended"),
+    ("7b", "v4-8", (1, 4, 1), _LORA_7B, "LoRA r=16, bf16 weights, prefill 4 rows"),
+    ("7b", "v5litepod-8", (1, 8, 1), _LORA_7B, "LoRA r=16, bf16 weights, prefill 4 rows"),
 )
 
 

@@ -116,3 +116,37 @@ def test_readme_shows_the_computed_table():
     resident_v4_8 = sum(memory_plan(QWEN2_5["7b"], 1, 4, 1).resident.values()) / GIB
     assert f"resident: {resident_v4_8:.1f} GiB per chip" in readme.replace("\n", " ")
     assert {"v4-8", "v5litepod-8", "v5p-16"} <= set(ACCELERATORS)
+
+
+@pytest.mark.parametrize("model", [TINY, QWEN2_5["0.5b"]], ids=lambda m: m.name)
+def test_lora_trainable_params_match_the_adapters_the_port_makes(model):
+    from hiper_jax.memory_plan import trainable_params
+    from hiper_jax.models import qwen2
+
+    config = qwen2.Qwen2Config(vocab_size=model.vocab, hidden_size=model.hidden,
+                               intermediate_size=model.intermediate, num_hidden_layers=model.layers,
+                               num_attention_heads=model.heads, num_key_value_heads=model.kv_heads,
+                               tie_word_embeddings=model.tied_embeddings, lora_rank=8)
+    adapters = qwen2.lora.count_adapter_params(config)
+    assert sum(t.numel for t in model.lora_tensors(8)) == adapters
+    heads = 3 * model.hidden + 3
+    assert trainable_params(model, TrainingSetup(lora_rank=8)) == {"policy": adapters,
+                                                                   "critic": adapters + heads}
+    assert trainable_params(model, TrainingSetup(lora_rank=8, separate_critic=False))["critic"] == heads
+
+
+def test_lora_plan_keeps_moments_and_grads_for_the_adapters_only():
+    model, setup = QWEN2_5["7b"], TrainingSetup(lora_rank=16)
+    full, plan = memory_plan(model, 1, 8, 1), memory_plan(model, 1, 8, 1, setup)
+    adapters = sum(t.per_chip(8, 1) for t in model.lora_tensors(16))
+    heads = sum(t.per_chip(8, 1) for t in model.tensors(value_heads=3)[-2:])
+    assert plan.resident["policy AdamW"] == adapters * 8
+    assert plan.resident["policy LoRA adapters"] == adapters * 4
+    assert plan.resident["critic params + AdamW"] == (adapters + heads) * 12
+    assert plan.update["grads"] == (2 * adapters + heads) * 4
+    assert "reference policy" not in plan.resident and "reference policy" in full.resident
+    assert plan.resident["policy params"] == full.resident["policy params"]  # frozen, still there
+    assert plan.rollout == full.rollout
+    assert plan.peak_bytes < 0.6 * full.peak_bytes
+    with pytest.raises(ValueError, match="lora_rank"):
+        TrainingSetup(lora_rank=-1)

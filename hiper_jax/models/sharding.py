@@ -13,6 +13,7 @@ Every parameter dimension and every sharded activation dimension has a logical n
 ``vocab``      vocabulary
 ``layers``     the stacked-layer axis of parameters and cache
 ``value_heads``  the three critic outputs (low, high, term)
+``lora_rank``  the rank dimension of LoRA adapters (replicated: it is small)
 =============  =====================================================
 
 :data:`DEFAULT_RULES` maps them onto mesh axes: data and FSDP parallelism over the batch, FSDP
@@ -52,6 +53,7 @@ DEFAULT_RULES: AxisRules = (
     ("vocab", "tensor"),
     ("layers", None),
     ("value_heads", None),
+    ("lora_rank", None),
 )
 
 _active_rules: list[AxisRules] = [DEFAULT_RULES]

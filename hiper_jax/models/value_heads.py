@@ -22,10 +22,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hiper_jax.models import sharding
+from hiper_jax.models.qwen2 import lora
 from hiper_jax.models.qwen2.config import Qwen2Config
 from hiper_jax.vocab import VALUE_HEADS
 from hiper_jax.models.qwen2.model import (ParamSpec, Params, Qwen2Model, _param, abstract_specs,
-                                          module_params)
+                                          module_params, tree_config)
 
 Array = jax.Array
 
@@ -117,6 +118,30 @@ def init_critic(key: Array, config: Qwen2Config, policy_params: Params,
     return critic
 
 
+def init_lora_critic(key: Array, config: Qwen2Config, critic_config: CriticConfig = CriticConfig(),
+                     mesh: Optional[Mesh] = None) -> Params:
+    """The trainable part of a critic under LoRA (``config.lora_rank > 0``): fresh heads and, for
+    a separate critic, fresh adapters of its own (``{"heads": ..., "backbone": adapters}``).
+    Its backbone's base weights are the policy's frozen ones (:func:`lora_critic_base`): a
+    separate LoRA critic keeps no copy of the backbone."""
+    head_key, adapter_key = jax.random.split(key)
+    critic: Params = {"heads": init_value_heads(head_key, config)}
+    if mesh is not None:
+        critic["heads"] = jax.device_put(
+            critic["heads"], critic_param_shardings(config, critic_config, mesh)["heads"])
+    if not critic_config.shared_backbone:
+        critic["backbone"] = lora.init_adapters(adapter_key, config, mesh)
+    return critic
+
+
+def lora_critic_base(policy_base: Params, critic_config: CriticConfig = CriticConfig()) -> Params:
+    """The frozen part of a LoRA critic: the policy's base weights (no ``lm_head``) as its
+    backbone, the same arrays (``{}`` for heads on the policy's hidden states)."""
+    if critic_config.shared_backbone:
+        return {}
+    return {"backbone": {name: tree for name, tree in policy_base.items() if name != "lm_head"}}
+
+
 def critic_param_shardings(config: Qwen2Config, critic_config: CriticConfig, mesh: Mesh,
                            rules: sharding.AxisRules = sharding.DEFAULT_RULES) -> Params:
     """NamedShardings for the critic parameter tree (same structure as :func:`init_critic`),
@@ -137,6 +162,8 @@ def critic_values(critic_params: Params, config: Qwen2Config, tokens: Array, *,
     With a separate backbone the critic runs its own forward pass; with a shared one pass the
     policy's final hidden states ``policy_hidden [B, L, E]`` (from ``qwen2.forward``).
     """
+    if "backbone" in critic_params:  # a backbone without adapters runs as the base model
+        config = tree_config(critic_params["backbone"], config)
     graphdef, specs = _abstract_critic(config, _critic_config(critic_params))
     critic = nnx.merge(graphdef, {name: critic_params[name] for name in specs})
     return critic(tokens, segment_ids=segment_ids, positions=positions,

@@ -19,6 +19,8 @@ from hiper_jax.vocab import (BATCH_AXES, CRITIC_FREE_ESTIMATORS, ESTIMATOR_NAMES
                              KL_ESTIMATORS, MESH_AXES)
 DTYPES = ("float32", "bfloat16", "float16")
 CONSTRAINTS = ("none", "grammar")
+# The projections LoRA can wrap (hiper_jax.models.qwen2.LORA_TARGETS; this module imports no JAX).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -56,6 +58,12 @@ def base_config() -> ml_collections.ConfigDict:
         param_dtype="float32",
         compute_dtype="float32",
         critic="separate",          # "separate" backbone (as published) or "shared"
+        # > 0: LoRA adapters of this rank on lora_targets; only they (and the value heads) train,
+        # the checkpoint's weights stay frozen and are the reference policy (no copy), and a
+        # separate critic gets adapters of its own on the same frozen weights.
+        lora_rank=0,
+        lora_alpha=16.0,            # adapter scale = lora_alpha / lora_rank
+        lora_targets=LORA_TARGETS,
     )
     c.prompt = dict(style="plan_execute", history_turns=2, max_prompt_tokens=2048)
     c.sampling = dict(
@@ -282,6 +290,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         _require(model[field] in DTYPES, f"model.{field}", f"must be one of {DTYPES}, got {model[field]!r}")
     _require(model.critic in ("separate", "shared"), "model.critic",
              f"must be 'separate' or 'shared', got {model.critic!r}")
+    _require(model.lora_rank >= 0, "model.lora_rank", f"must be >= 0 (0 = off), got {model.lora_rank}")
+    _require(model.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {model.lora_alpha}")
+    unknown = [t for t in model.lora_targets if t not in LORA_TARGETS]
+    _require(not unknown, "model.lora_targets", f"unknown projection(s) {unknown}; choose from {LORA_TARGETS}")
+    _require(bool(model.lora_targets) or not model.lora_rank, "model.lora_targets",
+             "must name at least one projection when model.lora_rank > 0")
     _require(config.prompt.style in ("plan_execute", "flat"), "prompt.style",
              f"must be 'plan_execute' or 'flat', got {config.prompt.style!r}")
     _require(config.prompt.max_prompt_tokens >= 16, "prompt.max_prompt_tokens", "must be >= 16")

@@ -12,6 +12,10 @@ length. Actor and critic have their own AdamW with global-norm clipping. A step 
 gradient is not finite is skipped: parameters and optimizer states stay as they were, and the
 metrics say so. Batches are checked against the shapes and dtypes :class:`PPOBatch` promises at
 the entry points (:func:`check_ppo_batch`); a mismatch raises ValueError naming the field.
+
+With LoRA the train state holds only what trains (adapters, value heads) and the optimizers
+see only that; the frozen base weights come in as a separate, undonated argument
+(:func:`init_lora_params`), so no gradient or moment is ever allocated for them.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hiper_jax.models import qwen2
-from hiper_jax.models.value_heads import critic_values
+from hiper_jax.models.value_heads import (CriticConfig, critic_values, init_lora_critic,
+                                          lora_critic_base)
 from hiper_jax.shapes import check_flags, check_rank, check_same_shape, check_shape, check_type
 from hiper_jax.train.losses import clipped_value_loss, kl_penalty, ppo_dual_clip_loss
 from hiper_jax.train.packing import (pack_ppo_batch, packed_micro_rows, packed_rows_per_step,
@@ -183,6 +188,26 @@ def init_train_state(actor: Params, critic: Params, actor_tx, critic_tx) -> Trai
     return jax.tree.map(place, state)
 
 
+def init_lora_params(key: Array, config: qwen2.Qwen2Config, base: Params,
+                     critic_config: CriticConfig, mesh=None) -> tuple[Params, Params, tuple]:
+    """LoRA training (``config.lora_rank > 0``): ``(actor, critic, frozen)``, where ``actor`` and
+    ``critic`` are the trainable trees (fresh adapters, value heads) that the train state and the
+    optimizers hold, and ``frozen = (actor base, critic base)`` the policy weights ``base`` they
+    sit on (:func:`hiper_jax.models.qwen2.lora.combine`), shared by actor and critic and never
+    copied: pass it to :func:`ppo_step` / :func:`ppo_update`."""
+    actor_key, critic_key = jax.random.split(key)
+    actor = qwen2.lora.init_adapters(actor_key, config, mesh)
+    critic = init_lora_critic(critic_key, config, critic_config, mesh)
+    return actor, critic, (base, lora_critic_base(base, critic_config))
+
+
+def with_frozen(params: tuple[Params, Params], frozen: Optional[tuple]) -> tuple[Params, Params]:
+    """``(actor, critic)`` whole: the trainable trees over the ``frozen`` ones (None: as they are)."""
+    if frozen is None:
+        return params
+    return (qwen2.lora.combine(params[0], frozen[0]), qwen2.lora.combine(params[1], frozen[1]))
+
+
 def _segment_ids(valid: Array) -> Array:
     return valid.astype(jnp.int32)
 
@@ -266,9 +291,11 @@ def logprob_value_pass(actor: Params, critic: Params, config: qwen2.Qwen2Config,
 
 
 def _loss(params, batch: PPOBatch, counts: dict, text_mask: Optional[Array], config: qwen2.Qwen2Config,
-          ppo: PPOConfig):
-    """Loss of one micro-batch, scaled so that summing micro-batches gives mini-batch means."""
-    actor, critic = params
+          ppo: PPOConfig, frozen: Optional[tuple] = None):
+    """Loss of one micro-batch, scaled so that summing micro-batches gives mini-batch means.
+    ``params`` are the trainable trees; ``frozen`` (LoRA) the weights they sit on, which get
+    no gradient."""
+    actor, critic = with_frozen(params, frozen)
     logp, entropy, hidden = policy_token_stats(actor, config, batch.tokens, batch.valid,
                                                ppo.temperature, ppo.remat,
                                                allowed=batch_allowed(batch, text_mask))
@@ -321,12 +348,15 @@ def _all_finite(tree) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "ppo", "actor_tx", "critic_tx"), donate_argnums=(0,))
-def ppo_step(state: TrainState, mini: PPOBatch, text_mask: Optional[Array] = None, *,
+def ppo_step(state: TrainState, mini: PPOBatch, text_mask: Optional[Array] = None,
+             frozen: Optional[tuple] = None, *,
              config: qwen2.Qwen2Config, ppo: PPOConfig, actor_tx, critic_tx) -> tuple[TrainState, dict]:
     """One optimizer step on a mini-batch of ``ppo.mini_batch_rows`` rows, accumulating
     gradients over micro-batches of ``ppo.micro_batch_rows`` rows (token means are over the whole
     mini-batch, so the result does not depend on the micro-batch size). ``text_mask [V]`` is
-    the grammar's, for a batch sampled with a constraint."""
+    the grammar's, for a batch sampled with a constraint. ``frozen`` (LoRA, from
+    :func:`init_lora_params`): the base weights under the state's adapters; not donated, not
+    differentiated, not optimized."""
     num_rows, _ = check_ppo_batch(mini)
     check_shape((config.vocab_size,), "[V]", text_mask=text_mask)
     check_type(bool, text_mask=text_mask)
@@ -337,7 +367,8 @@ def ppo_step(state: TrainState, mini: PPOBatch, text_mask: Optional[Array] = Non
     counts = _counts(mini)
 
     def micro_step(grads, micro):
-        (loss, metrics), g = grad_fn((state.actor, state.critic), micro, counts, text_mask, config, ppo)
+        (loss, metrics), g = grad_fn((state.actor, state.critic), micro, counts, text_mask, config, ppo,
+                                     frozen)
         return jax.tree.map(jnp.add, grads, g), (loss, metrics)
 
     zeros = jax.tree.map(jnp.zeros_like, (state.actor, state.critic))
@@ -444,14 +475,14 @@ def token_counts(mini: PPOBatch) -> dict[str, float]:
 
 def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
                config: qwen2.Qwen2Config, ppo: PPOConfig, actor_tx, critic_tx,
-               place=None, text_mask=None) -> tuple[TrainState, dict]:
+               place=None, text_mask=None, frozen=None) -> tuple[TrainState, dict]:
     """``ppo.epochs`` passes over ``batch`` in shuffled mini-batches of ``ppo.mini_batch_rows``
     rows, one :func:`ppo_step` each; returns the new state and the metrics averaged over steps,
     with the steps' :func:`token_counts` summed over all of them.
 
     Every step has the same shape, so the update compiles once per token length. ``place``
     puts a host mini-batch on devices (default ``jax.device_put``). ``text_mask [V]``: the
-    grammar's, for a batch sampled with a constraint.
+    grammar's, for a batch sampled with a constraint. ``frozen``: see :func:`ppo_step`.
 
     With ``ppo.pack_rows`` the turn rows are first packed into rows of ``ppo.pack_length`` (or
     the batch's width; :func:`~hiper_jax.train.packing.pack_ppo_batch`); an epoch then takes
@@ -472,7 +503,7 @@ def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
     for _ in range(ppo.epochs):
         for mini in mini_batches(batch, rows, rng, length_multiple):
             counts.append(token_counts(mini))
-            state, metrics = ppo_step(state, place(mini), text_mask, config=config, ppo=ppo,
+            state, metrics = ppo_step(state, place(mini), text_mask, frozen, config=config, ppo=ppo,
                                       actor_tx=actor_tx, critic_tx=critic_tx)
             history.append(metrics)
     means = {k: float(np.mean([float(m[k]) for m in history])) for k in history[0]}

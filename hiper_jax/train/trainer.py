@@ -56,7 +56,17 @@ from hiper_jax.train import throughput
 from hiper_jax.train.batch import BuiltBatch, build_ppo_batch
 from hiper_jax.train.logger import MetricsLogger
 from hiper_jax.train.plots import plot_run
-from hiper_jax.train.ppo import PPOBatch, PPOConfig, init_train_state, make_optimizer, ppo_update, row_lengths
+from hiper_jax.train.ppo import (
+    PPOBatch,
+    PPOConfig,
+    TrainState,
+    init_lora_params,
+    init_train_state,
+    make_optimizer,
+    ppo_update,
+    row_lengths,
+    with_frozen,
+)
 
 # Exit status of a run stopped by SIGTERM/SIGINT after checkpointing (EX_TEMPFAIL: try again,
 # i.e. resume with --config.train.resume=True).
@@ -172,10 +182,20 @@ class Trainer:
         self.model_config, actor = qwen2.load_hf_checkpoint(
             cfg.model.checkpoint, dtype=jnp.dtype(cfg.model.param_dtype),
             compute_dtype=jnp.dtype(cfg.model.compute_dtype), mesh=self.mesh, progress=False)
-        self.ref_params = jax.tree.map(jnp.copy, actor)
         critic_config = CriticConfig(shared_backbone=cfg.model.critic == "shared")
-        critic = init_critic(jax.random.key(cfg.train.seed), self.model_config, actor, critic_config)
-        critic = jax.device_put(critic, critic_param_shardings(self.model_config, critic_config, self.mesh))
+        self.frozen = None  # LoRA: the (actor, critic) weights under the trainable adapters
+        if cfg.model.lora_rank:
+            # The checkpoint's weights stay frozen and, without adapters, are the reference.
+            self.model_config = self.model_config.replace(
+                lora_rank=cfg.model.lora_rank, lora_alpha=float(cfg.model.lora_alpha),
+                lora_targets=tuple(cfg.model.lora_targets))
+            self.ref_params = actor
+            actor, critic, self.frozen = init_lora_params(
+                jax.random.key(cfg.train.seed), self.model_config, actor, critic_config, self.mesh)
+        else:
+            self.ref_params = jax.tree.map(jnp.copy, actor)
+            critic = init_critic(jax.random.key(cfg.train.seed), self.model_config, actor, critic_config)
+            critic = jax.device_put(critic, critic_param_shardings(self.model_config, critic_config, self.mesh))
         self.actor_tx = make_optimizer(cfg.ppo.actor_lr, cfg.ppo.weight_decay, cfg.ppo.max_grad_norm)
         self.critic_tx = make_optimizer(cfg.ppo.critic_lr, cfg.ppo.weight_decay, cfg.ppo.max_grad_norm)
         self.state = init_train_state(actor, critic, self.actor_tx, self.critic_tx)
@@ -210,7 +230,9 @@ class Trainer:
         temperature lives as long as the trainer, so its padded shapes (which only grow) and
         compiled sampler carry over from iteration to iteration."""
         dtype = jnp.dtype(self.config.model.compute_dtype)
-        actor = self.state.actor
+        # LoRA: the sampler runs the adapters merged into the weights (the compute-dtype copy
+        # it makes anyway), at the base model's speed.
+        actor = qwen2.lora.merge_lora(self.full_state().actor, self.model_config)
         if self.multihost:
             # Each process samples for its own envs with a compute-dtype copy of the actor on
             # its first device, so env stepping never waits on another host.
@@ -224,6 +246,12 @@ class Trainer:
                 rows=math.ceil(self.local_envs / 2), grammar=self.grammar)
         policy.params = params
         return policy
+
+    def full_state(self) -> TrainState:
+        """The train state with whole actor and critic trees (LoRA: the adapters over the frozen
+        weights, nothing copied); the state itself when every weight trains."""
+        actor, critic = with_frozen((self.state.actor, self.state.critic), self.frozen)
+        return self.state._replace(actor=actor, critic=critic)
 
     def _collector(self, split: str | EnvSpec) -> Collector:
         """A collector for ``"train"``, ``"eval"`` or another :class:`EnvSpec`."""
@@ -482,6 +510,7 @@ class Trainer:
                                         config=self.model_config, ppo=ppo,
                                         actor_tx=self.actor_tx, critic_tx=self.critic_tx,
                                         place=self._place_batch if self.multihost else None,
+                                        frozen=self.frozen,
                                         text_mask=text_mask)
         record = {f"train/{k}": v for k, v in rollout_metrics(trajectories).items()}
         record.update({f"update/{k}": v for k, v in update.items()})
@@ -507,7 +536,7 @@ class Trainer:
     def build_batch(self, trajectories: list[Trajectory], settings=None) -> BuiltBatch:
         """The PPO batch of ``trajectories`` under the current actor and critic
         (:func:`hiper_jax.train.batch.build_ppo_batch`); ``settings`` default to the config's."""
-        return build_ppo_batch(trajectories, self.state, self.ref_params, self.model_config,
+        return build_ppo_batch(trajectories, self.full_state(), self.ref_params, self.model_config,
                                settings or self.batch_settings, self.hae_cfg, self.pad_id, mesh=self.mesh,
                                text_mask=self.grammar.text_mask if self.grammar is not None else None)
 

@@ -28,6 +28,11 @@ def test_base_config_is_valid(tmp_path):
     (lambda c: c.advantage.__setattr__("keep_penalty_mode", "scaled"), "advantage.keep_penalty_mode"),
     (lambda c: c.model.__setattr__("checkpoint", "/no/such/dir"), "model.checkpoint"),
     (lambda c: c.model.__setattr__("critic", "none"), "model.critic"),
+    (lambda c: c.model.__setattr__("lora_rank", -1), "model.lora_rank"),
+    (lambda c: c.model.__setattr__("lora_alpha", 0.0), "model.lora_alpha"),
+    (lambda c: c.model.__setattr__("lora_targets", ("q_proj", "qkv_proj")), "model.lora_targets"),
+    (lambda c: (c.model.__setattr__("lora_rank", 8), c.model.__setattr__("lora_targets", ())),
+     "model.lora_targets"),
     (lambda c: c.sampling.__setattr__("top_p", 0.0), "sampling.top_p"),
     (lambda c: c.ppo.__setattr__("dual_clip", 1.0), "ppo.dual_clip"),
     (lambda c: c.mesh.__setattr__("tensor", 3), "mesh"),
@@ -163,3 +168,11 @@ def test_batch_settings_carry_the_config_entries(tmp_path):
         config.env.max_turns, config.ppo.mini_batch_rows, config.ppo.length_multiple)
     assert settings.temperature == 1.0 and not settings.reference_pass  # greedy sampling: logits at 1
     assert settings.estimator_spec().needs_states
+
+
+def test_lora_target_names_are_the_ports():
+    from hiper_jax.models.qwen2 import LORA_TARGETS
+    from hiper_jax.train.config import LORA_TARGETS as CONFIG_TARGETS, base_config
+
+    assert CONFIG_TARGETS == LORA_TARGETS and tuple(base_config().model.lora_targets) == LORA_TARGETS
+    assert base_config().model.lora_rank == 0  # off by default

@@ -260,3 +260,73 @@ def test_wrong_batch_shapes_fail_at_the_update_entry_naming_the_field():
         logprob_pass({}, CONFIG, batch.tokens, batch.valid[:, 1:])
     with pytest.raises(ValueError, match=r"value_read must have shape \[N, 3\]"):
         value_pass({}, {}, CONFIG, batch.tokens, batch.valid, batch.value_read[:, :2])
+
+
+# LoRA: adapters (rank 4) and value heads train; the base weights stay frozen and are the
+# reference policy.
+LORA_CONFIG = CONFIG.replace(lora_rank=4, lora_alpha=8.0)
+
+
+def lora_setup(shared=False):
+    from hiper_jax.train.ppo import init_lora_params
+
+    base = qwen2.init_params(jax.random.key(0), CONFIG)
+    actor, critic, frozen = init_lora_params(jax.random.key(1), LORA_CONFIG, base,
+                                             CriticConfig(shared_backbone=shared))
+    return base, actor, critic, frozen
+
+
+def float_size(tree):
+    return sum(x.size for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+@pytest.mark.parametrize("shared", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_lora_step_trains_only_adapters_and_heads(shared):
+    base, actor, critic, frozen = lora_setup(shared)
+    assert float_size(actor) == qwen2.lora.count_adapter_params(LORA_CONFIG)
+    assert float_size(critic) == (0 if shared else float_size(actor)) + 32 * 3 + 3
+    # A separate critic's backbone is the policy's own base weights, not a copy.
+    if not shared:
+        assert frozen[1]["backbone"]["layers"]["mlp"]["up_proj"]["kernel"] is base["layers"]["mlp"]["up_proj"]["kernel"]
+    batch = make_batch(base, init_critic(jax.random.key(1), CONFIG, base, CriticConfig(shared_backbone=shared)))
+    before = jax.tree.map(jnp.copy, (base, actor, critic))
+    state = init_train_state(actor, critic, ACTOR_TX, CRITIC_TX)
+    # The optimizers hold moments for the trainable trees only (mu and nu: twice their size).
+    assert float_size(state.actor_opt) == 2 * float_size(actor)
+    assert float_size(state.critic_opt) == 2 * float_size(critic)
+    state, metrics = ppo_update(state, batch, np.random.default_rng(0), config=LORA_CONFIG, ppo=PPO,
+                                actor_tx=ACTOR_TX, critic_tx=CRITIC_TX, frozen=frozen)
+    assert metrics["skipped"] == 0.0 and metrics["steps"] == 2
+    assert max_diff(base, before[0]) == 0.0  # the frozen weights
+    assert jax.tree.structure(state.actor) == jax.tree.structure(before[1])
+    for path, leaf in jax.tree.flatten_with_path(state.actor)[0]:
+        if path[-1].key == "lora_b":  # every adapter moved off zero
+            assert float(jnp.abs(leaf).max()) > 0, path
+    assert max_diff(state.critic["heads"], before[2]["heads"]) > 0
+    # The adapted policy moved; the base tree alone (the reference) is still the base model.
+    adapted = logprob_pass(qwen2.lora.combine(state.actor, base), LORA_CONFIG,
+                                       batch.tokens, batch.valid)
+    reference = logprob_pass(base, LORA_CONFIG, batch.tokens, batch.valid)
+    np.testing.assert_array_equal(np.asarray(reference), np.asarray(batch.old_logp))
+    assert float(jnp.abs(adapted - reference).max()) > 1e-3
+
+
+def test_lora_kl_term_is_measured_against_the_base_model():
+    """With fresh adapters the policy is the base model, so the first step's KL to the base
+    weights' log-probs is exactly 0; after it, the KL the step reports is the one between the
+    adapted policy and the base model."""
+    from hiper_jax.train.losses import kl_penalty
+
+    base, actor, critic, frozen = lora_setup(shared=True)
+    batch = make_batch(base, {"heads": critic["heads"]})  # ref_logp: the base tree's log-probs
+    ppo = PPOConfig(kl_coef=0.5, entropy_coef=0.0, micro_batch_rows=8, mini_batch_rows=8)
+    state = init_train_state(actor, critic, ACTOR_TX, CRITIC_TX)
+    state, first = ppo_step(state, jax.device_put(batch), None, frozen, config=LORA_CONFIG, ppo=ppo,
+                            actor_tx=ACTOR_TX, critic_tx=CRITIC_TX)
+    assert float(first["kl"]) == 0.0
+    adapted = logprob_pass(qwen2.lora.combine(state.actor, base), LORA_CONFIG, batch.tokens, batch.valid)
+    mask = np.asarray(batch.loss_mask)
+    want = float(np.sum(np.where(mask, kl_penalty(adapted, batch.ref_logp, "low_var_kl"), 0.0)) / mask.sum())
+    _, second = ppo_step(state, jax.device_put(batch), None, frozen, config=LORA_CONFIG, ppo=ppo,
+                         actor_tx=ACTOR_TX, critic_tx=CRITIC_TX)
+    assert want > 0 and float(second["kl"]) == pytest.approx(want, rel=1e-4)

@@ -90,11 +90,23 @@ def run_cli(config_path, out_dir, iterations, resume=False, wait=True):
     return process
 
 
-def test_resume_after_kill_continues_exactly(word_checkpoint, tmp_path):
+def resume_config(checkpoint, out_dir, lora_rank=0):
+    """The ChooseWord config of the resume test; with LoRA, the KL term is on (its reference is
+    the frozen base weights)."""
+    config = word_config(checkpoint, out_dir, iterations=4)
+    config.model.lora_rank = lora_rank
+    if lora_rank:
+        config.ppo.kl_coef = 0.01
+        config.ppo.actor_lr = 3e-3
+    return config
+
+
+@pytest.mark.parametrize("lora_rank", [0, pytest.param(8, marks=pytest.mark.slow)])
+def test_resume_after_kill_continues_exactly(word_checkpoint, tmp_path, lora_rank):
     config_path = tmp_path / "word_config.py"
     config_path.write_text(
-        "from tests.word_task import word_config\n"
-        f"def get_config():\n    return word_config({word_checkpoint!r}, 'unused', iterations=4)\n")
+        "from tests.train.test_trainer import resume_config\n"
+        f"def get_config():\n    return resume_config({word_checkpoint!r}, 'unused', {lora_rank})\n")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_cli(config_path, straight, 4)
     process = run_cli(config_path, resumed, 4, wait=False)
@@ -121,13 +133,32 @@ def test_resume_after_kill_continues_exactly(word_checkpoint, tmp_path):
 
     params = []
     for run in (straight, resumed):
-        trainer = Trainer(word_config(word_checkpoint, run, iterations=4), progress=False)
+        trainer = Trainer(resume_config(word_checkpoint, run, lora_rank), progress=False)
         trainer.config.unlock()
         trainer.config.train.resume = True
         assert trainer.restore() == 4
         params.append(trainer.state.actor)
     diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), *params)
     assert max(jax.tree.leaves(diffs)) < 1e-5
+    if lora_rank:
+        assert_lora_run(trainer, a)
+
+
+def assert_lora_run(trainer, records):
+    """A LoRA run checkpoints and trains adapters (and heads) only, over the checkpoint's
+    weights, which are also its reference policy (the same arrays, no copy), against which
+    its KL term is measured (0 only while the adapters are fresh)."""
+    from hiper_jax.models import qwen2
+
+    names = {path[-1].key for path, _ in jax.tree.flatten_with_path(trainer.state.actor)[0]}
+    assert names == {"lora_a", "lora_b"}
+    assert set(trainer.state.critic) == {"heads", "backbone"}
+    assert not qwen2.has_adapters(trainer.ref_params)
+    assert all(r is f for r, f in zip(jax.tree.leaves(trainer.ref_params), jax.tree.leaves(trainer.frozen[0])))
+    _, base = qwen2.load_hf_checkpoint(trainer.config.model.checkpoint, progress=False)
+    jax.tree.map(np.testing.assert_array_equal, trainer.ref_params, base)
+    kl = [r["update/kl"] for r in records if "update/kl" in r]
+    assert min(kl) >= 0 and max(kl) > 0, kl
 
 
 def test_critic_warmup_needs_an_estimator_with_a_critic(word_checkpoint, tmp_path):

@@ -8,6 +8,10 @@ parameter tree, HF checkpoint load/save.
 
     model = qwen2.as_module(params, config)                   # the Flax NNX module over them
     hidden, _ = model(tokens); logits = model.logits(hidden)
+
+    config = config.replace(lora_rank=8)                       # LoRA (see qwen2.lora)
+    adapters = qwen2.lora.init_adapters(key, config)
+    logits = qwen2.compute_logits(qwen2.lora.combine(adapters, params), config, tokens)
 """
 
 from hiper_jax.models.qwen2.checkpoint import (
@@ -15,7 +19,9 @@ from hiper_jax.models.qwen2.checkpoint import (
     load_hf_checkpoint,
     save_hf_checkpoint,
 )
-from hiper_jax.models.qwen2.config import ConfigFileError, Qwen2Config, UnsupportedConfigError
+from hiper_jax.models.qwen2 import lora
+from hiper_jax.models.qwen2.config import (LORA_TARGETS, ConfigFileError, Qwen2Config,
+                                           UnsupportedConfigError)
 from hiper_jax.models.qwen2.model import (
     CACHE_AXES,
     AllowedTokens,
@@ -30,6 +36,7 @@ from hiper_jax.models.qwen2.model import (
     compute_logits,
     count_params,
     forward,
+    has_adapters,
     init_cache,
     init_params,
     lm_head,
@@ -41,6 +48,7 @@ from hiper_jax.models.qwen2.model import (
     positions_from_segments,
     stack_layers,
     token_logprobs,
+    tree_config,
     unstack_layers,
 )
 
@@ -52,4 +60,5 @@ __all__ = [
     "init_cache", "init_params", "lm_head", "load_hf_checkpoint", "param_axes", "param_shapes",
     "param_shardings", "param_specs", "positions_from_segments", "save_hf_checkpoint",
     "stack_layers", "token_logprobs", "unstack_layers",
+    "LORA_TARGETS", "has_adapters", "lora", "tree_config",
 ]

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from hiper_jax.models import sharding
 from hiper_jax.models.qwen2.config import PathLike, Qwen2Config
-from hiper_jax.models.qwen2.model import Params, param_shardings
+from hiper_jax.models.qwen2.lora import merged_kernel
+from hiper_jax.models.qwen2.model import Params, param_shardings, tree_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -279,6 +280,16 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _kernel(params: Params, spec: _Tensor, scale: float) -> jax.Array:
+    """The tensor ``spec`` names (one layer of a stacked one), its adapter merged in if any."""
+    layer = (lambda x: x) if spec.layer is None else (lambda x: x[spec.layer])
+    value = layer(_get(params, spec.path))
+    owner = _get(params, spec.path[:-1])
+    if spec.path[-1] == "kernel" and "lora_a" in owner:
+        value = merged_kernel(value, layer(owner["lora_a"]), layer(owner["lora_b"]), scale)
+    return value
+
+
 def save_hf_checkpoint(params: Params, config: Qwen2Config, out_dir: PathLike, *,
                        dtype: Any = None, max_shard_bytes: int = 2 * 1024 ** 3,
                        progress: bool = True) -> None:
@@ -289,7 +300,12 @@ def save_hf_checkpoint(params: Params, config: Qwen2Config, out_dir: PathLike, *
     converted one at a time and each shard is written as soon as it is full. ``dtype`` defaults
     to ``config.param_dtype``. In a multi-process run every process must call this (sharded
     arrays are gathered); only process 0 writes.
+
+    A tree with LoRA adapters (under the LoRA ``config`` it was trained with) is written with
+    each adapter merged into its kernel, ``W + lora_alpha / r * A @ B``, one tensor at a time:
+    a plain checkpoint that ``transformers`` loads and that computes the adapter model.
     """
+    scale = tree_config(params, config).lora_scale
     out_dir = os.fspath(out_dir)
     dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
     writer = jax.process_index() == 0
@@ -316,9 +332,7 @@ def save_hf_checkpoint(params: Params, config: Qwen2Config, out_dir: PathLike, *
             tensors: dict[str, np.ndarray] = {}
             for name in names:
                 spec = table[name]
-                value = _get(params, spec.path)
-                if spec.layer is not None:
-                    value = value[spec.layer]
+                value = _kernel(params, spec, scale)
                 array = np.ascontiguousarray(spec.to_hf(_to_host(value)).astype(dtype))
                 tensors[name] = array
                 weight_map[name] = file

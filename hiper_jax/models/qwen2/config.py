@@ -19,6 +19,9 @@ import jax.numpy as jnp
 
 PathLike = Union[str, os.PathLike]
 
+# The projections LoRA adapters can wrap (all of them by default): attention and MLP.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 # Keys of a HF config that change nothing in the forward pass (bookkeeping, generation and
 # training-framework settings). Other unknown keys are reported with a warning.
 _IGNORED_HF_KEYS = frozenset({
@@ -56,6 +59,11 @@ class Qwen2Config:
         param_dtype: dtype parameters are stored in (e.g. "float32" master weights).
         compute_dtype: dtype matmuls and activations run in (e.g. "bfloat16" on TPU).
             Norm statistics, softmax and logits are always float32.
+        lora_rank: rank ``r`` of the LoRA adapters on ``lora_targets`` (0: no adapters). A
+            targeted projection computes ``x @ W + (lora_alpha / r) * (x @ A) @ B``; see
+            :mod:`hiper_jax.models.qwen2.lora`. Not part of the HF config.
+        lora_alpha: the adapters' scale numerator (scale ``lora_alpha / lora_rank``).
+        lora_targets: names of the projections that get adapters (from :data:`LORA_TARGETS`).
     """
 
     vocab_size: int
@@ -74,6 +82,9 @@ class Qwen2Config:
     eos_token_id: Optional[Union[int, tuple[int, ...]]] = None
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -93,6 +104,18 @@ class Qwen2Config:
                 f"of num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ValueError(f"Qwen2Config.head_dim must be even for RoPE, got {self.head_dim}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if int(self.lora_rank) < 0:
+            raise ValueError(f"Qwen2Config.lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
+        if self.lora_rank and self.lora_alpha <= 0:
+            raise ValueError(f"Qwen2Config.lora_alpha must be > 0, got {self.lora_alpha}")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"Qwen2Config.lora_targets: unknown projection(s) {unknown}; "
+                             f"choose from {LORA_TARGETS}")
+        if self.lora_rank and not self.lora_targets:
+            raise ValueError("Qwen2Config.lora_targets must name at least one projection when "
+                             "lora_rank > 0")
 
     @property
     def num_groups(self) -> int:
@@ -105,6 +128,15 @@ class Qwen2Config:
         if self.eos_token_id is None:
             return ()
         return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+    @property
+    def lora_scale(self) -> float:
+        """``lora_alpha / lora_rank``, the factor of the adapters' product (0 without LoRA)."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    def without_lora(self) -> "Qwen2Config":
+        """The same architecture without adapters (the base model)."""
+        return self if not self.lora_rank else dataclasses.replace(self, lora_rank=0)
 
     def replace(self, **changes: Any) -> "Qwen2Config":
         """A copy with some fields changed (e.g. ``compute_dtype="bfloat16"``)."""

@@ -41,6 +41,10 @@ head dim, ``M`` MLP width, ``V`` vocab)::
 
 (unstacked: ``layers`` is a list of ``N`` trees with the same names and no leading ``N``.)
 
+With ``config.lora_rank = r > 0`` each targeted projection also holds ``lora_a [N, *I, r]`` and
+``lora_b [N, r, *O]`` (``nnx.LoRAParam``); a tree without them runs as the base model under the
+same config (:func:`tree_config`). See :mod:`hiper_jax.models.qwen2.lora`.
+
 Masks are *segment ids* ``[B, L]`` int: 0 marks padding, tokens attend causally to earlier
 tokens of the same segment. A HF-style 0/1 ``attention_mask`` is a valid value (one segment per
 row, e.g. left-padded prompts); ids 1, 2, 3, ... pack several sequences into one row.
@@ -235,21 +239,56 @@ class Dense(nnx.Module):
 
     def __init__(self, config: Qwen2Config, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                  in_axes: sharding.LogicalAxes, out_axes: sharding.LogicalAxes, *,
-                 rngs: nnx.Rngs, bias: bool = False, lead: tuple[int, ...] = ()):
+                 rngs: nnx.Rngs, bias: bool = False, lead: tuple[int, ...] = (),
+                 lora_rank: int = 0, lora_scale: float = 0.0):
         self.kernel = _param(rngs, config, lead + in_shape + out_shape,
                              _layer_axes(lead) + in_axes + out_axes, "normal")
         self.bias = (_param(rngs, config, lead + out_shape, _layer_axes(lead) + out_axes, "zeros")
                      if bias else None)
         self.in_dims = len(in_shape)
+        self.lora_scale = lora_scale
+        self.lora_a, self.lora_b = (
+            _lora_params(rngs, config, lead, in_shape, out_shape, in_axes, out_axes, lora_rank)
+            if lora_rank else (None, None))
 
     def __call__(self, x: Array) -> Array:
-        """``x [..., *I]`` -> ``[..., *O]`` in ``x.dtype``."""
+        """``x [..., *I]`` -> ``[..., *O]`` in ``x.dtype`` (plus the LoRA term, if any)."""
         kernel = self.kernel[...].astype(x.dtype)
         in_shape, out_shape = kernel.shape[:self.in_dims], kernel.shape[self.in_dims:]
         width = math.prod(in_shape)
         flat_in = x if self.in_dims == 1 else x.reshape(x.shape[:-self.in_dims] + (width,))
         y = _dense(flat_in, kernel if self.in_dims == 1 else kernel.reshape((width,) + out_shape))
+        if self.lora_a is not None:
+            # Two thin matmuls, never the [I, O] product: (x @ A) is [..., r].
+            a = self.lora_a[...].astype(x.dtype).reshape(width, -1)
+            y = y + self.lora_scale * _dense(_dense(flat_in, a), self.lora_b[...].astype(x.dtype))
         return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+def _lora_params(rngs: nnx.Rngs, config: Qwen2Config, lead: tuple[int, ...],
+                 in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                 in_axes: sharding.LogicalAxes, out_axes: sharding.LogicalAxes,
+                 rank: int) -> tuple[nnx.LoRAParam, nnx.LoRAParam]:
+    """LoRA adapters of one projection: ``lora_a [*lead, *I, r]`` ~ uniform(+-1/sqrt(prod I))
+    (the bound of PyTorch's default linear init, which peft uses) and ``lora_b [*lead, r, *O]``
+    zeros, so a fresh adapter changes nothing. They keep the kernel's logical axes on their
+    ``I`` / ``O`` dimensions (sharded as the kernel is) and ``lora_rank`` (replicated) on ``r``."""
+    dtype = jnp.dtype(config.param_dtype)
+    bound = 1.0 / math.sqrt(math.prod(in_shape))
+    a = jax.random.uniform(rngs.params(), lead + in_shape + (rank,), jnp.float32, -bound, bound)
+    b = jnp.zeros(lead + (rank,) + out_shape, dtype)
+    layer_axes = _layer_axes(lead)
+    return (nnx.LoRAParam(a.astype(dtype), out_sharding=layer_axes + tuple(in_axes) + ("lora_rank",),
+                          eager_sharding=False),
+            nnx.LoRAParam(b, out_sharding=layer_axes + ("lora_rank",) + tuple(out_axes),
+                          eager_sharding=False))
+
+
+def _lora(config: Qwen2Config, name: str) -> dict[str, Any]:
+    """:class:`Dense`'s LoRA arguments for the projection ``name`` under ``config``."""
+    if not config.lora_rank or name not in config.lora_targets:
+        return {}
+    return {"lora_rank": config.lora_rank, "lora_scale": config.lora_scale}
 
 
 class Attention(nnx.Module):
@@ -259,13 +298,13 @@ class Attention(nnx.Module):
         e, h, kv, d = (config.hidden_size, config.num_attention_heads,
                        config.num_key_value_heads, config.head_dim)
         self.q_proj = Dense(config, (e,), (h, d), ("embed",), ("heads", "head_dim"), rngs=rngs,
-                            bias=True, lead=lead)
+                            bias=True, lead=lead, **_lora(config, "q_proj"))
         self.k_proj = Dense(config, (e,), (kv, d), ("embed",), ("kv_heads", "head_dim"),
-                            rngs=rngs, bias=True, lead=lead)
+                            rngs=rngs, bias=True, lead=lead, **_lora(config, "k_proj"))
         self.v_proj = Dense(config, (e,), (kv, d), ("embed",), ("kv_heads", "head_dim"),
-                            rngs=rngs, bias=True, lead=lead)
+                            rngs=rngs, bias=True, lead=lead, **_lora(config, "v_proj"))
         self.o_proj = Dense(config, (h, d), (e,), ("heads", "head_dim"), ("embed",), rngs=rngs,
-                            lead=lead)
+                            lead=lead, **_lora(config, "o_proj"))
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
                  cache: Optional[tuple[Array, Array, Any, Array]] = None
@@ -300,9 +339,12 @@ class MLP(nnx.Module):
 
     def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs, lead: tuple[int, ...] = ()):
         e, m = config.hidden_size, config.intermediate_size
-        self.gate_proj = Dense(config, (e,), (m,), ("embed",), ("mlp",), rngs=rngs, lead=lead)
-        self.up_proj = Dense(config, (e,), (m,), ("embed",), ("mlp",), rngs=rngs, lead=lead)
-        self.down_proj = Dense(config, (m,), (e,), ("mlp",), ("embed",), rngs=rngs, lead=lead)
+        self.gate_proj = Dense(config, (e,), (m,), ("embed",), ("mlp",), rngs=rngs, lead=lead,
+                               **_lora(config, "gate_proj"))
+        self.up_proj = Dense(config, (e,), (m,), ("embed",), ("mlp",), rngs=rngs, lead=lead,
+                             **_lora(config, "up_proj"))
+        self.down_proj = Dense(config, (m,), (e,), ("mlp",), ("embed",), rngs=rngs, lead=lead,
+                               **_lora(config, "down_proj"))
 
     def __call__(self, x: Array) -> Array:
         hidden = sharding.constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x),
@@ -463,10 +505,42 @@ def module_params(module: nnx.Module) -> Params:
     return _lists(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
 
 
+LORA_LEAVES = ("lora_a", "lora_b")
+
+
+def has_adapters(params: Any) -> bool:
+    """Whether a parameter tree holds LoRA adapters (``lora_a`` / ``lora_b`` leaves)."""
+    if isinstance(params, dict):
+        return any(k in LORA_LEAVES or has_adapters(v) for k, v in params.items())
+    if isinstance(params, (list, tuple)):
+        return any(has_adapters(v) for v in params)
+    return False
+
+
+def tree_config(params: Params, config: Qwen2Config) -> Qwen2Config:
+    """The config a tree runs under: ``config`` when the tree holds adapters, else the base
+    config (:meth:`Qwen2Config.without_lora`). So the base weights alone are the model with
+    the adapters off (the reference policy of a LoRA run), and no copy is needed for it.
+
+    Raises:
+        ValueError: the tree holds adapters but ``config.lora_rank`` is 0.
+    """
+    if has_adapters(params):
+        if not config.lora_rank:
+            raise ValueError("the parameter tree holds LoRA adapters (lora_a/lora_b) but "
+                             "config.lora_rank is 0; pass the config they were made with, or "
+                             "merge them first (qwen2.lora.merge_lora)")
+        return config
+    return config.without_lora()
+
+
 def as_module(params: Params, config: Qwen2Config, cls: type = Qwen2ForCausalLM) -> nnx.Module:
     """The module ``cls`` (:class:`Qwen2ForCausalLM` or :class:`Qwen2Model`) over ``params``
     (stacked or unstacked; a :class:`Qwen2Model` ignores ``lm_head``). Cheap: ``nnx.merge`` of a
-    cached graph definition with the given arrays, so pure functions call it inside jit."""
+    cached graph definition with the given arrays, so pure functions call it inside jit.
+    A tree without adapters runs as the base model even under a LoRA ``config``
+    (:func:`tree_config`)."""
+    config = tree_config(params, config)
     stacked = not isinstance(params["layers"], (list, tuple))
     graphdef, specs = _abstract(cls, config, stacked)
     tree = {name: params[name] for name in specs}
