@@ -149,6 +149,7 @@ def _tiny_config(games, **env):
     c = module.get_config()
     c.env.games_dir = str(games)
     c.env.num_envs = 2
+    c.advantage.update(estimator="hae", rollouts_per_task=1)
     c.env.max_turns = 3
     c.env.envs_per_worker = 1
     c.sampling.prompt_length_multiple = 512

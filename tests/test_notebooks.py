@@ -62,6 +62,7 @@ def tiny_run(games_root, tmp_path):
     c = configs.get("alfworld_tiny")
     c.env.games_dir = str(games_root)
     c.env.num_envs, c.env.max_turns, c.env.envs_per_worker = 2, 3, 1
+    c.advantage.update(estimator="hae", rollouts_per_task=1)
     c.sampling.prompt_length_multiple = 512
     c.ppo.mini_batch_rows, c.ppo.micro_batch_rows, c.ppo.length_multiple = 16, 16, 512
     c.train.iterations, c.train.eval_every, c.train.checkpoint_every = 1, 1, 1

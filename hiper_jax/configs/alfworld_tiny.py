@@ -3,8 +3,16 @@
     python -m hiper_jax.train --config configs/alfworld_tiny.py [--config.train.iterations=8]
 
 Constrained decoding (responses follow the Plan-Execute grammar and name one admissible action
-and one of the task's subgoals), HAE, and the task types, scene size and prompt settings the
-shipped warm start was trained on (`python -m hiper_jax.experiments.tiny`).
+and one of the task's subgoals), and the task types, scene size and prompt settings the shipped
+warm start was trained on (`python -m hiper_jax.experiments.tiny`).
+
+Each iteration plays 64 episodes: 16 training games, 4 rollouts of each, and credits them with
+GiGPO (episode returns compared within a game's group plus step-level comparisons at anchor
+states, turns whose observations repeat across the group), in 256-row mini-batches. Measured
+on the 2-core VM (benchmarks/RESULTS.md, "Training on the embedded default"): 16 episodes per
+iteration left every estimator inside the evaluation noise; this setting raised held-out
+success in each of 3 seeds (mean +6.6 points). HAE at the same scale:
+`--config.advantage.estimator=hae --config.advantage.rollouts_per_task=1`.
 """
 
 from hiper_jax.assets import TINY_ALFWORLD
@@ -14,11 +22,11 @@ from hiper_jax.train.config import base_config
 def get_config():
     c = base_config()
     c.env.name = "alfworld"
-    c.env.num_envs = 16
+    c.env.num_envs = 64
     c.env.max_turns = 30
     c.env.num_train_games = 120
-    c.env.num_eval_games = 48
-    c.env.envs_per_worker = 4
+    c.env.num_eval_games = 96
+    c.env.envs_per_worker = 8
     c.env.task_types = ()  # all six
     c.env.max_receptacles = 5
     c.env.max_distractors = 2
@@ -32,7 +40,8 @@ def get_config():
     c.sampling.max_new_tokens = 48
     c.sampling.max_text_tokens = 24
     c.sampling.prompt_length_multiple = 128
-    c.advantage.estimator = "hae"
+    c.advantage.estimator = "gigpo"
+    c.advantage.rollouts_per_task = 4
     c.advantage.gamma = 0.95
     c.advantage.lam_turn = 0.95
     c.advantage.lam_seg = 0.95
@@ -45,12 +54,12 @@ def get_config():
     c.ppo.critic_lr = 1e-3
     c.ppo.kl_coef = 0.0
     c.ppo.value_coef = 0.1
-    c.ppo.mini_batch_rows = 64
+    c.ppo.mini_batch_rows = 256
     c.ppo.micro_batch_rows = 16
     c.ppo.length_multiple = 128
     c.ppo.epochs = 1
-    c.train.iterations = 8
-    c.train.eval_every = 4
+    c.train.iterations = 6
+    c.train.eval_every = 3
     c.train.checkpoint_every = 2
     c.train.out_dir = "runs/alfworld_tiny"
     return c

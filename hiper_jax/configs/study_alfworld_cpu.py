@@ -25,6 +25,8 @@ from hiper_jax.experiments.study_config import base_study
 def get_config():
     run = main_job_config()
     run.env.num_eval_games = 96          # every eval game once per evaluation: 96 episodes
+    run.env.num_envs = 16                # 4 tasks x 4 rollouts per iteration (below)
+    run.ppo.mini_batch_rows = 64
     # 4 tasks x 4 rollouts per iteration for every arm (grpo and gigpo need the groups; the
     # others see exactly the same tasks).
     run.advantage.rollouts_per_task = 4
