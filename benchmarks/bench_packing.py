@@ -50,7 +50,7 @@ def build_batch(trainer, path: str | None):
 def passes(trainer, batch, pack: bool, pack_length: int) -> float:
     """Seconds of the actor log-prob and value pass over ``batch`` (the trainer's chunking)."""
     from hiper_jax.models import qwen2
-    from hiper_jax.train.packing import packed_pass
+    from hiper_jax.train.row_packing import packed_pass
     from hiper_jax.train.ppo import logprob_value_pass
     from hiper_jax.train.batch import chunked
 

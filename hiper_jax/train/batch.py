@@ -35,7 +35,7 @@ from hiper_jax.hae import HAEConfig, HAEOutput, assign_token_advantages
 from hiper_jax.models import qwen2
 from hiper_jax.rollout.packing import TokenArrays, TurnArrays, pack_tokens, pack_turns
 from hiper_jax.rollout.types import Trajectory
-from hiper_jax.train.packing import packed_pass
+from hiper_jax.train.row_packing import packed_pass
 from hiper_jax.train.ppo import PPOBatch, TrainState, length_groups, logprob_pass, logprob_value_pass, row_lengths
 
 
@@ -54,7 +54,7 @@ class BatchSettings:
       reference_pass: run the reference policy's pass (the loss has a KL term).
       gigpo_similarity: GiGPO's anchor-state similarity threshold.
       pack_rows: run the passes on packed rows (several turns per row,
-        :func:`hiper_jax.train.packing.packed_pass`); ``pack_length`` their width (0: the
+        :func:`hiper_jax.train.row_packing.packed_pass`); ``pack_length`` their width (0: the
         batch's length bucket).
     """
 

@@ -35,7 +35,7 @@ from hiper_jax.models.value_heads import (CriticConfig, critic_values, init_lora
                                           lora_critic_base)
 from hiper_jax.shapes import check_flags, check_rank, check_same_shape, check_shape, check_type
 from hiper_jax.train.losses import clipped_value_loss, kl_penalty, ppo_dual_clip_loss
-from hiper_jax.train.packing import (pack_ppo_batch, packed_micro_rows, packed_rows_per_step,
+from hiper_jax.train.row_packing import (pack_ppo_batch, packed_micro_rows, packed_rows_per_step,
                                      segment_lengths)
 
 Array = jax.Array
@@ -63,7 +63,7 @@ class PPOConfig:
     # False: a critic-only step (warm-up): the actor and its optimizer state stay as they are,
     # and the value loss reaches a shared backbone's weights not at all (only the heads learn).
     train_actor: bool = True
-    # True: ppo_update packs several turn rows into each row (hiper_jax.train.packing); the
+    # True: ppo_update packs several turn rows into each row (hiper_jax.train.row_packing); the
     # mini-batches then hold packed rows, about as many steps per epoch as unpacked.
     pack_rows: bool = False
     pack_length: int = 0  # width of a packed row (0: the batch's length bucket)
@@ -84,7 +84,7 @@ class PPOBatch(NamedTuple):
 
     ``value_*`` are ``[N, 3]`` (heads low, high, term): the hidden-state position each head
     reads, its target return, its value at rollout time, and whether the head is trained on
-    that row. In packed rows (:mod:`hiper_jax.train.packing`) ``valid`` holds segment ids
+    that row. In packed rows (:mod:`hiper_jax.train.row_packing`) ``valid`` holds segment ids
     (int, 0 padding) and ``value_*`` are per segment, ``[N, S, 3]``.
     """
 
@@ -485,10 +485,10 @@ def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
     grammar's, for a batch sampled with a constraint. ``frozen``: see :func:`ppo_step`.
 
     With ``ppo.pack_rows`` the turn rows are first packed into rows of ``ppo.pack_length`` (or
-    the batch's width; :func:`~hiper_jax.train.packing.pack_ppo_batch`); an epoch then takes
-    about as many steps as unpacked (:func:`~hiper_jax.train.packing.packed_rows_per_step`),
+    the batch's width; :func:`~hiper_jax.train.row_packing.pack_ppo_batch`); an epoch then takes
+    about as many steps as unpacked (:func:`~hiper_jax.train.row_packing.packed_rows_per_step`),
     each over packed rows, in micro-batches of at most about as many tokens
-    (:func:`~hiper_jax.train.packing.packed_micro_rows`).
+    (:func:`~hiper_jax.train.row_packing.packed_micro_rows`).
     """
     check_ppo_batch(batch)
     place = place or jax.device_put

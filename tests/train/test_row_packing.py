@@ -11,7 +11,7 @@ import pytest
 
 from hiper_jax.models import qwen2
 from hiper_jax.models.value_heads import CriticConfig, init_critic
-from hiper_jax.train import packing
+from hiper_jax.train import row_packing as packing
 from hiper_jax.train.ppo import (
     PPOBatch,
     PPOConfig,
