@@ -36,7 +36,8 @@ from hiper_jax.models.value_heads import (CriticConfig, critic_values, init_lora
 from hiper_jax.shapes import check_flags, check_rank, check_same_shape, check_shape, check_type
 from hiper_jax.train.losses import clipped_value_loss, kl_penalty, ppo_dual_clip_loss
 from hiper_jax.train.row_packing import (pack_ppo_batch, packed_micro_rows, packed_rows_per_step,
-                                     segment_lengths)
+                                         segment_lengths)
+from hiper_jax.vocab import VALUE_HEADS
 
 Array = jax.Array
 Params = dict
@@ -56,7 +57,7 @@ class PPOConfig:
     mini_batch_rows: int = 64
     micro_batch_rows: int = 8
     temperature: float = 1.0
-    value_heads: tuple[str, ...] = ("low", "high", "term")
+    value_heads: tuple[str, ...] = VALUE_HEADS
     remat: bool = False
     length_multiple: int = 0  # > 0: mini-batches of rows of similar length, cut to their width
     value_coef: float = 1.0   # weight of the value loss (matters when the critic shares the backbone)
@@ -315,7 +316,7 @@ def _loss(params, batch: PPOBatch, counts: dict, text_mask: Optional[Array], con
         policy_hidden = None if "backbone" in critic else hidden
         values = read_values(critic, config, batch.tokens, batch.valid, batch.value_read,
                              policy_hidden=policy_hidden, remat=ppo.remat)
-    for head, name in enumerate(("low", "high", "term")):
+    for head, name in enumerate(VALUE_HEADS):
         if name not in ppo.value_heads:
             continue
         head_mask = batch.value_mask[..., head]
@@ -338,7 +339,7 @@ def _split(batch: PPOBatch, parts: int) -> PPOBatch:
 
 def _counts(batch: PPOBatch) -> dict:
     counts = {"tokens": jnp.sum(batch.loss_mask).astype(jnp.float32)}
-    for head, name in enumerate(("low", "high", "term")):
+    for head, name in enumerate(VALUE_HEADS):
         counts[name] = jnp.sum(batch.value_mask[..., head]).astype(jnp.float32)
     return counts
 
