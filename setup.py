@@ -36,6 +36,8 @@ TEST = [
     # TensorBoard's own event reader, to check that a resumed run's curves have each step once
     # (the purge is applied by the reader, so no other reader is a faithful reference).
     "tensorboard>=2.16",
+    # The reference loader for exported LoRA adapter directories (save_peft_adapter).
+    "peft>=0.17",
 ]
 
 # --- ALFWorld engine (issue 4): the text-only engine, installed as the [alfworld] extra. ---

@@ -132,3 +132,22 @@ def test_bad_lora_settings_are_named(base):
     full = lora.combine(lora.init_adapters(jax.random.key(1), LORA), base)
     with pytest.raises(ValueError, match="lora_rank is 0"):
         qwen2.compute_logits(full, CONFIG, TOKENS)
+
+
+def test_peft_adapter_directory_loads_in_peft_with_the_adapter_logits(tmp_path):
+    import peft
+    hf_dir = save_hf_model(make_hf_model("gqa2-untied-theta1e6", seed=3), tmp_path / "base")
+    config, params = qwen2.load_hf_checkpoint(hf_dir, progress=False)
+    config = config.replace(lora_rank=4, lora_alpha=8.0, lora_targets=("q_proj", "o_proj", "down_proj"))
+    full = lora.combine(nonzero_b(lora.init_adapters(jax.random.key(2), config), scale=0.2), params)
+    tokens = np.random.default_rng(4).integers(0, config.vocab_size, size=(2, 10)).astype(np.int32)
+    ours = np.asarray(qwen2.compute_logits(full, config, tokens))
+    assert np.abs(ours - np.asarray(qwen2.compute_logits(params, config, tokens))).max() > 1e-3
+    names = qwen2.save_peft_adapter(full, config, tmp_path / "adapter", base_model=str(hf_dir))
+    # 3 projections x layers x (A, B)
+    assert len(names) == 3 * config.num_hidden_layers * 2 and "base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight" in names
+    base_model = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir).eval()
+    adapted = peft.PeftModel.from_pretrained(base_model, tmp_path / "adapter").eval()
+    np.testing.assert_allclose(hf_logits(adapted, tokens), ours, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="needs a tree with LoRA adapters"):
+        qwen2.save_peft_adapter(params, config.without_lora(), tmp_path / "none")

@@ -12,12 +12,14 @@ parameter tree, HF checkpoint load/save.
     config = config.replace(lora_rank=8)                       # LoRA (see qwen2.lora)
     adapters = qwen2.lora.init_adapters(key, config)
     logits = qwen2.compute_logits(qwen2.lora.combine(adapters, params), config, tokens)
+    qwen2.save_peft_adapter(qwen2.lora.combine(adapters, params), config, out_dir)  # peft dir
 """
 
 from hiper_jax.models.qwen2.checkpoint import (
     CheckpointError,
     load_hf_checkpoint,
     save_hf_checkpoint,
+    save_peft_adapter,
 )
 from hiper_jax.models.qwen2 import lora
 from hiper_jax.models.qwen2.config import (LORA_TARGETS, ConfigFileError, Qwen2Config,
@@ -58,7 +60,7 @@ __all__ = [
     "module_params",
     "TokenStats", "UnsupportedConfigError", "compute_logits", "count_params", "forward",
     "init_cache", "init_params", "lm_head", "load_hf_checkpoint", "param_axes", "param_shapes",
-    "param_shardings", "param_specs", "positions_from_segments", "save_hf_checkpoint",
+    "param_shardings", "param_specs", "positions_from_segments", "save_hf_checkpoint", "save_peft_adapter",
     "stack_layers", "token_logprobs", "unstack_layers",
     "LORA_TARGETS", "has_adapters", "lora", "tree_config",
 ]

@@ -351,3 +351,54 @@ def save_hf_checkpoint(params: Params, config: Qwen2Config, out_dir: PathLike, *
     hf_config["torch_dtype"] = jnp.dtype(dtype).name
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_config, f, indent=2)
+
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+def save_peft_adapter(params: Params, config: Qwen2Config, out_dir: PathLike, *,
+                      base_model: str = "", dtype: Any = jnp.float32) -> list[str]:
+    """Writes the LoRA adapters of ``params`` as a ``peft`` adapter directory.
+
+    ``adapter_config.json`` (``peft_type`` LORA, ``r``, ``lora_alpha``, ``target_modules``) and
+    ``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight [r, in]`` and
+    ``lora_B.weight [out, r]`` per adapted projection and layer: ``peft.PeftModel.from_pretrained``
+    on the base checkpoint (the one the run started from, named by ``base_model`` in the
+    config file) computes the adapter model, and LoRA serving stacks (vLLM's ``--lora-modules``)
+    read the same layout. Our adapters ``lora_a [*I, r]`` and ``lora_b [r, *O]`` flatten ``I``
+    and ``O`` in the order of the HF weight's input and output axes. Value heads are not part
+    of it (the HF model has none). Only process 0 writes. Returns the tensor names written.
+    """
+    config = tree_config(params, config)
+    if not config.lora_rank:
+        raise ValueError("save_peft_adapter needs a tree with LoRA adapters "
+                         "(Qwen2Config.lora_rank > 0); save_hf_checkpoint writes plain weights")
+    out_dir = os.fspath(out_dir)
+    dtype = np.dtype(jnp.dtype(dtype))
+    rank = config.lora_rank
+    tensors: dict[str, np.ndarray] = {}
+    for name, spec in _tensor_map(config).items():
+        owner = _get(params, spec.path[:-1])
+        if spec.path[-1] != "kernel" or "lora_a" not in owner:
+            continue
+        layer = (lambda x: x) if spec.layer is None else (lambda x: x[spec.layer])
+        lora_a = _to_host(layer(owner["lora_a"])).reshape(-1, rank)
+        lora_b = _to_host(layer(owner["lora_b"])).reshape(rank, -1)
+        module = "base_model.model." + name[:-len(".weight")]
+        tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(lora_a.T.astype(dtype))
+        tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(lora_b.T.astype(dtype))
+    if jax.process_index() != 0:
+        return sorted(tensors)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, PEFT_WEIGHTS), metadata={"format": "pt"})
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": rank, "lora_alpha": config.lora_alpha, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(config.lora_targets), "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True,
+    }
+    with open(os.path.join(out_dir, PEFT_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(peft_config, f, indent=2)
+    return sorted(tensors)
