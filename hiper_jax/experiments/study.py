@@ -294,15 +294,44 @@ def summary_markdown(results: dict, variance: Optional[dict] = None, reference: 
                   f"with a percentile bootstrap 95% interval ({BOOTSTRAP_RESAMPLES} resamples of the "
                   "seeds); an interval that contains 0 is no evidence of a difference."]
     if variance:
-        lines += ["", "| estimator | E‖g‖² | ‖E g‖² | tr Cov(g) | SNR ‖E g‖²/tr Cov |", "|---|---|---|---|---|"]
-        for estimator, v in variance["estimators"].items():
+        lines += variance_markdown(variance)
+    return "\n".join(lines)
+
+
+def variance_markdown(variance: dict) -> list[str]:
+    """Markdown lines of a ``gradient_variance.json`` (one policy, or several with intervals)."""
+    estimators = variance["estimators"]
+    if "per_policy" not in variance:  # a measurement under one policy, without intervals
+        lines = ["", "| estimator | E‖g‖² | ‖E g‖² | tr Cov(g) | SNR ‖E g‖²/tr Cov |", "|---|---|---|---|---|"]
+        for estimator, v in estimators.items():
             lines.append(f"| {estimator} | {v['mean_sq_norm']:.3e} | {v['sq_norm_of_mean']:.3e} | "
                          f"{v['total_variance']:.3e} | {v['snr']:.3f} |")
-        lines.append("")
-        lines.append(f"Policy-gradient variance over {variance['minibatches']} mini-batches of "
-                     f"{variance['rows']} turns drawn from the same {variance['episodes']} episodes "
-                     f"of one fixed policy ({variance['policy']}).")
-    return "\n".join(lines)
+        return lines + ["", f"Policy-gradient variance over {variance['minibatches']} mini-batches of "
+                        f"{variance['rows']} turns drawn from the same {variance['episodes']} episodes "
+                        f"of one fixed policy ({variance['policy']})."]
+
+    def cell(v: dict, key: str, fmt: str) -> str:
+        return f"{v[key]:{fmt}} [{v[key + '_low']:{fmt}}, {v[key + '_high']:{fmt}}]"
+    lines = ["", "| estimator | E‖g‖² | ‖E g‖² | tr Cov(g) | SNR ‖E g‖²/tr Cov |", "|---|---|---|---|---|"]
+    for estimator, v in estimators.items():
+        lines.append(f"| {estimator} | " + " | ".join(
+            cell(v, key, fmt) for key, fmt in (("mean_sq_norm", ".3e"), ("sq_norm_of_mean", ".3e"),
+                                               ("total_variance", ".3e"), ("snr", ".3f"))) + " |")
+    reference = variance["reference"]
+    if variance.get("ratios"):
+        lines += ["", f"| {reference} / estimator | tr Cov(g) ratio | SNR ratio | per policy (variance; SNR) |",
+                  "|---|---|---|---|"]
+        for estimator, r in variance["ratios"].items():
+            per = "; ".join(f"{a:.2f}, {b:.2f}" for a, b in zip(r["variance_ratio_per_policy"],
+                                                                r["snr_ratio_per_policy"]))
+            lines.append(f"| {estimator} | {cell(r, 'variance_ratio', '.2f')} | "
+                         f"{cell(r, 'snr_ratio', '.2f')} | {per} |")
+    policies = variance["policies"]
+    return lines + ["", f"Policy-gradient statistics under {len(policies)} policies ({', '.join(policies)}): "
+                    f"for each, {variance['minibatches']} mini-batches of {variance['rows']} turns drawn "
+                    f"from the same {variance['episodes']} episodes of that policy. Means over the "
+                    "policies with percentile bootstrap 95% intervals (resampling policies); ratios are "
+                    "geometric means of the per-policy ratios. One policy gives zero-width intervals."]
 
 
 def curve_band(curves: Sequence[Sequence[tuple[float, float]]], num_points: int = 25):
@@ -497,37 +526,97 @@ def minibatch_gradient_stats(actor, model_config, batch, rows: int, minibatches:
             "total_variance": variance, "snr": sq_norm_of_mean / variance if variance > 0 else float("inf")}
 
 
-def gradient_variance(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
-    """Plays ``study.variance_episodes`` episodes with one fixed policy and compares, on those
-    same episodes, the mini-batch variance of the policy gradient under each estimator.
+def variance_policies(config: ml_collections.ConfigDict) -> list[tuple[str, Optional[str]]]:
+    """``(name, checkpoints folder or None)`` of the policies the gradient variance is measured
+    under: the warm start (``None``), then the final state of each finished run of the source
+    estimator (``hae`` when it is a variance estimator, else the first), seed by seed, up to
+    ``study.variance_policies`` in all."""
+    study = config.study
+    source = "hae" if "hae" in study.variance_estimators else study.variance_estimators[0]
+    policies: list[tuple[str, Optional[str]]] = [("warm start", None)]
+    for seed in study.seeds:
+        directory = run_dir(config, source, seed)
+        if len(policies) < study.variance_policies and is_finished(directory):
+            policies.append((f"{source} seed {seed} final", os.path.join(directory, "checkpoints")))
+    return policies
 
-    The policy and critic are the final state of the first estimator's first-seed run when it
-    has finished (a critic that has learned something), else the warm start.
+
+def aggregate_variance(per_policy: Sequence[dict[str, dict]], reference: str) -> dict:
+    """Statistics over policies of :func:`minibatch_gradient_stats` results.
+
+    Args:
+      per_policy: one ``{estimator: stats}`` per policy, the same estimators in each.
+      reference: the estimator the others are compared with.
+    Returns:
+      ``estimators``: per estimator and statistic, the mean over policies with its bootstrap 95%
+      interval (``<stat>``, ``<stat>_low``, ``<stat>_high``); ``ratios``: per other estimator,
+      reference / estimator of ``total_variance`` and of ``snr``, as the geometric mean over
+      policies with the interval of the mean log-ratio (``variance_ratio``, ``snr_ratio`` and
+      their ``_low`` / ``_high``), and ``per_policy`` the ratios of each policy.
     """
+    estimators = list(per_policy[0])
+    out: dict = {"estimators": {}, "ratios": {}}
+    for estimator in estimators:
+        stats = {}
+        for key in ("mean_sq_norm", "sq_norm_of_mean", "total_variance", "snr"):
+            mean, low, high = bootstrap_mean_ci([p[estimator][key] for p in per_policy])
+            stats.update({key: mean, f"{key}_low": low, f"{key}_high": high})
+        out["estimators"][estimator] = stats
+    if reference not in estimators:
+        return out
+    for estimator in estimators:
+        if estimator == reference:
+            continue
+        ratios = {}
+        for key, name in (("total_variance", "variance_ratio"), ("snr", "snr_ratio")):
+            logs = [math.log(p[reference][key] / p[estimator][key]) for p in per_policy]
+            mean, low, high = bootstrap_mean_ci(logs)
+            ratios.update({name: math.exp(mean), f"{name}_low": math.exp(low),
+                           f"{name}_high": math.exp(high), f"{name}_per_policy": [math.exp(x) for x in logs]})
+        out["ratios"][estimator] = ratios
+    return out
+
+
+def gradient_variance(config: ml_collections.ConfigDict, progress: bool = True) -> dict:
+    """Under each policy of :func:`variance_policies`: plays ``study.variance_episodes`` episodes
+    with it and compares, on those same episodes, the mini-batch variance of the policy
+    gradient under each variance estimator (with that policy's critic); then
+    :func:`aggregate_variance` over the policies (reference: ``hae`` when measured)."""
     from hiper_jax.train.config import batch_settings
     from hiper_jax.train.trainer import Trainer
 
     study = config.study
-    source_estimator = "hae" if "hae" in study.estimators else study.estimators[0]
-    source = run_dir(config, source_estimator, study.seeds[0])
+    policies = variance_policies(config)
+    source_estimator = "hae" if "hae" in study.variance_estimators else study.variance_estimators[0]
     run = run_config(config, source_estimator, study.seeds[0])
     run.train.out_dir = os.path.join(study.out_dir, "variance")
     run.train.resume = False
     trainer = Trainer(run, progress=progress)
-    policy_name = "warm start"
-    if is_finished(source):
-        iteration = trainer.restore(os.path.join(source, "checkpoints"))
-        policy_name = f"{source_estimator} seed {study.seeds[0]} after {iteration} iterations"
-    trajectories = trainer.collect(study.variance_episodes, jax.random.key(12345), split="train",
-                                   temperature=run.sampling.temperature)
-    out = {"policy": policy_name, "episodes": len(trajectories), "minibatches": study.variance_minibatches,
-           "rows": run.ppo.mini_batch_rows, "estimators": {}}
+    warm_start = trainer.state
     text_mask = trainer.grammar.text_mask if trainer.grammar is not None else None
-    for estimator in study.variance_estimators:
-        cfg = copy.deepcopy(run)
-        cfg.advantage.estimator = estimator
-        batch = trainer.build_batch(trajectories, batch_settings(cfg)).batch
-        out["estimators"][estimator] = minibatch_gradient_stats(
-            trainer.state.actor, trainer.model_config, batch, run.ppo.mini_batch_rows,
-            study.variance_minibatches, run.sampling.temperature or 1.0, text_mask=text_mask)
+    per_policy, names = [], []
+    for number, (name, checkpoints) in enumerate(policies):
+        trainer.state = warm_start
+        if checkpoints is not None:
+            iteration = trainer.restore(checkpoints)
+            name = f"{name} ({iteration} iterations)"
+        trajectories = trainer.collect(study.variance_episodes, jax.random.key(12345 + number), split="train",
+                                       temperature=run.sampling.temperature)
+        stats = {}
+        for estimator in study.variance_estimators:
+            cfg = copy.deepcopy(run)
+            cfg.advantage.estimator = estimator
+            batch = trainer.build_batch(trajectories, batch_settings(cfg)).batch
+            stats[estimator] = minibatch_gradient_stats(
+                trainer.state.actor, trainer.model_config, batch, run.ppo.mini_batch_rows,
+                study.variance_minibatches, run.sampling.temperature or 1.0, seed=number, text_mask=text_mask)
+        per_policy.append(stats)
+        names.append(name)
+        print(f"gradient variance under {name}: "
+              + ", ".join(f"{e} SNR {s['snr']:.3f}" for e, s in stats.items()))
+    reference = "hae" if "hae" in study.variance_estimators else study.variance_estimators[0]
+    out = {"policies": names, "episodes": study.variance_episodes, "minibatches": study.variance_minibatches,
+           "rows": run.ppo.mini_batch_rows, "reference": reference,
+           "per_policy": [{"policy": n, "estimators": s} for n, s in zip(names, per_policy)]}
+    out.update(aggregate_variance(per_policy, reference))
     return out

@@ -24,6 +24,10 @@ def base_study() -> ml_collections.ConfigDict:
         variance_estimators=("hae", "turn_gae", "grpo"),
         variance_episodes=64,       # fixed-policy episodes the gradients are drawn from
         variance_minibatches=32,    # mini-batches (of run.ppo.mini_batch_rows turns) per estimator
+        # Policies the variance is measured under: the warm start, then the final policy of each
+        # finished run of the first variance estimator (seed by seed), this many in all; the
+        # estimators are compared policy by policy, with bootstrap intervals over the policies.
+        variance_policies=4,
     ))
 
 
@@ -49,6 +53,8 @@ def validate_study(config: ml_collections.ConfigDict, check_paths: bool = True) 
                          f"study.estimators {tuple(study.estimators)}")
     if study.variance_minibatches < 2:
         raise ValueError("config field study.variance_minibatches: must be >= 2")
+    if study.variance_policies < 1:
+        raise ValueError("config field study.variance_policies: must be >= 1")
     if config.run.train.max_env_turns <= 0:
         raise ValueError("config field run.train.max_env_turns: must be > 0, so that every "
                          "estimator gets the same number of environment turns")

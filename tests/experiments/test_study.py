@@ -37,6 +37,7 @@ def study_config(run, out_dir, estimators=("hae", "grpo"), seeds=(0,)):
     study.variance_estimators = estimators
     study.variance_episodes = 32
     study.variance_minibatches = 4
+    study.variance_policies = 2
     return ml_collections.ConfigDict({"run": run, "study": study})
 
 
@@ -180,8 +181,14 @@ def test_small_study_runs_and_skips_finished_runs(word_checkpoint, tmp_path, cap
         assert [turns for turns, _ in result["curve"]] == [0.0] + totals  # eval before each iteration + final
     variance = summary["gradient_variance"]
     assert variance["episodes"] == 32 and set(variance["estimators"]) == {"hae", "grpo"}
+    # the warm start, then the finished hae run's final policy
+    assert variance["policies"] == ["warm start", "hae seed 0 final (%d iterations)" % len(totals)], variance["policies"]
+    for policy in variance["per_policy"]:
+        for stats in policy["estimators"].values():
+            assert np.isfinite(stats["total_variance"]) and stats["total_variance"] > 0
     for stats in variance["estimators"].values():
-        assert np.isfinite(stats["total_variance"]) and stats["total_variance"] > 0
+        assert stats["total_variance_low"] <= stats["total_variance"] <= stats["total_variance_high"]
+    assert variance["ratios"]["grpo"]["variance_ratio"] > 0
     assert "| hae | 1 |" in summary["table"] and "SNR" in summary["table"]
     assert all(os.path.exists(p) for p in summary["plots"])
 
@@ -318,3 +325,40 @@ def test_smoke_study_runs_every_arm_on_alfworld(tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(f"{arm} seed 1: finished earlier, skipped" in out for arm in arms)
     assert again["table"] == table
+
+
+def test_variance_over_policies_means_intervals_and_ratios():
+    rng = np.random.default_rng(0)
+    per_policy = [{e: {"mean_sq_norm": v + m, "sq_norm_of_mean": m, "total_variance": v, "snr": m / v}
+                   for e, (v, m) in zip(("hae", "grpo"), rng.uniform(0.1, 1.0, size=(2, 2)))}
+                  for _ in range(5)]
+    out = study_lib.aggregate_variance(per_policy, "hae")
+    for estimator in ("hae", "grpo"):
+        values = [p[estimator]["snr"] for p in per_policy]
+        stats = out["estimators"][estimator]
+        assert stats["snr"] == pytest.approx(np.mean(values))
+        assert stats["snr_low"] < stats["snr"] < stats["snr_high"]
+        assert (stats["snr_low"], stats["snr_high"]) == pytest.approx(bootstrap_mean_ci(values)[1:])
+    ratio = [p["hae"]["total_variance"] / p["grpo"]["total_variance"] for p in per_policy]
+    grpo = out["ratios"]["grpo"]
+    assert grpo["variance_ratio_per_policy"] == pytest.approx(ratio)
+    assert grpo["variance_ratio"] == pytest.approx(np.exp(np.mean(np.log(ratio))))
+    assert grpo["variance_ratio_low"] < grpo["variance_ratio"] < grpo["variance_ratio_high"]
+    assert "hae" not in out["ratios"]
+    one = study_lib.aggregate_variance(per_policy[:1], "hae")["ratios"]["grpo"]
+    assert one["snr_ratio_low"] == pytest.approx(one["snr_ratio"]) == pytest.approx(one["snr_ratio_high"])
+    lines = "\n".join(study_lib.variance_markdown(dict(out, policies=[f"p{i}" for i in range(5)], episodes=8,
+                                                       minibatches=4, rows=16, reference="hae", per_policy=[])))
+    assert "| grpo | %.2f [" % grpo["variance_ratio"] in lines and "5 policies (p0, p1" in lines
+
+
+def test_variance_policies_are_the_warm_start_and_finished_runs(tmp_path):
+    config = study_config(word_config("unused", tmp_path), tmp_path, estimators=("hae", "grpo"), seeds=(0, 1, 2, 3))
+    config.study.variance_policies = 3
+    write_run(run_dir(config, "hae", 0), [(0, 0.25, {}), (100, 0.5, {})])
+    write_run(run_dir(config, "hae", 1), [(0, 0.25, {}), (100, 0.5, {})], finished=False)
+    write_run(run_dir(config, "hae", 2), [(0, 0.25, {}), (100, 0.5, {})])
+    write_run(run_dir(config, "hae", 3), [(0, 0.25, {}), (100, 0.5, {})])
+    policies = study_lib.variance_policies(config)
+    assert [name for name, _ in policies] == ["warm start", "hae seed 0 final", "hae seed 2 final"]
+    assert policies[0][1] is None and policies[2][1] == os.path.join(run_dir(config, "hae", 2), "checkpoints")
