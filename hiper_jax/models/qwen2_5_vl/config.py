@@ -19,8 +19,8 @@ from typing import Any, Union
 
 import jax.numpy as jnp
 
-from hiper_jax.models.qwen2.config import (ConfigFileError, Qwen2Config, UnsupportedConfigError,
-                                           _number, _read_hf_dict)
+from hiper_jax.models.qwen2.config import (_IGNORED_HF_KEYS, ConfigFileError, Qwen2Config,
+                                           UnsupportedConfigError, _number, _read_hf_dict)
 
 PathLike = Union[str, os.PathLike]
 
@@ -276,18 +276,19 @@ def _parse_text(text: dict[str, Any], top: Mapping[str, Any],
                                                                   "max_window_layers"}}
     qwen2.update(model_type="qwen2", rope_theta=theta, tie_word_embeddings=tie,
                  rms_norm_eps=text.get("rms_norm_eps", 1e-5))
-    unknown = sorted(k for k, v in text.items() if k not in _TEXT_KEYS and k not in (
-        "model_type", "tie_word_embeddings", "dtype", "torch_dtype", "use_cache", "pad_token_id",
-        "architectures", "transformers_version", "_name_or_path", "vision_start_token_id",
-        "vision_end_token_id", "vision_token_id", "image_token_id", "video_token_id")
-        and v not in (None, False, {}, []))
+    unknown = sorted(k for k, v in text.items() if k not in _TEXT_KEYS | _IGNORED_HF_KEYS
+                     and k not in ("tie_word_embeddings", "vision_start_token_id",
+                                   "vision_end_token_id", "vision_token_id", "image_token_id",
+                                   "video_token_id")
+                     and v not in (None, False, {}, []))
     if unknown:
         raise _unsupported(origin, "text_config fields", unknown, "not part of this port")
     return Qwen2Config.from_hf_config(qwen2), tuple(mrope_section)
 
 
 def _parse_vision(raw: dict[str, Any], origin: str) -> VisionConfig:
-    unknown = sorted(k for k in raw if k not in _VISION_KEYS)
+    unknown = sorted(k for k, v in raw.items() if k not in _VISION_KEYS | _IGNORED_HF_KEYS
+                     and v not in (None, False, {}, []))
     if unknown:
         raise _unsupported(origin, "fields", unknown, "not part of this port")
     if raw.get("hidden_act", "silu") != "silu":
