@@ -116,3 +116,23 @@ def test_mismatched_weights_are_refused(tmp_path):
         json.dump(config, f)
     with pytest.raises(qwen2.CheckpointError, match="unexpected tensor.*visual.blocks.2"):
         qwen2_5_vl.load_hf_checkpoint(path, progress=False)
+
+
+@pytest.mark.slow
+def test_loads_onto_a_mesh_with_equal_logits(tmp_path):
+    path = save_hf_model(make_hf_model(seed=6), tmp_path / "ckpt")
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    config, params = qwen2_5_vl.load_hf_checkpoint(path, mesh=mesh, progress=False)
+    _, local = qwen2_5_vl.load_hf_checkpoint(path, progress=False)
+    expected = qwen2_5_vl.param_shardings(config, mesh)
+    jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(str(s)),
+                 params, expected)
+    qkv = params["visual"]["blocks"]["attn"]["qkv"]["kernel"]  # [depth, E, 3, H, D]
+    assert qkv.sharding.is_equivalent_to(jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, "fsdp", None, "tensor")), qkv.ndim)
+    jax.tree.map(np.testing.assert_array_equal, params, local)
+    tokens, pixels = _inputs()
+    np.testing.assert_allclose(
+        qwen2_5_vl.compute_logits(params, config, tokens, pixels, GRID),
+        qwen2_5_vl.compute_logits(local, config, tokens, pixels, GRID), atol=1e-5)

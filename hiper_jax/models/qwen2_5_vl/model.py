@@ -113,7 +113,7 @@ def text_positions(segment_ids: Array, cache: Optional[KVCache] = None) -> Array
     return jnp.broadcast_to(positions[None], (3,) + positions.shape)
 
 
-def rope_index(config: Qwen2_5_VLConfig, tokens: Any, image_grid_thw: Any = (),
+def rope_index(config: Qwen2_5_VLConfig, tokens: Any, image_grid_thw: Any = None,
                attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Multimodal positions of a batch of text+image sequences (host, numpy), as HF's
     ``get_rope_index`` computes them.
@@ -123,7 +123,7 @@ def rope_index(config: Qwen2_5_VLConfig, tokens: Any, image_grid_thw: Any = (),
         tokens: ``[B, L]`` token ids; images are runs of ``image_token_id``, one run of
             ``t * h * w / merge**2`` tokens per image, images in ``image_grid_thw`` order over
             the batch (row-major).
-        image_grid_thw: ``[num_images, 3]``.
+        image_grid_thw: ``[num_images, 3]`` (None or empty: text only).
         attention_mask: optional ``[B, L]`` 0/1 (0: padding, which gets position 0 and is not
             counted); one sequence per row.
 
@@ -138,7 +138,8 @@ def rope_index(config: Qwen2_5_VLConfig, tokens: Any, image_grid_thw: Any = (),
     batch, length = tokens.shape
     mask = (np.ones((batch, length), bool) if attention_mask is None
             else np.asarray(attention_mask) != 0)
-    grid = vision.as_grid(image_grid_thw) if len(np.asarray(image_grid_thw)) else ()
+    grid = (() if image_grid_thw is None or np.size(image_grid_thw) == 0
+            else vision.as_grid(image_grid_thw))
     merge = config.vision.spatial_merge_size
     images = iter(grid)
     used = 0
