@@ -179,3 +179,16 @@ def test_module_and_init_params_agree_with_the_specs(reference):
     module = qwen2_5_vl.as_module(params, config)
     assert isinstance(module.language_model, qwen2.Qwen2ForCausalLM)
     jax.tree.map(np.testing.assert_array_equal, qwen2_5_vl.module_params(module), params)
+
+
+def test_bfloat16_compute_stays_close_to_float32(reference):
+    _, config, params = reference
+    grid = [GRID_C]
+    tokens = np.array([sequence([3, "image", 4], grid, seed=12)])
+    pixels = pixel_values(grid, seed=12)
+    exact = qwen2_5_vl.compute_logits(params, config, tokens, pixels, grid)
+    low = qwen2_5_vl.compute_logits(params, config.with_dtypes(compute_dtype="bfloat16"), tokens,
+                                    pixels, grid)
+    assert low.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(low - exact))) < 0.05 * float(jnp.max(jnp.abs(exact)))
+    assert float(jnp.mean(jnp.argmax(low, -1) == jnp.argmax(exact, -1))) > 0.8
