@@ -389,20 +389,30 @@ class Qwen2Model(nnx.Module):
 
     def __call__(self, tokens: Array, *, segment_ids: Optional[Array] = None,
                  positions: Optional[Array] = None, cache: Optional[KVCache] = None,
-                 remat: bool = False) -> tuple[Array, Optional[KVCache]]:
+                 remat: bool = False, embeddings: Optional[Array] = None,
+                 rope: Optional[tuple[Array, Array]] = None) -> tuple[Array, Optional[KVCache]]:
         """``tokens [B, L]`` -> (final normed hidden states ``[B, L, E]``, cache); see
-        :func:`forward`."""
+        :func:`forward`.
+
+        Two hooks for models that reuse this decoder (the Qwen2.5-VL language model):
+        ``embeddings [B, L, E]`` replace the token embedding lookup (``tokens`` then only gives
+        the shape), and ``rope = (cos, sin)``, each ``[B, L, 1, D/2]``, replace the tables
+        computed from ``positions`` (multimodal rotary positions).
+        """
         config = self.config
         batch, length = tokens.shape
         dtype = jnp.dtype(config.compute_dtype)
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
         segment_ids = segment_ids.astype(jnp.int32)
-        if positions is None:
-            positions = positions_from_segments(segment_ids)
-            if cache is not None:
-                positions = positions + jnp.sum(cache.segment_ids != 0, axis=1, keepdims=True)
-        cos, sin = _rope_tables(positions, config.head_dim, config.rope_theta)
+        if rope is not None:
+            cos, sin = rope
+        else:
+            if positions is None:
+                positions = positions_from_segments(segment_ids)
+                if cache is not None:
+                    positions = positions + jnp.sum(cache.segment_ids != 0, axis=1, keepdims=True)
+            cos, sin = _rope_tables(positions, config.head_dim, config.rope_theta)
 
         if cache is None:
             query_slots = key_slots = jnp.arange(length)
@@ -415,7 +425,8 @@ class Qwen2Model(nnx.Module):
         mask = ((key_slots[None, None, :] <= query_slots[None, :, None])
                 & (key_segments[:, None, :] == segment_ids[:, :, None]))
 
-        x = sharding.constrain(self.embed_tokens(tokens, dtype), ("batch", "length", "embed"))
+        x = self.embed_tokens(tokens, dtype) if embeddings is None else embeddings.astype(dtype)
+        x = sharding.constrain(x, ("batch", "length", "embed"))
 
         def layer_step(graphdef: nnx.GraphDef) -> Callable:
             # Pure in (carry, (layer state, index)): the scan slices the stacked state and each
