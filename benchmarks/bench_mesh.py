@@ -119,6 +119,30 @@ def mini_batch(config, mesh, rows: int, length: int, abstract: bool):
     return jax.device_put(arrays, sharding)
 
 
+def planned(config, shape, rows: int, length: int, ppo) -> dict:
+    """``hiper_jax.memory_plan``'s per-device bytes for this step, from the model's config and a
+    run config with the step's settings: ``state`` (policy and critic params and AdamW
+    moments, what the step takes as arguments) and ``update`` (gradients, activations, logits,
+    gathered weights: the step's temporaries)."""
+    from hiper_jax import memory_plan
+    from hiper_jax.train.config import base_config
+
+    run = base_config()
+    run.env.num_envs = rows
+    run.prompt.max_prompt_tokens = length
+    run.sampling.max_new_tokens = 0
+    run.model.param_dtype = str(jnp.dtype(config.param_dtype))
+    run.model.compute_dtype = str(jnp.dtype(config.compute_dtype))
+    run.ppo.micro_batch_rows = ppo.micro_batch_rows
+    run.ppo.mini_batch_rows = ppo.mini_batch_rows
+    run.ppo.remat = "layer" if ppo.remat else "none"
+    run.ppo.logits_chunk_tokens = ppo.logits_chunk
+    plan = memory_plan.plan_for_run(run, config, shape)
+    state = sum(v for k, v in plan.resident.items() if k in ("policy params", "policy AdamW",
+                                                             "critic params + AdamW"))
+    return {"state": state, "update": sum(plan.update.values()), "terms": plan.update}
+
+
 def measure(name: str, shape, rows: int, length: int, run: bool) -> dict:
     from hiper_jax import distributed
     from hiper_jax.models import qwen2
@@ -138,8 +162,10 @@ def measure(name: str, shape, rows: int, length: int, run: bool) -> dict:
     analysis = compiled.memory_analysis()
     compiled_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                       + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+    plan = planned(config, shape, rows, length, ppo)
     out = {"model": name, "mesh": shape, "state_mib": state_bytes_per_device(state_abs) / MIB,
            "compiled_mib": compiled_bytes / MIB, "temp_mib": analysis.temp_size_in_bytes / MIB,
+           "plan_state_mib": plan["state"] / MIB, "plan_update_mib": plan["update"] / MIB,
            "compile_s": compile_s, "step_s": float("nan"), "tokens_per_s": float("nan")}
     if run:
         actor = qwen2.init_params(jax.random.key(0), config, mesh=mesh)
@@ -165,21 +191,28 @@ def main(argv=None) -> None:
     parser.add_argument("--models", default="tiny,0.5b")
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--meshes", default=";".join(",".join(map(str, m)) for m in MESHES),
+                        help="mesh shapes data,fsdp,tensor separated by ';'")
+    parser.add_argument("--no-steps", action="store_true", help="compile only (no timed steps)")
     args = parser.parse_args(argv)
+    meshes = [tuple(int(x) for x in m.split(",")) for m in args.meshes.split(";")]
     print(f"{len(jax.devices())} {jax.devices()[0].platform} devices; mini-batch {args.rows} rows x "
           f"{args.length} tokens, micro-batches of {max(args.rows // 2, 1)} rows, remat")
     head = (f"{'model':<6} {'mesh (d,f,t)':<13} {'state MiB/dev':>14} {'compiled MiB/dev':>17} "
-            f"{'temp MiB/dev':>13} {'compile s':>10} {'step s':>8} {'tokens/s':>9} {'vs (1,1,1)':>10}")
+            f"{'temp MiB/dev':>13} {'compile s':>10} {'step s':>8} {'tokens/s':>9} {'vs (1,1,1)':>10}"
+            f" {'plan state':>10} {'ratio':>6} {'plan update':>11} {'ratio':>6}")
     print(head + "\n" + "-" * len(head))
     for name in args.models.split(","):
         baseline = None
-        for shape in MESHES:
-            r = measure(name, shape, args.rows, args.length, run=name == "tiny")
+        for shape in meshes:
+            r = measure(name, shape, args.rows, args.length, run=name == "tiny" and not args.no_steps)
             baseline = r["tokens_per_s"] if baseline is None else baseline
             ratio = r["tokens_per_s"] / baseline if baseline == baseline else float("nan")
             print(f"{name:<6} {str(shape):<13} {r['state_mib']:>14.1f} {r['compiled_mib']:>17.1f} "
                   f"{r['temp_mib']:>13.1f} {r['compile_s']:>10.1f} {r['step_s']:>8.3f} "
-                  f"{r['tokens_per_s']:>9.0f} {ratio:>10.2f}", flush=True)
+                  f"{r['tokens_per_s']:>9.0f} {ratio:>10.2f} {r['plan_state_mib']:>10.1f} "
+                  f"{r['plan_state_mib'] / r['state_mib']:>6.2f} {r['plan_update_mib']:>11.1f} "
+                  f"{r['plan_update_mib'] / r['temp_mib']:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":

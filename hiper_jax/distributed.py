@@ -9,11 +9,16 @@ logical axis rules of ``hiper_jax.models.sharding``):
   TPU slice, and does nothing on one process. Call it first, before any other JAX call.
 * :func:`make_mesh` builds the ``(data, fsdp, tensor)`` mesh (``-1`` = the remaining devices),
   with a device order that follows the TPU topology and ``Auto`` axis types.
-* :func:`host_share` says which rows of a global batch this host feeds (and which env seeds it
-  uses); :func:`host_local_to_global` / :func:`global_to_host_local` turn host-local NumPy
-  batches into global ``jax.Array`` s sharded over the batch axes and back.
+* :func:`host_share` says which rows of a global batch this host plays (its envs, and which env
+  seeds it uses).
+* One placement path for one and many processes: every process holds the whole batch (the
+  trajectories are gathered, :func:`gather_objects`); :func:`place_rows` puts it on the mesh
+  with its rows split over the batch axes (each process placing only its devices' shards),
+  :func:`gather_to_all_hosts` brings results back whole, and jitted code runs inside
+  :func:`on_mesh`, so the model's activation sharding hints apply.
 * :func:`sharded_estimator` runs an advantage estimator under ``jax.shard_map`` with the
-  trajectories split over the batch axes and normalisation statistics reduced across devices.
+  trajectories split over the batch axes and normalisation statistics reduced across devices
+  (built once per estimator and mesh).
 
 Batch rows are split over :data:`BATCH_AXES` = ``("data", "fsdp")`` together (data-major), the
 same mapping as the ``batch`` logical axis of the model's rules. Everything here works unchanged
@@ -22,6 +27,7 @@ on a one-device mesh and in a single process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -310,7 +316,7 @@ def num_batch_shards(mesh: Mesh) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Host-local <-> global batches
+# Which rows a host plays; placing whole batches on the mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,11 +340,6 @@ class HostShare:
     def row_offset(self) -> int:
         """The first global row this process feeds."""
         return self.row_indices[0]
-
-    def take(self, global_batch: Any) -> Any:
-        """This process's rows of a pytree of whole-batch host arrays (``[global_rows, ...]``)."""
-        index = np.asarray(self.row_indices)
-        return jax.tree.map(lambda x: np.asarray(x)[index], global_batch)
 
     def env_seeds(self, base_seed: int) -> np.ndarray:
         """``[rows]`` int64 seeds, ``base_seed + global row index``: distinct across hosts."""
@@ -376,51 +377,6 @@ def _path_name(path) -> str:
     return jax.tree_util.keystr(path) or "<batch>"
 
 
-def host_local_to_global(tree: Any, mesh: Mesh, spec: Optional[PartitionSpec] = None) -> Any:
-    """Global ``jax.Array`` s from this host's rows of a batch.
-
-    Args:
-      tree: pytree of arrays whose leading axis is this host's rows in the order of
-        ``host_share(mesh, B).row_indices`` (e.g. ``[B_host, T]``), NumPy or JAX.
-      mesh: the global mesh.
-      spec: placement of the global arrays; default :func:`batch_spec` (rows split over the
-        batch axes, other axes whole).
-
-    Returns:
-      The same pytree of global ``[B, ...]`` arrays; in a single process, simply the batch
-      placed on the mesh.
-    """
-    spec = batch_spec(mesh) if spec is None else spec
-    sharding = NamedSharding(mesh, spec)
-
-    def to_global(path, x):
-        x = np.asarray(x)
-        if x.ndim == 0:
-            raise ValueError(f"{_path_name(path)} is a scalar; batch leaves need a row axis")
-        try:
-            return jax.make_array_from_process_local_data(sharding, x)
-        except ValueError as error:
-            raise ValueError(
-                f"{_path_name(path)} (host-local shape {x.shape}) cannot be laid out as {spec} "
-                f"on mesh {dict(mesh.shape)}: {error}"
-            ) from error
-
-    return jax.tree_util.tree_map_with_path(to_global, tree)
-
-
-def global_to_host_local(
-    tree: Any, mesh: Mesh, spec: Optional[PartitionSpec] = None
-) -> Any:
-    """This host's rows of global arrays, as NumPy (the inverse of :func:`host_local_to_global`).
-
-    Arrays laid out differently from ``spec`` (default :func:`batch_spec`) are resharded first.
-    """
-    spec = batch_spec(mesh) if spec is None else spec
-    specs = jax.tree.map(lambda _: spec, tree)
-    local = multihost_utils.global_array_to_host_local_array(tree, mesh, specs)
-    return jax.tree.map(np.asarray, local)
-
-
 def gather_to_all_hosts(tree: Any) -> Any:
     """Whole global arrays as NumPy on every process (e.g. metrics or plots on process 0).
 
@@ -449,14 +405,41 @@ def gather_objects(obj: Any) -> list[Any]:
 
 def global_from_host_copy(tree: Any, mesh: Mesh, spec: Optional[PartitionSpec] = None) -> Any:
     """Global arrays laid out as ``spec`` (default :func:`batch_spec`) from a whole batch that
-    every process holds identically (each process places only its devices' shards)."""
+    every process holds identically (each process places only its devices' shards; in one
+    process, every device gets its shard)."""
     sharding = NamedSharding(mesh, batch_spec(mesh) if spec is None else spec)
 
-    def place(x):
+    def place(path, x):
         x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+        try:
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+        except ValueError as error:
+            raise ValueError(
+                f"{_path_name(path)} (shape {x.shape}) cannot be laid out as {sharding.spec} on "
+                f"mesh {dict(mesh.shape)}: {error}"
+            ) from error
 
-    return jax.tree.map(place, tree)
+    return jax.tree_util.tree_map_with_path(place, tree)
+
+
+def rows_divide(tree: Any, mesh: Mesh) -> bool:
+    """Whether every leaf of ``tree`` has a leading (row) axis that the batch shards divide."""
+    shards = num_batch_shards(mesh)
+    return all(np.ndim(x) > 0 and np.shape(x)[0] % shards == 0 for x in jax.tree.leaves(tree))
+
+
+def place_rows(tree: Any, mesh: Mesh) -> Any:
+    """A whole host batch (the same on every process) as global arrays on ``mesh``: rows split
+    over the batch axes (``data`` x ``fsdp``) when the batch shards divide every leaf's rows,
+    else replicated (a small batch in one process; with several processes the config keeps
+    update and pass rows multiples of the batch shards)."""
+    return global_from_host_copy(tree, mesh, None if rows_divide(tree, mesh) else PartitionSpec())
+
+
+def on_mesh(mesh: Optional[Mesh]):
+    """Context in which jitted calls see ``mesh`` (``jax.set_mesh``), so the logical-axis
+    activation hints of :func:`hiper_jax.models.sharding.constrain` apply; nothing without one."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def local_copy(tree: Any, device: Optional[Any] = None) -> Any:
@@ -475,6 +458,7 @@ def local_copy(tree: Any, device: Optional[Any] = None) -> Any:
 # Estimators under shard_map
 
 
+@functools.lru_cache(maxsize=64)
 def sharded_estimator(
     estimator_fn: Callable[..., Any], mesh: Mesh
 ) -> Callable[[Any, Any], Any]:
@@ -489,16 +473,18 @@ def sharded_estimator(
 
     Returns:
       ``run(batch, cfg) -> outputs``, jitted (``cfg`` static, so hashable). ``batch`` holds
-      global arrays (:func:`host_local_to_global`) or, in one process, plain arrays; its row
-      count must be a multiple of :func:`num_batch_shards`. The outputs are global arrays
-      split the same way. Estimators that need whole groups of rows (GRPO, RLOO) refuse.
+      global arrays (:func:`place_rows`) or, in one process, plain arrays; its row count must
+      be a multiple of :func:`num_batch_shards`. The outputs are global arrays split the same
+      way. Estimators that need whole groups of rows (GRPO, RLOO) refuse. The same
+      ``(estimator_fn, mesh)`` returns the same ``run`` (cached), so a loop that calls this
+      every iteration compiles once per batch shape; ``run.jitted`` is the jitted function.
     """
     axes = batch_axes(mesh)
     spec = PartitionSpec(axes)
     shards = num_batch_shards(mesh)
 
     @functools.partial(jax.jit, static_argnames="cfg")
-    def run_jit(batch, cfg):
+    def sharded_estimate(batch, cfg):
         per_shard = functools.partial(estimator_fn, cfg=cfg, axis_name=axes)
         return jax.shard_map(per_shard, mesh=mesh, in_specs=spec, out_specs=spec)(batch)
 
@@ -510,6 +496,7 @@ def sharded_estimator(
                     f"{_path_name(path)} has shape {np.shape(leaf)}; its leading (row) axis must "
                     f"be a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}"
                 )
-        return run_jit(batch, cfg)
+        return sharded_estimate(batch, cfg)
 
+    run.jitted = sharded_estimate
     return run

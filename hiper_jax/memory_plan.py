@@ -12,8 +12,9 @@ What is counted, per chip (bytes; ``P`` parameters of a tensor after sharding):
   weights are those of the adapters and heads only, and there is no reference copy;
 * rollout phase: the KV cache of every env's sequence (``prompt + response`` tokens, bf16), the
   prefill working set, and the weights FSDP gathers at once;
-* update phase: gradients (policy and critic, in the params' dtype), the activations of one
-  micro-batch with per-layer rematerialisation, and the weights FSDP gathers at once.
+* update phase: gradients (policy and critic, in the params' dtype; with several micro-batches
+  per step also their accumulator), AdamW's update tensors (run plans only), the activations of
+  one micro-batch with per-layer rematerialisation, and the weights FSDP gathers at once.
 
 Peak = resident + max(rollout, update). Layout: weights and optimizer states are split over
 ``fsdp`` along their hidden (embed) dimension and over ``tensor`` along heads, KV heads, MLP
@@ -30,6 +31,13 @@ dimension leaves the tensor whole along it. Batch rows (envs, update rows) are s
   ``logits_chunk_tokens`` rows at a time when the loss is computed in chunks;
 * FSDP-gathered weights, bf16: two layers (running and prefetched) and the vocab projection.
 
+Shapes come from a Qwen2 config (:meth:`ModelShape.from_config`: our ``Qwen2Config``, a
+``transformers`` config or a HF ``config.json``) and the settings from a run's config
+(:meth:`TrainingSetup.from_run_config`, :func:`plan_for_run`): ``ppo.remat`` (without remat every
+layer's activations are kept), ``ppo.ref_dtype``, ``ppo.logits_chunk_tokens`` and
+``model.compute_dtype`` (activations, compute copy, gathered weights; bf16 in the defaults here).
+``benchmarks/bench_mesh.py`` compares the update terms with XLA's memory analysis.
+
 Not counted: XLA temporaries beyond these, fragmentation, collective buffers; the ``reserve``
 of :meth:`MemoryPlan.fits` (10% of HBM by default) stands for them.
 """
@@ -38,10 +46,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Optional
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Optional
 
 GIB = 2**30
 FP32, BF16 = 4, 2
+DTYPE_BYTES = {"float32": FP32, "bfloat16": BF16, "float16": BF16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +68,34 @@ class ModelShape:
     intermediate: int  # intermediate_size
     vocab: int  # vocab_size
     tied_embeddings: bool  # tie_word_embeddings
+    head_dim_override: Optional[int] = None  # head_dim, when not hidden / heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_dim_override or self.hidden // self.heads
+
+    @classmethod
+    def from_config(cls, config: Any, name: str = "") -> "ModelShape":
+        """The shape of a Qwen2 config: a :class:`hiper_jax.models.qwen2.Qwen2Config`, a
+        ``transformers`` config, or a ``config.json`` dict (they share the HF field names)."""
+        get = (lambda key, default=None: config.get(key, default)) if isinstance(config, Mapping) \
+            else (lambda key, default=None: getattr(config, key, default))
+        heads, hidden = int(get("num_attention_heads")), int(get("hidden_size"))
+        head_dim = get("head_dim")
+        return cls(name or str(get("_name_or_path", "") or "qwen2"), hidden=hidden,
+                   layers=int(get("num_hidden_layers")), heads=heads,
+                   kv_heads=int(get("num_key_value_heads", heads)),
+                   intermediate=int(get("intermediate_size")), vocab=int(get("vocab_size")),
+                   tied_embeddings=bool(get("tie_word_embeddings", False)),
+                   head_dim_override=None if head_dim in (None, hidden // heads) else int(head_dim))
+
+    @classmethod
+    def from_hf(cls, path: str, name: str = "") -> "ModelShape":
+        """The shape in a HF ``config.json`` (the file, or the checkpoint directory holding it)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_config(json.load(handle), name or os.path.basename(os.path.dirname(path)))
 
     def tensors(self, lm_head: bool = True, value_heads: int = 0) -> list["Tensor"]:
         """Every parameter tensor, stacked over layers (``lm_head=False``: a critic backbone)."""
@@ -133,14 +169,19 @@ class Tensor:
         return self.numel / split
 
 
-QWEN2_5 = {
-    "0.5b": ModelShape("Qwen2.5-0.5B", hidden=896, layers=24, heads=14, kv_heads=2,
-                       intermediate=4864, vocab=151936, tied_embeddings=True),
-    "1.5b": ModelShape("Qwen2.5-1.5B", hidden=1536, layers=28, heads=12, kv_heads=2,
-                       intermediate=8960, vocab=151936, tied_embeddings=True),
-    "7b": ModelShape("Qwen2.5-7B", hidden=3584, layers=28, heads=28, kv_heads=4,
-                     intermediate=18944, vocab=152064, tied_embeddings=False),
+# The architecture fields of the Qwen2.5 checkpoints' config.json files (Hugging Face).
+QWEN2_5_CONFIGS = {
+    "0.5b": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+             "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936,
+             "tie_word_embeddings": True},
+    "1.5b": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
+             "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936,
+             "tie_word_embeddings": True},
+    "7b": {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+           "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
+           "tie_word_embeddings": False},
 }
+QWEN2_5 = {key: ModelShape.from_config(hf, f"Qwen2.5-{key.upper()}") for key, hf in QWEN2_5_CONFIGS.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +228,17 @@ class TrainingSetup:
         they and the value heads train (gradients and AdamW moments for them alone); the
         policy's weights are frozen and are the reference policy (no copy); a separate critic
         is adapters of its own on those same weights; sampling runs a merged bf16 copy.
+      remat: per-layer rematerialisation in the update (``ppo.remat="layer"``); False keeps
+        every layer's activations for the backward pass.
+      reference_bytes: bytes per element of the reference copy (``ppo.ref_dtype``).
+      activation_bytes: bytes per element of activations, the compute copy and gathered
+        weights (``model.compute_dtype``).
+      micro_steps: micro-batches per optimizer step (``ppo.mini_batch_rows /
+        ppo.micro_batch_rows``); above 1 the step holds a gradient accumulator beside the
+        micro-batch's gradients.
+      optimizer_temporaries: count AdamW's update tensors (one fp32 tensor per trainable
+        parameter, made before they are applied). :meth:`from_run_config` counts them; the
+        README tables (the defaults) do not.
     """
 
     num_envs: int = 128
@@ -201,6 +253,29 @@ class TrainingSetup:
     attention: str = "naive"
     logits_chunk_tokens: Optional[int] = None
     lora_rank: int = 0
+    remat: bool = True
+    reference_bytes: int = BF16
+    activation_bytes: int = BF16
+    micro_steps: int = 1
+    optimizer_temporaries: bool = False
+
+    @classmethod
+    def from_run_config(cls, config: Any, batch_shards: int = 1) -> "TrainingSetup":
+        """What a trainer run keeps, from its ``ml_collections`` config (``hiper_jax.train.config``
+        fields) on a mesh with ``batch_shards`` (data x fsdp) row shards."""
+        micro_rows = config.ppo.micro_batch_rows
+        rows_per_chip = max(micro_rows // batch_shards, 1)
+        return cls(
+            num_envs=config.env.num_envs, prompt_tokens=config.prompt.max_prompt_tokens,
+            response_tokens=config.sampling.max_new_tokens, update_rows_per_chip=rows_per_chip,
+            fp32_master=config.model.param_dtype == "float32",
+            bf16_compute_copy=True, reference_policy=not config.model.lora_rank,
+            separate_critic=config.model.critic == "separate",
+            logits_chunk_tokens=rows_per_chip * config.ppo.logits_chunk_tokens,
+            lora_rank=config.model.lora_rank, remat=config.ppo.remat == "layer",
+            reference_bytes=DTYPE_BYTES[config.ppo.ref_dtype],
+            activation_bytes=DTYPE_BYTES[config.model.compute_dtype],
+            micro_steps=max(config.ppo.mini_batch_rows // micro_rows, 1), optimizer_temporaries=True)
 
     def __post_init__(self):
         if self.attention not in ("naive", "flash"):
@@ -240,16 +315,17 @@ def _divide(size: int, ways: int) -> float:
     return size / ways if size % ways == 0 else float(size)
 
 
-def _layer_activation_bytes(model: ModelShape, tokens: int, tensor: int) -> float:
-    """bf16 values of one layer's intermediate activations for ``tokens`` tokens."""
+def _layer_activation_bytes(model: ModelShape, tokens: int, tensor: int,
+                            dtype_bytes: int = BF16) -> float:
+    """Values of one layer's intermediate activations for ``tokens`` tokens."""
     d = model.head_dim
     q = _divide(model.heads, tensor) * d
     kv = _divide(model.kv_heads, tensor) * d
     per_token = 2 * model.hidden + 2 * q + 2 * kv + 3 * _divide(model.intermediate, tensor)
-    return tokens * per_token * BF16
+    return tokens * per_token * dtype_bytes
 
 
-def _gathered_weight_bytes(model: ModelShape, fsdp: int, tensor: int) -> float:
+def _gathered_weight_bytes(model: ModelShape, fsdp: int, tensor: int, dtype_bytes: int = BF16) -> float:
     """bf16 weights that FSDP all-gathers at once: two layers (the one running and the next,
     prefetched) and the vocab projection, each still split over ``tensor``."""
     if fsdp == 1:
@@ -257,7 +333,7 @@ def _gathered_weight_bytes(model: ModelShape, fsdp: int, tensor: int) -> float:
     layer = [t for t in model.tensors() if t.name not in ("embed_tokens", "norm", "lm_head")]
     per_layer = _sharded_params(layer, 1, tensor) / model.layers
     vocab = model.hidden * _divide(model.vocab, tensor)
-    return (2 * per_layer + vocab) * BF16
+    return (2 * per_layer + vocab) * dtype_bytes
 
 
 def _attention_bytes(model: ModelShape, rows: int, query: int, keys: int, tensor: int,
@@ -289,21 +365,22 @@ def memory_plan(model: ModelShape, data: int, fsdp: int, tensor: int,
     if setup.lora_rank:
         resident["policy LoRA adapters"] = trainable * param_bytes
     if setup.bf16_compute_copy and (setup.fp32_master or setup.lora_rank):
-        resident["policy bf16 copy"] = policy * BF16
+        resident["policy bf16 copy"] = policy * setup.activation_bytes
     resident["policy AdamW"] = trainable * 2 * FP32
     if setup.reference_policy and not setup.lora_rank:
-        resident["reference policy"] = policy * BF16
+        resident["reference policy"] = policy * setup.reference_bytes
     resident["critic params + AdamW"] = critic * (param_bytes + 2 * FP32)
 
     envs_per_chip = setup.num_envs // batch_shards
     prefill_rows = setup.prefill_rows_per_chip or envs_per_chip
     prompt = setup.prompt_tokens
-    gathered = _gathered_weight_bytes(model, fsdp, tensor)
+    act = setup.activation_bytes
+    gathered = _gathered_weight_bytes(model, fsdp, tensor, act)
     rollout = {
         "KV cache": (envs_per_chip * setup.sequence_tokens * 2 * model.layers
-                     * _divide(model.kv_heads, tensor) * model.head_dim * BF16),
+                     * _divide(model.kv_heads, tensor) * model.head_dim * act),
         "prefill activations": (
-            _layer_activation_bytes(model, prefill_rows * prompt, tensor)
+            _layer_activation_bytes(model, prefill_rows * prompt, tensor, act)
             + _attention_bytes(model, prefill_rows, prompt, prompt, tensor, setup)),
         "FSDP-gathered weights": gathered,
     }
@@ -312,15 +389,32 @@ def memory_plan(model: ModelShape, data: int, fsdp: int, tensor: int,
     seq = setup.sequence_tokens
     tokens = rows * seq
     logit_tokens = min(tokens, setup.logits_chunk_tokens or tokens)
-    update = {
-        "grads": (trainable + critic) * param_bytes,
-        "remat checkpoints": model.layers * tokens * model.hidden * BF16,
-        "layer activations": 2 * _layer_activation_bytes(model, tokens, tensor),
-        "attention probs": 2 * _attention_bytes(model, rows, seq, seq, tensor, setup),
-        "logits": 2 * logit_tokens * _divide(model.vocab, tensor) * FP32,
-        "FSDP-gathered weights": gathered,
-    }
+    layer = _layer_activation_bytes(model, tokens, tensor, act)
+    attention = _attention_bytes(model, rows, seq, seq, tensor, setup)
+    update = {"grads": (trainable + critic) * param_bytes}
+    if setup.micro_steps > 1:
+        update["grad accumulator"] = (trainable + critic) * param_bytes
+    if setup.optimizer_temporaries:
+        update["optimizer update"] = (trainable + critic) * FP32
+    if setup.remat:  # boundaries kept; one layer recomputed, its values and gradients live
+        update["remat checkpoints"] = model.layers * tokens * model.hidden * act
+        update["layer activations"] = 2 * layer
+        update["attention probs"] = 2 * attention
+    else:  # every layer's values kept for the backward pass, plus one layer's gradients
+        update["layer activations"] = (model.layers + 1) * layer
+        update["attention probs"] = (model.layers + 1) * attention
+    update["logits"] = 2 * logit_tokens * _divide(model.vocab, tensor) * FP32
+    update["FSDP-gathered weights"] = gathered
     return MemoryPlan(resident=resident, rollout=rollout, update=update)
+
+
+def plan_for_run(config: Any, model: Any, mesh_shape: tuple[int, int, int]) -> MemoryPlan:
+    """The per-chip plan of a trainer run: ``config`` its ``ml_collections`` config, ``model``
+    a Qwen2 config (:class:`~hiper_jax.models.qwen2.Qwen2Config`, HF config or
+    ``config.json`` dict) or a :class:`ModelShape`, ``mesh_shape`` ``(data, fsdp, tensor)``."""
+    shape = model if isinstance(model, ModelShape) else ModelShape.from_config(model)
+    data, fsdp, tensor = mesh_shape
+    return memory_plan(shape, data, fsdp, tensor, TrainingSetup.from_run_config(config, data * fsdp))
 
 
 def trainable_params(model: ModelShape, setup: TrainingSetup = TrainingSetup()) -> dict[str, int]:

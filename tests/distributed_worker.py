@@ -3,9 +3,10 @@
 Usage: python tests/distributed_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT_DIR
 
 The parent sets XLA_FLAGS (simulated CPU devices per process). Each process joins the job,
-checks the global device count, runs a psum over all devices, and runs the sharded HAE on its
-own rows of the shared test batch for two mesh shapes; it writes its rows of every output to
-OUT_DIR/process_<id>.npz for the parent to compare with a single-process run.
+checks the global device count, runs a psum over all devices, and runs the sharded HAE on the
+shared test batch (each process placing its devices' rows) for three mesh shapes; it writes the
+rows it plays (``host_share``) of every output to OUT_DIR/process_<id>.npz for the parent to
+compare with a single-process run.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def main(coordinator: str, num_processes: int, process_id: int, out_dir: str) ->
     mesh = distributed.make_mesh(data=8)
 
     # Every device contributes its position on the mesh; the psum must see all 8.
-    local_ids = np.array([[d.id] for d in mesh.local_devices], np.float32)
-    ids = distributed.host_local_to_global(local_ids, mesh)
+    all_ids = np.array([[d.id] for d in mesh.devices.flat], np.float32)
+    ids = distributed.place_rows(all_ids, mesh)
     total = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, ("data", "fsdp")), mesh=mesh,
                                   in_specs=P(("data", "fsdp")), out_specs=P()))(ids)
     results["psum_ids"] = np.asarray(total.addressable_data(0))
@@ -78,9 +79,9 @@ def main(coordinator: str, num_processes: int, process_id: int, out_dir: str) ->
             axes["devices"] = [d for group in zip(*by_host) for d in group]
         mesh = distributed.make_mesh(**axes)
         share = distributed.host_share(mesh, BATCH_ROWS)
-        out = distributed.sharded_estimator(estimator, mesh)(
-            distributed.host_local_to_global(share.take(full), mesh), HAE_CONFIG)
-        rows = distributed.global_to_host_local(out, mesh)
+        out = distributed.sharded_estimator(estimator, mesh)(distributed.place_rows(full, mesh), HAE_CONFIG)
+        whole = distributed.gather_to_all_hosts(out)
+        rows = type(out)(*(np.asarray(field)[np.asarray(share.row_indices)] for field in whole))
         results[f"{name}/row_indices"] = np.array(share.row_indices)
         results[f"{name}/env_seeds"] = share.env_seeds(1000)
         for field, value in rows._asdict().items():

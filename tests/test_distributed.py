@@ -1,4 +1,4 @@
-"""Meshes, host-local <-> global batches, sharded HAE, start-up, and a real two-process job."""
+"""Meshes, placing whole batches on a mesh, sharded HAE, start-up, and a real two-process job."""
 
 from __future__ import annotations
 
@@ -88,38 +88,37 @@ def test_multi_slice_grid_puts_slices_on_data():
         distributed.device_grid((1, 8, 1), fake)
 
 
-# ------------------------------------------------------------ host-local <-> global batches
+# ------------------------------------------------------------ placing batches on a mesh
 
 
 MESH_SHAPES = [dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)]
 
 
 @pytest.mark.parametrize("axes", MESH_SHAPES)
-def test_host_local_global_round_trip(devices, axes):
+def test_place_rows_splits_rows_and_gathers_back(devices, axes):
     mesh = distributed.make_mesh(**axes)
     rng = np.random.default_rng(3)
     batch = {"tokens": rng.integers(0, 100, size=(16, 5)).astype(np.int32),
              "rewards": rng.normal(size=(16,)).astype(np.float32)}
-    share = distributed.host_share(mesh, 16)
-    assert (share.rows, share.row_offset, share.row_indices) == (16, 0, tuple(range(16)))
-    placed = distributed.host_local_to_global(batch, mesh)
+    placed = distributed.place_rows(batch, mesh)
     shards = distributed.num_batch_shards(mesh)
     assert placed["tokens"].sharding.spec == P(("data", "fsdp"))
     # Every device holds 16 / shards rows of its own block, tensor replicas hold the same rows.
     for shard in placed["tokens"].addressable_shards:
         assert shard.data.shape == (16 // shards, 5)
-    np.testing.assert_array_equal(np.asarray(placed["tokens"]), batch["tokens"])
-    back = distributed.global_to_host_local(placed, mesh)
+        np.testing.assert_array_equal(shard.data, batch["tokens"][shard.index])
+    back = distributed.gather_to_all_hosts(placed)
     assert isinstance(back["rewards"], np.ndarray)
     for key in batch:
         np.testing.assert_array_equal(back[key], batch[key])
 
 
-def test_global_to_host_local_reshards_other_layouts(devices):
-    mesh = distributed.make_mesh(data=2, fsdp=4)
-    x = np.arange(32.0).reshape(8, 4)
-    replicated = jax.device_put(x, jax.sharding.NamedSharding(mesh, P()))
-    np.testing.assert_array_equal(distributed.global_to_host_local(replicated, mesh), x)
+def test_place_rows_replicates_rows_the_shards_do_not_divide(devices):
+    mesh = distributed.make_mesh(data=8)
+    placed = distributed.place_rows({"x": np.arange(12.0).reshape(6, 2)}, mesh)
+    assert placed["x"].sharding.is_fully_replicated
+    assert len(placed["x"].sharding.device_set) == 8
+    np.testing.assert_array_equal(distributed.gather_to_all_hosts(placed)["x"], np.arange(12.0).reshape(6, 2))
 
 
 def test_host_share_and_env_seeds(devices):
@@ -127,19 +126,16 @@ def test_host_share_and_env_seeds(devices):
     share = distributed.host_share(mesh, 24)
     assert share == distributed.HostShare(global_rows=24, row_indices=tuple(range(24)))
     np.testing.assert_array_equal(share.env_seeds(100), np.arange(100, 124))
-    np.testing.assert_array_equal(share.take({"x": np.arange(24) * 2})["x"], np.arange(24) * 2)
     with pytest.raises(ValueError, match=r"20 rows must be a positive multiple of the 8 batch"):
         distributed.host_share(mesh, 20)
     with pytest.raises(ValueError, match="owns no device"):
         distributed.host_share(mesh, 24, process=1)
 
 
-def test_host_local_to_global_errors_name_the_leaf(devices):
+def test_global_from_host_copy_errors_name_the_leaf(devices):
     mesh = distributed.make_mesh(data=8)
     with pytest.raises(ValueError, match=r"\['rewards'\].*shape \(6, 3\)"):
-        distributed.host_local_to_global({"rewards": np.zeros((6, 3))}, mesh)
-    with pytest.raises(ValueError, match=r"\['step'\] is a scalar"):
-        distributed.host_local_to_global({"step": np.float32(1.0)}, mesh)
+        distributed.global_from_host_copy({"rewards": np.zeros((6, 3))}, mesh)
 
 
 # ------------------------------------------------------------------- sharded estimators
@@ -153,7 +149,7 @@ def test_sharded_estimator_matches_unsharded(devices, axes, name):
     batch = turn_batch(seed=5, rows=32, turns=11)
     want = estimator(batch, HAE_CONFIG)
     got = distributed.sharded_estimator(estimator, mesh)(
-        distributed.host_local_to_global(batch, mesh), HAE_CONFIG)
+        distributed.place_rows(batch, mesh), HAE_CONFIG)
     shards = distributed.num_batch_shards(mesh)
     assert len({s.index[0].start for s in got.adv_low.addressable_shards}) == shards
     for field in HAE_FIELDS:
@@ -167,7 +163,7 @@ def test_sharded_flat_subgoal_ablation_matches_unsharded(devices):
     estimator = get_estimator("hae_flat_subgoal").fn
     batch = turn_batch(seed=7, rows=16, turns=9)
     want = estimator(batch, HAE_CONFIG)
-    got = distributed.sharded_estimator(estimator, mesh)(distributed.host_local_to_global(batch, mesh), HAE_CONFIG)
+    got = distributed.sharded_estimator(estimator, mesh)(distributed.place_rows(batch, mesh), HAE_CONFIG)
     for field in HAE_FIELDS:
         np.testing.assert_allclose(np.asarray(getattr(got, field)), np.asarray(getattr(want, field)),
                                    atol=1e-6, err_msg=field)
@@ -197,6 +193,25 @@ def test_sharded_estimator_on_one_device(devices):
     want = estimator(batch, HAE_CONFIG)
     got = distributed.sharded_estimator(estimator, mesh)(batch, HAE_CONFIG)
     np.testing.assert_allclose(np.asarray(got.adv_high), np.asarray(want.adv_high), atol=1e-6)
+
+
+def test_sharded_estimator_is_built_and_compiled_once(devices):
+    """The batch stage calls the estimator every iteration: one compilation for all of them."""
+    from hiper_jax.train.batch import run_estimator
+    from tests.sharding_probes import compile_counts, compiles_of
+
+    mesh = distributed.make_mesh(data=2, fsdp=4)
+    spec = get_estimator("hae")
+    run = distributed.sharded_estimator(spec.fn, mesh)
+    assert distributed.sharded_estimator(spec.fn, mesh) is run
+    cached = run.jitted._cache_size()  # other tests' shapes on this mesh
+    with compile_counts() as counts:
+        for seed in range(3):  # new values, same shapes (rows and turns no other test uses)
+            batch = turn_batch(seed=seed, rows=24, turns=13)
+            got = run_estimator(spec, batch, HAE_CONFIG, mesh)
+            np.testing.assert_allclose(got.adv_low, np.asarray(spec.fn(batch, HAE_CONFIG).adv_low), atol=1e-6)
+    assert compiles_of(counts, "sharded_estimate") == 1, dict(counts)
+    assert run.jitted._cache_size() == cached + 1
 
 
 def test_sharded_estimator_errors(devices):

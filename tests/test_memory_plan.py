@@ -150,3 +150,53 @@ def test_lora_plan_keeps_moments_and_grads_for_the_adapters_only():
     assert plan.peak_bytes < 0.6 * full.peak_bytes
     with pytest.raises(ValueError, match="lora_rank"):
         TrainingSetup(lora_rank=-1)
+
+
+def test_shape_comes_from_any_qwen2_config(tmp_path):
+    """ModelShape from our Qwen2Config, a transformers config and a config.json on disk: the
+    same shape, and the parameter count of the model those configs build."""
+    import json
+
+    from hiper_jax.models import qwen2
+
+    config = qwen2.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf_config()))
+    ours = ModelShape.from_config(config, "m")
+    assert ours == ModelShape.from_hf(str(tmp_path), "m")
+    assert ours == ModelShape.from_config(transformers.Qwen2Config(**config.to_hf_config()), "m")
+    assert (ours.hidden, ours.layers, ours.heads, ours.kv_heads, ours.intermediate, ours.vocab) == (32, 3, 4, 2, 64, 96)
+    assert ours.param_count == qwen2.count_params(config)
+    assert QWEN2_5["0.5b"].param_count == 494_032_768
+
+
+def test_plan_for_run_follows_the_run_config():
+    """The run's switches reach the plan: the reference copy's dtype, remat, the logits chunk,
+    the compute dtype and micro-batch rows per chip."""
+    from hiper_jax.memory_plan import plan_for_run
+    from hiper_jax.train.config import base_config
+
+    model = QWEN2_5["0.5b"]
+    run = base_config()
+    run.env.num_envs = 16
+    run.model.compute_dtype = "bfloat16"
+    run.ppo.micro_batch_rows = 8
+    run.ppo.remat = "layer"
+    bf16 = plan_for_run(run, model, (2, 4, 1))  # 8 batch shards: one row per chip
+    assert bf16.resident["reference policy"] == bf16.resident["policy params"] / 2
+    assert bf16.update["logits"] == 2 * 128 * model.vocab * 4
+    # 4 micro-batches per step: an accumulator beside the gradients; AdamW's fp32 updates.
+    assert bf16.update["grad accumulator"] == bf16.update["grads"] == bf16.update["optimizer update"]
+    run.ppo.ref_dtype = "float32"
+    run.ppo.logits_chunk_tokens = 64
+    fp32 = plan_for_run(run, model, (2, 4, 1))
+    assert fp32.resident["reference policy"] == fp32.resident["policy params"]
+    assert fp32.update["logits"] == 2 * 64 * model.vocab * 4
+    run.ppo.remat = "none"
+    kept = plan_for_run(run, model, (2, 4, 1))
+    assert "remat checkpoints" not in kept.update
+    assert kept.update["layer activations"] == (model.layers + 1) / 2 * fp32.update["layer activations"]
+    two_rows = plan_for_run(run, model, (1, 4, 1))  # 4 batch shards: two rows per chip
+    assert two_rows.update["layer activations"] == 2 * kept.update["layer activations"]
+    run.model.lora_rank = 8
+    assert "reference policy" not in plan_for_run(run, model, (2, 4, 1)).resident

@@ -124,7 +124,8 @@ def named_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh,
 
 
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
-    """Sharding hint for an activation inside jit; a no-op unless a mesh is set (``jax.set_mesh``).
+    """Sharding hint for an activation inside jit; a no-op unless a mesh is set (``jax.set_mesh``;
+    the trainer's passes and update run under :func:`hiper_jax.distributed.on_mesh`).
 
     Only meshes whose axes are all ``Auto`` get hints: under ``Explicit`` axes the sharding is
     part of the array type and propagates by itself.

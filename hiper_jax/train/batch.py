@@ -105,8 +105,10 @@ def chunked(fn, token_arrays: tuple, row_arrays: tuple, rows: int, mesh=None, le
     (a few compiled shapes, little padding), and per-token outputs are padded back to ``L``
     (zeros elsewhere, as for padding rows).
 
-    With several processes, every process holds the same arrays: each chunk goes in as global
-    arrays split over ``mesh``'s batch axes and comes back whole on every process.
+    With a ``mesh`` (one or several processes, every process holding the same arrays), each
+    chunk goes in as global arrays split over the mesh's batch axes
+    (:func:`hiper_jax.distributed.place_rows`), ``fn`` runs under the mesh (its activation
+    hints apply), and the results come back whole on every process.
     """
     num_rows, width = token_arrays[0].shape[:2]
     lengths = row_lengths(token_arrays[1])
@@ -115,13 +117,13 @@ def chunked(fn, token_arrays: tuple, row_arrays: tuple, rows: int, mesh=None, le
         groups = [(real[index], cut) for index, cut in length_groups(lengths[real], rows, length_multiple, width)]
     else:
         groups = [(real[i: i + rows], width) for i in range(0, len(real), rows)]
-    multihost = mesh is not None and jax.process_count() > 1
     outs = None
     for index, cut in groups:
         full = np.resize(index, rows)  # the last chunk repeats rows to keep the compiled shape
         chunk = tuple(a[full][:, :cut] for a in token_arrays) + tuple(a[full] for a in row_arrays)
-        if multihost:
-            results = distributed.gather_to_all_hosts(fn(*distributed.global_from_host_copy(chunk, mesh)))
+        if mesh is not None:
+            with distributed.on_mesh(mesh):
+                results = distributed.gather_to_all_hosts(fn(*distributed.place_rows(chunk, mesh)))
         else:
             results = jax.tree.map(np.asarray, fn(*chunk))
         if outs is None:
@@ -207,7 +209,7 @@ def run_estimator(spec: EstimatorSpec, batch: TurnBatch, hae_cfg: HAEConfig, mes
     rows = np.shape(batch.rewards)[0]
     if shards == 1 or spec.needs_groups or rows % shards:
         return jax.tree.map(np.asarray, spec.fn(batch, hae_cfg))
-    placed = distributed.global_from_host_copy(batch, mesh)
+    placed = distributed.place_rows(batch, mesh)
     return distributed.gather_to_all_hosts(distributed.sharded_estimator(spec.fn, mesh)(placed, hae_cfg))
 
 
@@ -264,8 +266,8 @@ def build_ppo_batch(trajectories: Sequence[Trajectory], state: TrainState, ref_p
                     model_config: qwen2.Qwen2Config, settings: BatchSettings, hae_cfg: HAEConfig,
                     pad_id: int, mesh=None, text_mask: Optional[np.ndarray] = None) -> BuiltBatch:
     """Packs trajectories, runs the log-prob and value passes, computes advantages (the steps
-    of the module docstring). ``mesh`` is needed only with several processes (each holds all
-    trajectories; the passes run on the global mesh). ``text_mask``: the grammar's, when the
+    of the module docstring). With ``mesh`` (every process holds all trajectories) the passes
+    and the estimator run on it, rows split over its batch axes. ``text_mask``: the grammar's, when the
     trajectories were sampled with a constraint."""
     spec = settings.estimator_spec()
     turns = pack_turns(trajectories, settings.max_turns)

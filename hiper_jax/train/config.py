@@ -18,6 +18,7 @@ from hiper_jax.rollout.adapters import EnvSettings, adapter_names
 from hiper_jax.vocab import (BATCH_AXES, CRITIC_FREE_ESTIMATORS, ESTIMATOR_NAMES, GROUP_ESTIMATORS,
                              KL_ESTIMATORS, MESH_AXES)
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT_MODES = ("none", "layer")  # ppo.remat: keep every activation, or recompute each layer
 CONSTRAINTS = ("none", "grammar")
 # The projections LoRA can wrap (hiper_jax.models.qwen2.LORA_TARGETS; this module imports no JAX).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -100,6 +101,14 @@ def base_config() -> ml_collections.ConfigDict:
         # The first this many iterations update the critic only (the actor stays the warm
         # start), so the first policy step sees a baseline fitted to the warm start's returns.
         critic_warmup_iterations=0,
+        # Memory switches (hiper_jax.memory_plan reads them): "layer" recomputes each decoder
+        # layer's activations in the backward pass of the update (keeps only the residual
+        # stream at layer boundaries), "none" keeps them all.
+        remat="none",
+        # dtype of the frozen reference policy's copy (the KL term's log-probs; with LoRA the
+        # frozen base is the reference and no copy is made).
+        ref_dtype="bfloat16",
+        logits_chunk_tokens=128,    # positions per chunk of the loss's logits [rows, chunk, V]
     )
     c.train = dict(
         iterations=150, eval_every=10, eval_episodes=0,  # 0 = every eval game once
@@ -166,6 +175,7 @@ def published_hiper_config(env_name: str, checkpoint: str) -> ml_collections.Con
     c.ppo.mini_batch_rows = 256
     c.ppo.micro_batch_rows = 16
     c.ppo.length_multiple = 256
+    c.ppo.remat = "layer"
     c.train.iterations = 150
     c.train.eval_every = 10
     c.train.checkpoint_every = 5
@@ -341,6 +351,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     for field in ("epochs", "mini_batch_rows", "micro_batch_rows", "length_multiple"):
         _require(ppo[field] >= 1, f"ppo.{field}", f"must be >= 1, got {ppo[field]}")
     _require(ppo.pack_length >= 0, "ppo.pack_length", f"must be >= 0, got {ppo.pack_length}")
+    _require(ppo.remat in REMAT_MODES, "ppo.remat", f"must be one of {REMAT_MODES}, got {ppo.remat!r}")
+    _require(ppo.ref_dtype in DTYPES, "ppo.ref_dtype", f"must be one of {DTYPES}, got {ppo.ref_dtype!r}")
+    _require(ppo.logits_chunk_tokens >= 1, "ppo.logits_chunk_tokens",
+             f"must be >= 1, got {ppo.logits_chunk_tokens}")
     for field in ("iterations", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _require(train[field] >= 0 if field == "iterations" else train[field] >= 1,
                  f"train.{field}", f"must be positive, got {train[field]}")

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from hiper_jax import distributed
 from hiper_jax.models import qwen2
 from hiper_jax.models.value_heads import (CriticConfig, critic_values, init_lora_critic,
                                           lora_critic_base)
@@ -58,7 +59,8 @@ class PPOConfig:
     micro_batch_rows: int = 8
     temperature: float = 1.0
     value_heads: tuple[str, ...] = VALUE_HEADS
-    remat: bool = False
+    remat: bool = False  # recompute each decoder layer in the backward pass (config ppo.remat="layer")
+    logits_chunk: int = 128  # positions per chunk of the loss's logits (config ppo.logits_chunk_tokens)
     length_multiple: int = 0  # > 0: mini-batches of rows of similar length, cut to their width
     value_coef: float = 1.0   # weight of the value loss (matters when the critic shares the backbone)
     # False: a critic-only step (warm-up): the actor and its optimizer state stay as they are,
@@ -169,6 +171,13 @@ def make_optimizer(learning_rate: float, weight_decay: float, max_grad_norm: flo
                        optax.adamw(learning_rate, weight_decay=weight_decay))
 
 
+def reference_params(actor: Params, dtype) -> Params:
+    """The frozen reference policy: a copy of ``actor`` in ``dtype`` (same shardings). Always a
+    new buffer, never the actor's own, because the update donates the actor's."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda x: jnp.copy(x) if x.dtype == dtype else x.astype(dtype), actor)
+
+
 def init_train_state(actor: Params, critic: Params, actor_tx, critic_tx) -> TrainState:
     """Fresh optimizer states and step for ``actor`` and ``critic``. When the params live on a
     mesh (``NamedSharding``), the leaves ``tx.init`` and the step create on the default device
@@ -220,8 +229,9 @@ def _scored(stat: Array) -> Array:
 
 def policy_token_stats(actor: Params, config: qwen2.Qwen2Config, tokens: Array, valid: Array,
                        temperature: float = 1.0, remat: bool = False,
-                       allowed: Optional[qwen2.AllowedTokens] = None):
-    """Log-probs and entropies of every scored token, ``[N, L]`` each, plus hidden ``[N, L, E]``.
+                       allowed: Optional[qwen2.AllowedTokens] = None, logits_chunk: int = 128):
+    """Log-probs and entropies of every scored token, ``[N, L]`` each, plus hidden ``[N, L, E]``
+    (logits ``logits_chunk`` positions at a time, :func:`hiper_jax.models.qwen2.token_logprobs`).
 
     ``allowed`` (``mode``/``ids`` aligned to scored tokens, ``[N, L]`` / ``[N, L, K]``) makes
     them those of the constrained distribution the tokens were sampled from.
@@ -230,7 +240,7 @@ def policy_token_stats(actor: Params, config: qwen2.Qwen2Config, tokens: Array, 
     if allowed is not None:
         allowed = allowed._replace(mode=allowed.mode[:, 1:], ids=allowed.ids[:, 1:])
     stats = qwen2.token_logprobs(actor, config, hidden[:, :-1], tokens[:, 1:], temperature=temperature,
-                                 allowed=allowed)
+                                 chunk_size=logits_chunk, allowed=allowed)
     return _scored(stats.logprobs), _scored(stats.entropy), hidden
 
 
@@ -299,7 +309,8 @@ def _loss(params, batch: PPOBatch, counts: dict, text_mask: Optional[Array], con
     actor, critic = with_frozen(params, frozen)
     logp, entropy, hidden = policy_token_stats(actor, config, batch.tokens, batch.valid,
                                                ppo.temperature, ppo.remat,
-                                               allowed=batch_allowed(batch, text_mask))
+                                               allowed=batch_allowed(batch, text_mask),
+                                               logits_chunk=ppo.logits_chunk)
     mask = batch.loss_mask
     share = jnp.sum(mask) / jnp.maximum(counts["tokens"], 1.0)
     pg = ppo_dual_clip_loss(logp, batch.old_logp, batch.advantages, mask,
@@ -476,13 +487,16 @@ def token_counts(mini: PPOBatch) -> dict[str, float]:
 
 def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
                config: qwen2.Qwen2Config, ppo: PPOConfig, actor_tx, critic_tx,
-               place=None, text_mask=None, frozen=None) -> tuple[TrainState, dict]:
+               mesh=None, text_mask=None, frozen=None) -> tuple[TrainState, dict]:
     """``ppo.epochs`` passes over ``batch`` in shuffled mini-batches of ``ppo.mini_batch_rows``
     rows, one :func:`ppo_step` each; returns the new state and the metrics averaged over steps,
     with the steps' :func:`token_counts` summed over all of them.
 
-    Every step has the same shape, so the update compiles once per token length. ``place``
-    puts a host mini-batch on devices (default ``jax.device_put``). ``text_mask [V]``: the
+    Every step has the same shape, so the update compiles once per token length. With a
+    ``mesh`` (one process or several, each holding the whole batch), each host mini-batch goes
+    in with its rows split over the mesh's batch axes
+    (:func:`hiper_jax.distributed.place_rows`) and the step runs under the mesh, so the model's
+    activation hints apply; without one, :func:`jax.device_put`. ``text_mask [V]``: the
     grammar's, for a batch sampled with a constraint. ``frozen``: see :func:`ppo_step`.
 
     With ``ppo.pack_rows`` the turn rows are first packed into rows of ``ppo.pack_length`` (or
@@ -492,7 +506,7 @@ def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
     (:func:`~hiper_jax.train.row_packing.packed_micro_rows`).
     """
     check_ppo_batch(batch)
-    place = place or jax.device_put
+    place = jax.device_put if mesh is None else functools.partial(distributed.place_rows, mesh=mesh)
     rows, length_multiple = ppo.mini_batch_rows, ppo.length_multiple
     if ppo.pack_rows:
         batch, plan = pack_ppo_batch(batch, ppo.pack_length or None)
@@ -504,8 +518,9 @@ def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
     for _ in range(ppo.epochs):
         for mini in mini_batches(batch, rows, rng, length_multiple):
             counts.append(token_counts(mini))
-            state, metrics = ppo_step(state, place(mini), text_mask, frozen, config=config, ppo=ppo,
-                                      actor_tx=actor_tx, critic_tx=critic_tx)
+            with distributed.on_mesh(mesh):
+                state, metrics = ppo_step(state, place(mini), text_mask, frozen, config=config, ppo=ppo,
+                                          actor_tx=actor_tx, critic_tx=critic_tx)
             history.append(metrics)
     means = {k: float(np.mean([float(m[k]) for m in history])) for k in history[0]}
     means["steps"] = len(history)

@@ -64,6 +64,7 @@ from hiper_jax.train.ppo import (
     init_train_state,
     make_optimizer,
     ppo_update,
+    reference_params,
     row_lengths,
     with_frozen,
 )
@@ -156,7 +157,8 @@ class Trainer:
             micro_batch_rows=cfg.ppo.micro_batch_rows, temperature=cfg.sampling.temperature or 1.0,
             value_heads=self.estimator.value_heads,
             length_multiple=cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0,
-            value_coef=cfg.ppo.value_coef, pack_rows=cfg.ppo.pack_rows, pack_length=cfg.ppo.pack_length)
+            value_coef=cfg.ppo.value_coef, pack_rows=cfg.ppo.pack_rows, pack_length=cfg.ppo.pack_length,
+            remat=cfg.ppo.remat == "layer", logits_chunk=cfg.ppo.logits_chunk_tokens)
         self.batch_settings = config_lib.batch_settings(cfg)
         self._load_model()
         self.data = prepare_env_data(cfg, self.out_dir, progress=progress)
@@ -193,7 +195,7 @@ class Trainer:
             actor, critic, self.frozen = init_lora_params(
                 jax.random.key(cfg.train.seed), self.model_config, actor, critic_config, self.mesh)
         else:
-            self.ref_params = jax.tree.map(jnp.copy, actor)
+            self.ref_params = reference_params(actor, cfg.ppo.ref_dtype)
             critic = init_critic(jax.random.key(cfg.train.seed), self.model_config, actor, critic_config)
             critic = jax.device_put(critic, critic_param_shardings(self.model_config, critic_config, self.mesh))
         self.actor_tx = make_optimizer(cfg.ppo.actor_lr, cfg.ppo.weight_decay, cfg.ppo.max_grad_norm)
@@ -509,7 +511,7 @@ class Trainer:
         self.state, update = ppo_update(self.state, batch, np.random.default_rng([cfg.train.seed, iteration]),
                                         config=self.model_config, ppo=ppo,
                                         actor_tx=self.actor_tx, critic_tx=self.critic_tx,
-                                        place=self._place_batch if self.multihost else None,
+                                        mesh=self.mesh,
                                         frozen=self.frozen,
                                         text_mask=text_mask)
         record = {f"train/{k}": v for k, v in rollout_metrics(trajectories).items()}
@@ -539,9 +541,6 @@ class Trainer:
         return build_ppo_batch(trajectories, self.full_state(), self.ref_params, self.model_config,
                                settings or self.batch_settings, self.hae_cfg, self.pad_id, mesh=self.mesh,
                                text_mask=self.grammar.text_mask if self.grammar is not None else None)
-
-    def _place_batch(self, mini: PPOBatch) -> PPOBatch:
-        return distributed.global_from_host_copy(mini, self.mesh)
 
     def _on_signal(self, signum, frame) -> None:
         """SIGTERM/SIGINT: stop after the current env step (see the module docstring); a second

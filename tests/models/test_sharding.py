@@ -68,3 +68,29 @@ def test_sharded_forward_and_generate_equal_single_device():
     assert logits.sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_allclose(logits, expected, atol=1e-5)
     np.testing.assert_array_equal(out.tokens, expected_out.tokens)
+
+
+def test_module_specs_are_built_under_a_mesh_and_inside_jit():
+    """The abstract module (cached per config) is first built while a mesh is set, inside a
+    jitted call: the logical axis names must not be resolved against that mesh."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        import jax, jax.numpy as jnp
+        from hiper_jax import distributed
+        from hiper_jax.models import qwen2
+        from hiper_jax.models.qwen2 import model
+        config = qwen2.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+        params = qwen2.init_params(jax.random.key(0), config)
+        model._abstract.cache_clear()
+        with jax.set_mesh(distributed.make_mesh(data=8)):
+            hidden, _ = qwen2.forward(params, config, jnp.ones((8, 4), jnp.int32))
+        print(hidden.shape)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("(8, 4, 32)")

@@ -91,3 +91,41 @@ def test_row_values_land_on_their_turns_and_targets_come_back_per_row():
     assert not batch.value_mask[:, 2].any()  # no term head
     np.testing.assert_array_equal(batch.value_read, [[1, 2, 3]] * n)
     assert stats["batch_rows"] == 3 and stats["value_mean"] == pytest.approx((1 + 4 + 7) / 3)
+
+
+def test_passes_split_rows_over_the_mesh_and_apply_hints(monkeypatch):
+    """The log-prob pass of a chunk runs with the chunk's rows split over the mesh's batch axes
+    (8 devices, one process) and its activations placed as the rules say; the log-probs equal
+    those of the same pass without a mesh."""
+    import jax
+
+    from hiper_jax import distributed
+    from hiper_jax.models import qwen2
+    from hiper_jax.train.batch import chunked
+    from hiper_jax.train.ppo import logprob_pass
+    from tests.sharding_probes import activation_shardings, rules_sharding
+    from tests.train.test_ppo import CONFIG
+
+    mesh = distributed.make_mesh(data=8)
+    params = qwen2.init_params(jax.random.key(0), CONFIG)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CONFIG.vocab_size, (20, 23)).astype(np.int32)  # 20 rows: 3 chunks of 8
+    valid = np.arange(23)[None, :] < rng.integers(3, 24, (20, 1))
+    want = chunked(lambda t, v: (logprob_pass(params, CONFIG, t, v),), (tokens, valid), (), rows=8)[0]
+    placed_params = jax.device_put(params, qwen2.param_shardings(CONFIG, mesh))
+    inputs = []
+
+    def logp(t, v):
+        inputs.append(t)
+        return (logprob_pass(placed_params, CONFIG, t, v),)
+
+    with activation_shardings(monkeypatch) as hints:
+        got = chunked(logp, (tokens, valid), (), rows=8, mesh=mesh)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert len(inputs) == 3
+    for t in inputs:
+        assert t.sharding.is_equivalent_to(distributed.batch_sharding(mesh), 2)
+        assert {s.data.shape[0] for s in t.addressable_shards} == {1}
+    assert ("batch", "length", "embed") in {axes for axes, _, _ in hints}
+    for axes, shape, placed in hints:
+        assert placed.is_equivalent_to(rules_sharding(mesh, axes, shape), len(shape)), (axes, placed)

@@ -330,3 +330,63 @@ def test_lora_kl_term_is_measured_against_the_base_model():
     _, second = ppo_step(state, jax.device_put(batch), None, frozen, config=LORA_CONFIG, ppo=ppo,
                          actor_tx=ACTOR_TX, critic_tx=CRITIC_TX)
     assert want > 0 and float(second["kl"]) == pytest.approx(want, rel=1e-4)
+
+
+def _step_jaxpr_and_grads(ppo):
+    """The PPO step's jaxpr text under ``ppo`` and its loss and gradients on one batch."""
+    from hiper_jax.train.ppo import _counts, _loss
+
+    actor, critic, _, _ = setup()
+    batch = jax.tree.map(jnp.asarray, make_batch(actor, critic, num_rows=4, length=12, seed=9))
+    state = init_train_state(actor, critic, SGD, SGD)
+    jaxpr = jax.make_jaxpr(lambda s, b: ppo_step.__wrapped__(s, b, config=CONFIG, ppo=ppo, actor_tx=SGD,
+                                                            critic_tx=SGD))(state, batch)
+    loss_and_grads = jax.value_and_grad(_loss, has_aux=True)
+    (loss, _), grads = jax.jit(loss_and_grads, static_argnums=(4, 5))(
+        (actor, critic), batch, _counts(batch), None, CONFIG, ppo)
+    return str(jaxpr), loss, grads
+
+
+def test_remat_switch_recomputes_layers_with_the_same_loss_and_grads():
+    """ppo.remat: "layer" puts each decoder layer under jax.checkpoint in the update's forward;
+    loss and gradients are the same."""
+    plain_jaxpr, plain_loss, plain_grads = _step_jaxpr_and_grads(PPO)
+    remat_jaxpr, remat_loss, remat_grads = _step_jaxpr_and_grads(PPO.__class__(**{**PPO.__dict__, "remat": True}))
+    # The logits chunks are always checkpointed; remat adds a checkpoint around the scanned
+    # layer (jax.checkpoint's primitive prints as remat2 or checkpoint, by JAX version).
+    checkpoints = lambda text: text.count("remat2[") + text.count("checkpoint[")  # noqa: E731
+    assert checkpoints(remat_jaxpr) > checkpoints(plain_jaxpr) >= 1
+    np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_chunk_switch_sets_the_logits_slice_with_the_same_loss():
+    """ppo.logits_chunk_tokens: the loss's logits exist [micro rows, chunk, V] at a time."""
+    import dataclasses
+
+    micro, vocab = PPO.micro_batch_rows, CONFIG.vocab_size
+    small_jaxpr, small_loss, small_grads = _step_jaxpr_and_grads(dataclasses.replace(PPO, logits_chunk=4))
+    whole_jaxpr, whole_loss, whole_grads = _step_jaxpr_and_grads(dataclasses.replace(PPO, logits_chunk=128))
+    assert f"f32[{micro},4,{vocab}]" in small_jaxpr and f"f32[{micro},11,{vocab}]" not in small_jaxpr
+    assert f"f32[{micro},11,{vocab}]" in whole_jaxpr  # 11 scored positions: one chunk
+    np.testing.assert_allclose(small_loss, whole_loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(small_grads), jax.tree.leaves(whole_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_reference_params_are_a_copy_in_the_reference_dtype(dtype):
+    """ppo.ref_dtype: the reference copy's dtype; float32 (the actor's) is the actor exactly,
+    in new buffers (the update donates the actor's)."""
+    from hiper_jax.train.ppo import reference_params
+
+    actor = qwen2.init_params(jax.random.key(0), CONFIG)
+    ref = reference_params(actor, dtype)
+    for a, r in zip(jax.tree.leaves(actor), jax.tree.leaves(ref)):
+        assert r.dtype == jnp.dtype(dtype) and r.shape == a.shape
+        assert r.unsafe_buffer_pointer() != a.unsafe_buffer_pointer()
+        if dtype == "float32":
+            np.testing.assert_array_equal(r, a)
+        else:
+            np.testing.assert_allclose(np.asarray(r, np.float32), a, rtol=1e-2, atol=1e-6)

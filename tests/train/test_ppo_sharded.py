@@ -59,3 +59,42 @@ def test_update_is_the_same_on_every_mesh(reference_inputs):
             assert embedding.sharding.spec != P(), shape
         if mesh.size > 1 and mesh.shape["data"] == mesh.size:
             assert mlp.sharding.is_fully_replicated
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
+def test_update_splits_rows_over_the_batch_axes_and_applies_hints(reference_inputs, monkeypatch, shape):
+    """ppo_update on a mesh: the step receives its mini-batch with rows split over data x fsdp,
+    and the model's activations inside the step carry the shardings the rules give."""
+    from hiper_jax.train import ppo as ppo_lib
+    from tests.sharding_probes import activation_shardings, rules_sharding
+
+    actor, critic, _ = reference_inputs
+    # A width no other test uses, so the step traces (and its hints are recorded) here.
+    batch = jax.tree.map(np.asarray, make_batch(actor, critic, num_rows=16, length=19, seed=4))
+    mesh = distributed.make_mesh(*shape)
+    actor = jax.device_put(actor, qwen2.param_shardings(CONFIG, mesh))
+    critic = jax.device_put(critic, critic_param_shardings(CONFIG, CriticConfig(), mesh))
+    state = init_train_state(actor, critic, SGD, SGD)
+    received = []
+    real_step = ppo_lib.ppo_step
+
+    def recording_step(state, mini, *args, **kwargs):
+        received.append(mini)
+        return real_step(state, mini, *args, **kwargs)
+
+    monkeypatch.setattr(ppo_lib, "ppo_step", recording_step)
+    with activation_shardings(monkeypatch) as hints:
+        ppo_lib.ppo_update(state, batch, np.random.default_rng(0), config=CONFIG, ppo=PPO,
+                           actor_tx=SGD, critic_tx=SGD, mesh=mesh)
+    assert len(received) == 1
+    shards = distributed.num_batch_shards(mesh)
+    for name in ("tokens", "advantages", "value_targets"):
+        x = getattr(received[0], name)
+        assert x.sharding.is_equivalent_to(distributed.batch_sharding(mesh), x.ndim), (name, x.sharding)
+        assert {s.data.shape[0] for s in x.addressable_shards} == {16 // shards}
+    assert {axes for axes, _, _ in hints} >= {("batch", "length", "embed"), ("batch", "length", "mlp")}
+    for axes, hint_shape, placed in hints:
+        assert placed.is_equivalent_to(rules_sharding(mesh, axes, hint_shape), len(hint_shape)), (axes, placed)
+    if mesh.shape["tensor"] > 1:  # the MLP activation is split over tensor, not replicated
+        mlp = [placed for axes, _, placed in hints if axes[-1] == "mlp"]
+        assert all(not p.is_fully_replicated for p in mlp)

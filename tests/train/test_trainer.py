@@ -1,6 +1,7 @@
 """The trainer end to end on the ChooseWord task: every estimator learns, a run resumes
 exactly after kill -9, and bad configs fail before anything starts."""
 
+import contextlib
 import json
 import os
 import signal
@@ -25,10 +26,15 @@ def success_rates(records, prefix):
 # trainer's path below.
 @pytest.mark.parametrize("estimator", ["hae"] + [pytest.param(e, marks=pytest.mark.slow)
                                                  for e in ("turn_gae", "grpo", "rloo", "gigpo")])
-def test_every_estimator_raises_success(word_checkpoint, tmp_path, estimator):
+def test_every_estimator_raises_success(word_checkpoint, tmp_path, estimator, monkeypatch):
     from hiper_jax.train.trainer import Trainer
 
-    history = Trainer(word_config(word_checkpoint, tmp_path, estimator, iterations=4), progress=False).run()
+    with placement_probes(monkeypatch) as probes:
+        trainer = Trainer(word_config(word_checkpoint, tmp_path, estimator, iterations=4), progress=False)
+        history = trainer.run()
+    assert_placed_on_the_mesh(trainer, probes, sharded_estimator=estimator in ("hae", "turn_gae"))
+    # ppo.ref_dtype (default bfloat16): the reference copy the trainer keeps.
+    assert {str(x.dtype) for x in jax.tree.leaves(trainer.ref_params)} == {"bfloat16"}
     evals = success_rates(history, "eval")
     train = success_rates(history, "train")
     assert len(evals) == 2 and len(train) == 4
@@ -38,6 +44,42 @@ def test_every_estimator_raises_success(word_checkpoint, tmp_path, estimator):
     assert np.mean(train[-2:]) > np.mean(train[:2]), (estimator, train)
     assert os.path.exists(tmp_path / "plots" / "curves.png")
     assert_accounting(history)
+
+
+@contextlib.contextmanager
+def placement_probes(monkeypatch):
+    """Records the mini-batches the PPO steps receive and counts compilations."""
+    from hiper_jax.train import ppo as ppo_lib
+    from tests.sharding_probes import compile_counts
+
+    minis = []
+    real_step = ppo_lib.ppo_step
+
+    def recording_step(state, mini, *args, **kwargs):
+        minis.append(mini)
+        return real_step(state, mini, *args, **kwargs)
+
+    monkeypatch.setattr(ppo_lib, "ppo_step", recording_step)
+    with compile_counts() as counts:
+        yield {"minis": minis, "compiles": counts}
+
+
+def assert_placed_on_the_mesh(trainer, probes, sharded_estimator):
+    """The trainer's mesh here is (8, 1, 1) (8 simulated devices, tests/conftest.py): every
+    update mini-batch arrives with its rows split over data; the sharded estimator compiles
+    at most once over all iterations."""
+    from hiper_jax import distributed
+    from tests.sharding_probes import compiles_of
+
+    mesh = trainer.mesh
+    assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert probes["minis"]
+    for mini in probes["minis"]:
+        assert mini.tokens.sharding.is_equivalent_to(distributed.batch_sharding(mesh), 2), mini.tokens.sharding
+        assert {s.data.shape[0] for s in mini.tokens.addressable_shards} == {mini.tokens.shape[0] // 8}
+    # At most once for the run's 4 iterations (none if an earlier test compiled the same shapes
+    # on this mesh: the wrapper is cached).
+    assert compiles_of(probes["compiles"], "sharded_estimate") <= int(sharded_estimator), dict(probes["compiles"])
 
 
 def assert_accounting(history):

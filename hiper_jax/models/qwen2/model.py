@@ -52,6 +52,7 @@ row, e.g. left-padded prompts); ids 1, 2, 3, ... pack several sequences into one
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional
@@ -481,8 +482,13 @@ class Qwen2ForCausalLM(Qwen2Model):
 
 def abstract_specs(create: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, Params]:
     """Graph definition and parameter tree of :class:`ParamSpec` (shape, logical axes from each
-    ``nnx.Param``'s ``out_sharding``) of the module ``create()`` builds, without any data."""
-    module = nnx.eval_shape(create)
+    ``nnx.Param``'s ``out_sharding``) of the module ``create()`` builds, without any data.
+
+    The module is traced in a worker thread: JAX's mesh and trace contexts are per thread, so
+    this works the same when called under ``jax.set_mesh`` or inside a jitted function (where
+    flax would otherwise resolve the logical axis names against the mesh and fail)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        module = pool.submit(nnx.eval_shape, create).result()
     specs: Params = {}
     for path, node in nnx.iter_graph(module):
         if isinstance(node, nnx.Param):
