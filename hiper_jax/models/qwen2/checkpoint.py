@@ -290,28 +290,17 @@ def _kernel(params: Params, spec: _Tensor, scale: float) -> jax.Array:
     return value
 
 
-def save_hf_checkpoint(params: Params, config: Qwen2Config, out_dir: PathLike, *,
-                       dtype: Any = None, max_shard_bytes: int = 2 * 1024 ** 3,
-                       progress: bool = True) -> None:
-    """Writes ``params`` as a HF checkpoint directory that ``transformers`` loads.
-
-    Writes ``config.json`` and ``model.safetensors``, or numbered shards plus
-    ``model.safetensors.index.json`` when the weights exceed ``max_shard_bytes``. Tensors are
-    converted one at a time and each shard is written as soon as it is full. ``dtype`` defaults
-    to ``config.param_dtype``. In a multi-process run every process must call this (sharded
-    arrays are gathered); only process 0 writes.
-
-    A tree with LoRA adapters (under the LoRA ``config`` it was trained with) is written with
-    each adapter merged into its kernel, ``W + lora_alpha / r * A @ B``, one tensor at a time:
-    a plain checkpoint that ``transformers`` loads and that computes the adapter model.
-    """
-    scale = tree_config(params, config).lora_scale
-    out_dir = os.fspath(out_dir)
-    dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
+def write_hf_directory(table: dict[str, _Tensor], value: Callable[[_Tensor], jax.Array],
+                       hf_config: dict, out_dir: str, dtype: np.dtype, max_shard_bytes: int,
+                       progress: bool) -> None:
+    """Writes an HF checkpoint directory: the tensors of ``table`` (``value(spec)`` in our layout,
+    converted by ``spec.to_hf`` and cast to ``dtype``, one at a time) in ``model.safetensors``
+    or numbered shards of at most ``max_shard_bytes`` plus ``model.safetensors.index.json``,
+    and ``hf_config`` (with ``torch_dtype``) as ``config.json``. Every process converts
+    (sharded arrays are gathered); only process 0 writes."""
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(out_dir, exist_ok=True)
-    table = _tensor_map(config)
     shards: list[list[str]] = [[]]
     shard_bytes = 0
     for name, spec in table.items():
@@ -332,8 +321,7 @@ def save_hf_checkpoint(params: Params, config: Qwen2Config, out_dir: PathLike, *
             tensors: dict[str, np.ndarray] = {}
             for name in names:
                 spec = table[name]
-                value = _kernel(params, spec, scale)
-                array = np.ascontiguousarray(spec.to_hf(_to_host(value)).astype(dtype))
+                array = np.ascontiguousarray(spec.to_hf(_to_host(value(spec))).astype(dtype))
                 tensors[name] = array
                 weight_map[name] = file
                 total_bytes += array.nbytes
@@ -347,10 +335,31 @@ def save_hf_checkpoint(params: Params, config: Qwen2Config, out_dir: PathLike, *
         with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f,
                       indent=2)
-    hf_config = config.to_hf_config()
-    hf_config["torch_dtype"] = jnp.dtype(dtype).name
+    hf_config = dict(hf_config, torch_dtype=dtype.name)
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_config, f, indent=2)
+
+
+def save_hf_checkpoint(params: Params, config: Qwen2Config, out_dir: PathLike, *,
+                       dtype: Any = None, max_shard_bytes: int = 2 * 1024 ** 3,
+                       progress: bool = True) -> None:
+    """Writes ``params`` as a HF checkpoint directory that ``transformers`` loads.
+
+    Writes ``config.json`` and ``model.safetensors``, or numbered shards plus
+    ``model.safetensors.index.json`` when the weights exceed ``max_shard_bytes``. Tensors are
+    converted one at a time and each shard is written as soon as it is full. ``dtype`` defaults
+    to ``config.param_dtype``. In a multi-process run every process must call this (sharded
+    arrays are gathered); only process 0 writes.
+
+    A tree with LoRA adapters (under the LoRA ``config`` it was trained with) is written with
+    each adapter merged into its kernel, ``W + lora_alpha / r * A @ B``, one tensor at a time:
+    a plain checkpoint that ``transformers`` loads and that computes the adapter model.
+    """
+    scale = tree_config(params, config).lora_scale
+    out_dir = os.fspath(out_dir)
+    dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
+    write_hf_directory(_tensor_map(config), lambda spec: _kernel(params, spec, scale),
+                       config.to_hf_config(), out_dir, dtype, max_shard_bytes, progress)
 
 
 PEFT_WEIGHTS = "adapter_model.safetensors"

@@ -11,7 +11,6 @@ writing stacked layers in place (the Qwen2 loader's helpers).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional
 
@@ -19,15 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, Sharding
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from hiper_jax.models import sharding
-from hiper_jax.models.qwen2.checkpoint import (INDEX_FILE, SINGLE_FILE, CheckpointError, _Tensor,
-                                               _check_finite, _check_tensor, _checkpoint_files,
-                                               _get, _IGNORED_SUFFIXES, _layer_sharding,
+from hiper_jax.models.qwen2.checkpoint import (CheckpointError, _Tensor, _check_finite,
+                                               _check_tensor, _checkpoint_files, _get,
+                                               _IGNORED_SUFFIXES, _layer_sharding,
                                                _open_safetensors, _place, _set, _tensor_map,
-                                               _to_host, _write_layer)
+                                               _write_layer, write_hf_directory)
 from hiper_jax.models.qwen2_5_vl.config import PathLike, Qwen2_5_VLConfig, VisionConfig
 from hiper_jax.models.qwen2_5_vl.model import Params, param_shardings
 
@@ -191,47 +189,9 @@ def save_hf_checkpoint(params: Params, config: Qwen2_5_VLConfig, out_dir: PathLi
     calls this; only process 0 writes."""
     out_dir = os.fspath(out_dir)
     dtype = np.dtype(jnp.dtype(dtype or config.text.param_dtype))
-    writer = jax.process_index() == 0
-    if writer:
-        os.makedirs(out_dir, exist_ok=True)
-    table = _tensor_table(config)
-    shards: list[list[str]] = [[]]
-    shard_bytes = 0
-    for name, spec in table.items():
-        size = int(np.prod(spec.hf_shape)) * dtype.itemsize
-        if shards[-1] and shard_bytes + size > max_shard_bytes:
-            shards.append([])
-            shard_bytes = 0
-        shards[-1].append(name)
-        shard_bytes += size
 
-    weight_map: dict[str, str] = {}
-    total_bytes = 0
-    with tqdm(total=len(table), desc="saving " + os.path.basename(out_dir.rstrip("/")),
-              disable=not progress or not writer, unit="tensor") as bar:
-        for number, names in enumerate(shards, start=1):
-            file = SINGLE_FILE if len(shards) == 1 else \
-                f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            tensors: dict[str, np.ndarray] = {}
-            for name in names:
-                spec = table[name]
-                value = _get(params, spec.path)
-                if spec.layer is not None:
-                    value = value[spec.layer]
-                tensors[name] = np.ascontiguousarray(spec.to_hf(_to_host(value)).astype(dtype))
-                weight_map[name] = file
-                total_bytes += tensors[name].nbytes
-                bar.update()
-            if writer:
-                save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})
-            del tensors
-    if not writer:
-        return
-    if len(shards) > 1:
-        with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f,
-                      indent=2)
-    hf_config = config.to_hf_config()
-    hf_config["torch_dtype"] = dtype.name
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(hf_config, f, indent=2)
+    def value(spec: _Tensor) -> jax.Array:
+        tensor = _get(params, spec.path)
+        return tensor if spec.layer is None else tensor[spec.layer]
+    write_hf_directory(_tensor_table(config), value, config.to_hf_config(), out_dir, dtype,
+                       max_shard_bytes, progress)
