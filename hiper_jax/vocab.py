@@ -17,6 +17,10 @@ VALUE_HEADS = ("low", "high", "term")
 # ``ppo.kl_estimator``: the per-token KL penalty against the reference policy.
 KL_ESTIMATORS = ("low_var_kl", "kl", "mse")
 
+# ``ppo.old_logp``: the update's old log-probs from a pass of the actor over the batch, or the
+# ones the sampler drew the tokens with.
+OLD_LOGP_SOURCES = ("recompute", "sampler")
+
 # The device mesh's axes, and those that split batch rows (data-major).
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the small embedded default, on CPU: generate ALFWorld games, evaluate the
-# shipped warm-started tiny model, run a few HiPER (PPO + HAE) iterations, evaluate again, write
+# shipped warm-started tiny model, run a few PPO iterations (GiGPO credit), evaluate again, write
 # plots and print a summary table. Extra arguments override config fields, e.g.
 #   bash scripts/main.sh --config.train.iterations=10 --config.train.out_dir=runs/longer
 set -euo pipefail

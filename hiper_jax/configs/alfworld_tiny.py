@@ -58,6 +58,10 @@ def get_config():
     c.ppo.micro_batch_rows = 16
     c.ppo.length_multiple = 128
     c.ppo.epochs = 1
+    # GiGPO has no critic and the KL term is off: with the sampler's log-probs as the old ones
+    # (equal to a recomputation up to float error, checked every iteration at the update's
+    # first step) no pass over the batch is needed before the update.
+    c.ppo.old_logp = "sampler"
     c.train.iterations = 6
     c.train.eval_every = 3
     c.train.checkpoint_every = 2

@@ -56,6 +56,9 @@ class BatchSettings:
       pack_rows: run the passes on packed rows (several turns per row,
         :func:`hiper_jax.train.row_packing.packed_pass`); ``pack_length`` their width (0: the
         batch's length bucket).
+      old_logp: ``"recompute"`` (the actor's pass gives the old log-probs) or ``"sampler"``
+        (the sampler's log-probs are the old log-probs; the pass runs only for the critic's
+        values, and not at all for a critic-free estimator).
     """
 
     estimator: str
@@ -68,6 +71,7 @@ class BatchSettings:
     gigpo_similarity: float = 1.0
     pack_rows: bool = False
     pack_length: int = 0
+    old_logp: str = "recompute"
     estimator_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def estimator_spec(self) -> EstimatorSpec:
@@ -147,7 +151,9 @@ def model_passes(tokens: TokenArrays, state: TrainState, ref_params, model_confi
                  text_mask: Optional[np.ndarray] = None) -> Passes:
     """The actor's log-probs and critic's values of the token rows (one chunked pass) and,
     with ``settings.reference_pass``, the reference policy's log-probs (else zeros). Without a
-    critic (``uses_critic`` False) only log-probs are computed and the values are zeros.
+    critic (``uses_critic`` False) only log-probs are computed and the values are zeros. With
+    ``settings.old_logp == "sampler"`` the old log-probs are the sampler's (``tokens.old_logp``)
+    and the actor's pass runs only when the critic's values are needed.
     ``text_mask``: the grammar's, when the rows were sampled with a constraint (the log-probs
     are then those of the constrained distribution)."""
     rows = settings.rows
@@ -174,9 +180,14 @@ def model_passes(tokens: TokenArrays, state: TrainState, ref_params, model_confi
     run = functools.partial(chunked, rows=rows, mesh=mesh, length_multiple=multiple)
     if settings.pack_rows:
         run = packed_pass(run, tokens.valid, settings.pack_length or None)
-    old_logp, values = run(old_pass, arrays, (reads,), per_token=(True, False))
-    if not uses_critic:
-        values = np.zeros(reads.shape, np.float32)
+    if settings.old_logp == "sampler" and not uses_critic:
+        old_logp, values = tokens.old_logp, np.zeros(reads.shape, np.float32)
+    else:
+        old_logp, values = run(old_pass, arrays, (reads,), per_token=(True, False))
+        if not uses_critic:
+            values = np.zeros(reads.shape, np.float32)
+        if settings.old_logp == "sampler":
+            old_logp = tokens.old_logp
     # Without a KL term the reference policy is never used: skip its pass.
     ref_logp = run(ref_pass, arrays, ())[0] if settings.reference_pass else np.zeros_like(old_logp)
     return Passes(old_logp, ref_logp, values)
@@ -229,9 +240,11 @@ def logp_mismatch(sampled: np.ndarray, recomputed: np.ndarray, mask: np.ndarray)
 
 
 def assemble(tokens: TokenArrays, passes: Passes, out: HAEOutput, advantages: np.ndarray,
-             value_heads: Sequence[str]) -> tuple[PPOBatch, dict[str, float]]:
+             value_heads: Sequence[str], recomputed: bool = True) -> tuple[PPOBatch, dict[str, float]]:
     """The :class:`PPOBatch` (per-row value targets ``[N, 3]`` from the estimator's returns,
-    masks of the trained heads and loss tokens) and its statistics."""
+    masks of the trained heads and loss tokens) and its statistics; the sampler-vs-learner
+    log-prob mismatch among them when the old log-probs were ``recomputed`` (else the update's
+    first step measures it)."""
     valid_rows = tokens.row_valid
     blocks = tokens.action_mask | tokens.subgoal_mask | tokens.switch_mask
     b, t = tokens.traj_index, tokens.turn_index
@@ -258,7 +271,8 @@ def assemble(tokens: TokenArrays, passes: Passes, out: HAEOutput, advantages: np
              "advantage_mean": float(adv_tokens.mean()) if adv_tokens.size else 0.0,
              "advantage_std": float(adv_tokens.std()) if adv_tokens.size else 0.0,
              "value_mean": float(values[valid_rows, 0].mean()) if valid_rows.any() else 0.0}
-    stats.update(logp_mismatch(tokens.old_logp, passes.old_logp, tokens.response_mask))
+    if recomputed:
+        stats.update(logp_mismatch(tokens.old_logp, passes.old_logp, tokens.response_mask))
     return batch, stats
 
 
@@ -284,6 +298,7 @@ def build_ppo_batch(trajectories: Sequence[Trajectory], state: TrainState, ref_p
     out = run_estimator(spec, inputs, hae_cfg, mesh)
     advantages = token_advantages(out, tokens)
     advantages_s = time.perf_counter() - advantages_start
-    batch, stats = assemble(tokens, passes, out, advantages, spec.value_heads)
+    batch, stats = assemble(tokens, passes, out, advantages, spec.value_heads,
+                            recomputed=settings.old_logp == "recompute")
     stats.update(passes_s=passes_s, advantages_s=advantages_s)
     return BuiltBatch(batch, turns, out, stats)

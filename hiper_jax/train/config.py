@@ -16,7 +16,7 @@ import ml_collections
 from hiper_jax.rollout.adapters import EnvSettings, adapter_names
 
 from hiper_jax.vocab import (BATCH_AXES, CRITIC_FREE_ESTIMATORS, ESTIMATOR_NAMES, GROUP_ESTIMATORS,
-                             KL_ESTIMATORS, MESH_AXES)
+                             KL_ESTIMATORS, MESH_AXES, OLD_LOGP_SOURCES)
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_MODES = ("none", "layer")  # ppo.remat: keep every activation, or recompute each layer
 CONSTRAINTS = ("none", "grammar")
@@ -109,6 +109,12 @@ def base_config() -> ml_collections.ConfigDict:
         # frozen base is the reference and no copy is made).
         ref_dtype="bfloat16",
         logits_chunk_tokens=128,    # positions per chunk of the loss's logits [rows, chunk, V]
+        # Where the update's old log-probs come from: "recompute" (a log-prob pass of the
+        # actor over the batch, as published trainers do) or "sampler" (the log-probs the
+        # sampler drew the tokens with: the behaviour policy's own, and no pass at all for a
+        # critic-free estimator without a KL term). The sampler-vs-learner mismatch is then
+        # read at the update's first step.
+        old_logp="recompute",
     )
     c.train = dict(
         iterations=150, eval_every=10, eval_episodes=0,  # 0 = every eval game once
@@ -355,6 +361,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _require(ppo.ref_dtype in DTYPES, "ppo.ref_dtype", f"must be one of {DTYPES}, got {ppo.ref_dtype!r}")
     _require(ppo.logits_chunk_tokens >= 1, "ppo.logits_chunk_tokens",
              f"must be >= 1, got {ppo.logits_chunk_tokens}")
+    _require(ppo.old_logp in OLD_LOGP_SOURCES, "ppo.old_logp",
+             f"must be one of {OLD_LOGP_SOURCES}, got {ppo.old_logp!r}")
     for field in ("iterations", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _require(train[field] >= 0 if field == "iterations" else train[field] >= 1,
                  f"train.{field}", f"must be positive, got {train[field]}")
@@ -415,7 +423,7 @@ def batch_settings(config: ml_collections.ConfigDict):
         length_multiple=config.ppo.length_multiple, group_by_length=config.ppo.group_by_length,
         temperature=config.sampling.temperature or 1.0, reference_pass=bool(config.ppo.kl_coef),
         gigpo_similarity=config.advantage.gigpo_similarity, pack_rows=config.ppo.pack_rows,
-        pack_length=config.ppo.pack_length)
+        pack_length=config.ppo.pack_length, old_logp=config.ppo.old_logp)
 
 
 def env_settings(config: ml_collections.ConfigDict) -> EnvSettings:

@@ -35,7 +35,7 @@ from hiper_jax.models import qwen2
 from hiper_jax.models.value_heads import (CriticConfig, critic_values, init_lora_critic,
                                           lora_critic_base)
 from hiper_jax.shapes import check_flags, check_rank, check_same_shape, check_shape, check_type
-from hiper_jax.train.losses import clipped_value_loss, kl_penalty, ppo_dual_clip_loss
+from hiper_jax.train.losses import clipped_value_loss, kl_penalty, ppo_dual_clip_loss, token_mean
 from hiper_jax.train.row_packing import (pack_ppo_batch, packed_micro_rows, packed_rows_per_step,
                                          segment_lengths)
 from hiper_jax.vocab import VALUE_HEADS
@@ -339,6 +339,10 @@ def _loss(params, batch: PPOBatch, counts: dict, text_mask: Optional[Array], con
         "pg_loss": pg.loss * share, "kl": kl / denominator, "entropy": ent / denominator,
         "clip_fraction": pg.clip_fraction * share, "dual_clip_fraction": pg.dual_clip_fraction * share,
         "approx_kl": pg.approx_kl * share, "value_loss": value_loss,
+        # |log pi - log pi_old| on the loss tokens: at an update's first step (the sampling
+        # policy's parameters) the sampler-vs-learner mismatch.
+        "abs_log_ratio": token_mean(jnp.abs(logp - batch.old_logp), mask) * share,
+        "max_abs_log_ratio": jnp.max(jnp.where(mask, jnp.abs(logp - batch.old_logp), 0.0)),
     }
     return actor_loss + ppo.value_coef * value_loss, metrics
 
@@ -385,7 +389,7 @@ def ppo_step(state: TrainState, mini: PPOBatch, text_mask: Optional[Array] = Non
 
     zeros = jax.tree.map(jnp.zeros_like, (state.actor, state.critic))
     grads, (losses, metrics) = jax.lax.scan(micro_step, zeros, _split(mini, num_rows // ppo.micro_batch_rows))
-    metrics = jax.tree.map(jnp.sum, metrics)
+    metrics = {k: jnp.max(v) if k.startswith("max_") else jnp.sum(v) for k, v in metrics.items()}
     loss = jnp.sum(losses)
     actor_updates, actor_opt = actor_tx.update(grads[0], state.actor_opt, state.actor)
     critic_updates, critic_opt = critic_tx.update(grads[1], state.critic_opt, state.critic)
@@ -522,7 +526,12 @@ def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
                 state, metrics = ppo_step(state, place(mini), text_mask, frozen, config=config, ppo=ppo,
                                           actor_tx=actor_tx, critic_tx=critic_tx)
             history.append(metrics)
-    means = {k: float(np.mean([float(m[k]) for m in history])) for k in history[0]}
+    means = {k: float(np.max([float(m[k]) for m in history]) if k.startswith("max_") else
+                      np.mean([float(m[k]) for m in history])) for k in history[0]}
+    # The first step runs at the parameters that sampled the batch: its log-ratio is the
+    # sampler-vs-learner mismatch (when the old log-probs are the sampler's).
+    means["first_step_abs_log_ratio"] = float(history[0]["abs_log_ratio"])
+    means["first_step_max_abs_log_ratio"] = float(history[0]["max_abs_log_ratio"])
     means["steps"] = len(history)
     means.update({k: float(sum(c[k] for c in counts)) for k in counts[0]})
     return state, means

@@ -121,7 +121,7 @@ def generation_flops(config: Qwen2Config, prefill: TokenSet, decode: TokenSet) -
 
 def iteration_flops(config: Qwen2Config, *, prefill: TokenSet, decode: TokenSet, passes: TokenSet,
                     update: TokenSet, separate_critic: bool, uses_critic: bool,
-                    reference_pass: bool) -> dict[str, float]:
+                    reference_pass: bool, actor_pass: bool = True) -> dict[str, float]:
     """Model FLOPs of one training iteration by stage: ``rollout``, ``passes``, ``update``, ``total``.
 
     Args:
@@ -132,10 +132,12 @@ def iteration_flops(config: Qwen2Config, *, prefill: TokenSet, decode: TokenSet,
       separate_critic: the critic has its own backbone (else heads on the actor's).
       uses_critic: the estimator reads and trains values (False for GRPO/RLOO).
       reference_pass: the reference policy's log-probs are computed (a KL term is on).
+      actor_pass: the actor's pass runs (False when the old log-probs are the sampler's and
+        no critic needs its values).
     """
-    actor_pass = forward_flops(config, passes)
+    actor = forward_flops(config, passes)
     critic = critic_forward_flops(config, passes, separate_critic) if uses_critic else 0.0
-    passes_flops = actor_pass * (2 if reference_pass else 1) + critic
+    passes_flops = actor * (int(actor_pass) + int(reference_pass)) + critic
     step_critic = critic_forward_flops(config, update, separate_critic) if uses_critic else 0.0
     update_flops = 3.0 * (forward_flops(config, update) + step_critic)  # forward + 2x backward
     rollout = generation_flops(config, prefill, decode)

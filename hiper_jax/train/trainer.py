@@ -489,7 +489,8 @@ class Trainer:
             passes=throughput.TokenSet.of_rows(row_lengths(batch.valid)),
             update=throughput.TokenSet(update["real_tokens"], update["real_attention_pairs"]),
             separate_critic="backbone" in self.state.critic, uses_critic=bool(self.ppo.value_heads),
-            reference_pass=bool(self.config.ppo.kl_coef))
+            reference_pass=bool(self.config.ppo.kl_coef),
+            actor_pass=self.batch_settings.old_logp == "recompute" or bool(self.ppo.value_heads))
         return throughput.throughput_metrics(flops, times, decode.tokens, update["real_tokens"],
                                              update["computed_tokens"], peak)
 
@@ -514,6 +515,11 @@ class Trainer:
                                         mesh=self.mesh,
                                         frozen=self.frozen,
                                         text_mask=text_mask)
+        if self.batch_settings.old_logp == "sampler":
+            # No pass recomputed the log-probs: the update's first step, at the parameters that
+            # sampled, measures the mismatch (over its mini-batch's loss tokens).
+            batch_stats["logp_mismatch_mean"] = update["first_step_abs_log_ratio"]
+            batch_stats["logp_mismatch_max"] = update["first_step_max_abs_log_ratio"]
         record = {f"train/{k}": v for k, v in rollout_metrics(trajectories).items()}
         record.update({f"update/{k}": v for k, v in update.items()})
         record["update/critic_only"] = float(warmup)

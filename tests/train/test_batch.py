@@ -2,6 +2,8 @@
 GiGPO's anchor states come from the observations the prompts showed, and the values of the
 token rows land on their turns."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,46 @@ def test_passes_split_rows_over_the_mesh_and_apply_hints(monkeypatch):
     assert ("batch", "length", "embed") in {axes for axes, _, _ in hints}
     for axes, shape, placed in hints:
         assert placed.is_equivalent_to(rules_sharding(mesh, axes, shape), len(shape)), (axes, placed)
+
+
+@pytest.mark.parametrize("uses_critic", [False, True])
+def test_sampler_old_logprobs_skip_the_actor_pass_unless_values_are_needed(monkeypatch, uses_critic):
+    """With ``old_logp="sampler"`` the old log-probs are the sampler's; the actor's pass runs
+    only for the critic's values, which equal those of the recomputing path."""
+    from types import SimpleNamespace
+
+    import jax
+
+    from hiper_jax.models import qwen2
+    from hiper_jax.models.value_heads import CriticConfig, init_critic
+    from hiper_jax.rollout.packing import TokenArrays
+    from hiper_jax.train import batch as batch_lib
+    from tests.train.test_ppo import CONFIG
+
+    actor = qwen2.init_params(jax.random.key(0), CONFIG)
+    state = SimpleNamespace(actor=actor, critic=init_critic(jax.random.key(1), CONFIG, actor,
+                                                            CriticConfig(shared_backbone=True)))
+    rng = np.random.default_rng(0)
+    n, length = 4, 12
+    valid = np.ones((n, length), bool)
+    response = valid & (np.arange(length)[None] >= 6)
+    tokens = TokenArrays(tokens=rng.integers(3, CONFIG.vocab_size, (n, length)).astype(np.int32), valid=valid,
+                         response_mask=response, action_mask=response, subgoal_mask=~valid, switch_mask=~valid,
+                         old_logp=np.where(response, -rng.random((n, length)), 0).astype(np.float32),
+                         traj_index=np.arange(n, dtype=np.int32), turn_index=np.zeros(n, np.int32),
+                         row_valid=np.ones(n, bool), v_low_read=np.full(n, 5, np.int32),
+                         v_high_read=np.full(n, 5, np.int32), v_term_read=np.full(n, 6, np.int32))
+    passes_run = []
+    real_chunked = batch_lib.chunked
+    monkeypatch.setattr(batch_lib, "chunked", lambda *a, **k: passes_run.append(1) or real_chunked(*a, **k))
+    settings = batch_lib.BatchSettings(estimator="gigpo", max_turns=1, rows=4, length_multiple=0,
+                                       reference_pass=False)
+    recomputed = batch_lib.model_passes(tokens, state, None, CONFIG, settings, uses_critic)
+    passes_run.clear()
+    sampler = batch_lib.model_passes(tokens, state, None, CONFIG,
+                                     dataclasses.replace(settings, old_logp="sampler"), uses_critic)
+    assert len(passes_run) == int(uses_critic)
+    np.testing.assert_array_equal(sampler.old_logp, tokens.old_logp)
+    assert np.abs(recomputed.old_logp - tokens.old_logp)[response].min() > 0  # really the sampler's
+    np.testing.assert_allclose(sampler.values, recomputed.values, atol=1e-6)
+    assert np.any(sampler.values != 0) == uses_critic

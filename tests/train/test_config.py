@@ -35,6 +35,7 @@ def test_base_config_is_valid(tmp_path):
      "model.lora_targets"),
     (lambda c: c.sampling.__setattr__("top_p", 0.0), "sampling.top_p"),
     (lambda c: c.ppo.__setattr__("dual_clip", 1.0), "ppo.dual_clip"),
+    (lambda c: c.ppo.__setattr__("old_logp", "cached"), "ppo.old_logp"),
     (lambda c: c.mesh.__setattr__("tensor", 3), "mesh"),
     (lambda c: c.train.__setattr__("iterations", True), "train.iterations"),
     (lambda c: c.env.__setattr__("turn_budget", -1), "env.turn_budget"),

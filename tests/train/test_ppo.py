@@ -390,3 +390,22 @@ def test_reference_params_are_a_copy_in_the_reference_dtype(dtype):
             np.testing.assert_array_equal(r, a)
         else:
             np.testing.assert_allclose(np.asarray(r, np.float32), a, rtol=1e-2, atol=1e-6)
+
+
+def test_first_step_log_ratio_reads_the_mismatch_of_the_old_logprobs():
+    """At the update's first step (the parameters that gave the old log-probs) |log ratio| is
+    the mismatch of the old log-probs: 0 for recomputed ones, the offset for shifted ones."""
+    actor, critic, actor_tx, critic_tx = setup()
+    batch = make_batch(actor, critic)
+    outs = {}
+    for offset in (0.0, 0.25):
+        shifted = batch._replace(old_logp=np.asarray(batch.old_logp) + offset * np.asarray(batch.loss_mask))
+        state = init_train_state(jax.tree.map(jnp.copy, actor), jax.tree.map(jnp.copy, critic),
+                                 actor_tx, critic_tx)
+        outs[offset] = run(state, shifted, PPO, actor_tx, critic_tx)[1]
+    assert outs[0.0]["first_step_abs_log_ratio"] < 1e-5
+    assert outs[0.0]["first_step_max_abs_log_ratio"] < 1e-5
+    assert outs[0.25]["first_step_abs_log_ratio"] == pytest.approx(0.25, abs=1e-5)
+    assert outs[0.25]["first_step_max_abs_log_ratio"] == pytest.approx(0.25, abs=1e-5)
+    # The second step runs at moved parameters; the max over steps covers both.
+    assert outs[0.0]["max_abs_log_ratio"] >= outs[0.0]["first_step_max_abs_log_ratio"]

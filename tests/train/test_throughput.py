@@ -51,6 +51,10 @@ def test_iteration_flops_by_stage():
     assert separate["total"] == separate["rollout"] + separate["passes"] + separate["update"]
     no_critic = tp.iteration_flops(TINY, **common, separate_critic=True, uses_critic=False, reference_pass=False)
     assert no_critic["passes"] == actor_pass and no_critic["update"] == 3 * tp.forward_flops(TINY, update)
+    # The sampler's log-probs as the old ones: no pass at all without a critic or a KL term.
+    sampler = tp.iteration_flops(TINY, **common, separate_critic=True, uses_critic=False, reference_pass=False,
+                                 actor_pass=False)
+    assert sampler["passes"] == 0 and sampler["update"] == no_critic["update"]
     shared = tp.iteration_flops(TINY, **common, separate_critic=False, uses_critic=True, reference_pass=False)
     assert no_critic["total"] < shared["total"] < separate["total"]
 

@@ -121,6 +121,25 @@ def test_constrained_run_learns_with_exact_logprobs(word_checkpoint, tmp_path):
     assert evals[-1] >= evals[0] + 0.1, (evals, success_rates(history, "train"))
 
 
+@pytest.mark.slow  # four training iterations of GiGPO: a few CPU-minutes
+def test_sampler_logprobs_run_without_a_pass_and_learn(word_checkpoint, tmp_path):
+    """ppo.old_logp="sampler" with a critic-free estimator: no log-prob pass runs (no pass
+    FLOPs), the mismatch read at the update's first step is logged every iteration and near 0,
+    and the policy learns."""
+    from hiper_jax.train.trainer import Trainer
+
+    config = word_config(word_checkpoint, tmp_path, "gigpo", iterations=4)
+    config.sampling.constraint = "grammar"
+    config.ppo.old_logp = "sampler"
+    history = Trainer(config, progress=False).run()
+    iterations = [r for r in history if "batch/logp_mismatch_max" in r]
+    assert len(iterations) == 4
+    assert all(0 <= r["batch/logp_mismatch_max"] < 1e-3 for r in iterations), iterations
+    assert all(r["throughput/passes_flops"] == 0 for r in iterations)
+    evals = success_rates(history, "eval")
+    assert evals[-1] >= evals[0] + 0.1, (evals, success_rates(history, "train"))
+
+
 def run_cli(config_path, out_dir, iterations, resume=False, wait=True):
     args = [sys.executable, "-m", "hiper_jax.train", f"--config={config_path}",
             f"--config.train.out_dir={out_dir}", f"--config.train.iterations={iterations}",
