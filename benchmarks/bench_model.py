@@ -1,7 +1,7 @@
-"""Qwen2 port vs transformers + torch on this CPU: prefill, decode and checkpoint loading.
+"""Qwen2 port vs transformers + torch on this CPU: prefill, decode, a train step, loading.
 
     python benchmarks/bench_model.py                 # 10M, 50M and Qwen2.5-0.5B shapes
-    python benchmarks/bench_model.py --models 10m --repeats 5
+    python benchmarks/bench_model.py --models 10m --modes decode train --rounds 5
 
 Each measurement runs in a fresh subprocess with random weights and the same thread count on
 both sides; peak memory is the largest anonymous RSS sampled while the workload runs (model
@@ -15,9 +15,13 @@ Backward (JAX only): one jitted ``value_and_grad`` of the mean token log-prob (`
 ``--compare DIR`` runs our side only, this checkout against the ``hiper_jax`` package in
 ``DIR`` (e.g. an older checkout), in alternating processes, and prints min/median/max tokens/s
 of each side over the rounds.
-Timings are the best of ``--rounds`` interleaved processes per side, each timing ``--repeats``
-runs after one warm-up (compilation excluded and reported separately); the machine is shared,
-so the best run is the least disturbed one. Decode runs on both parameter layouts: stacked
+Train: one SFT step, mean next-token cross-entropy over ``batch x prompt`` tokens, backward and
+AdamW (jitted, donated state vs ``loss.backward(); AdamW.step()``); tokens/s counts the batch's
+tokens. Each of ``--rounds`` interleaved rounds starts one fresh process per side (torch, then
+each JAX variant), which times ``--repeats`` runs after one warm-up (compilation excluded and
+reported separately) and reports its best; the table gives min / median / max over the rounds,
+the ratio of the medians and the range of the per-round ratios (runs of one round met the same
+machine). Decode runs on both parameter layouts: stacked
 (``lax.scan`` over layers) and unstacked (unrolled layers). Torch runs in float32; the JAX
 bfloat16 rows (bf16 weights and compute, as the sampler runs on TPU) are for information, not
 part of the like-for-like comparison.
@@ -26,7 +30,9 @@ part of the like-for-like comparison.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -120,6 +126,20 @@ def worker_torch(name: str, mode: str, repeats: int, threads: int) -> dict:
             with torch.inference_mode():
                 model(input_ids=tokens).logits.sum().item()
         count = prefill_batch * PROMPT_TOKENS
+    elif mode == "train":
+        # One SFT step: forward over every position, cross-entropy on the next tokens,
+        # backward, AdamW (dropout is 0 in this config, so train mode changes nothing else).
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+        tokens = torch.randint(3, config.vocab_size, (prefill_batch, PROMPT_TOKENS), generator=gen)
+
+        def run():
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            optimizer.step()
+            loss.item()
+        count = prefill_batch * PROMPT_TOKENS
     else:
         tokens = torch.randint(3, config.vocab_size, (decode_batch, DECODE_PROMPT_TOKENS),
                                generator=gen)
@@ -166,6 +186,31 @@ def worker_jax(name: str, mode: str, repeats: int, threads: int, layout: str,
         step = jax.jit(jax.value_and_grad(loss))
         run = lambda: jax.block_until_ready(step(params))
         count = prefill_batch * PROMPT_TOKENS
+    elif mode == "train":
+        import optax
+
+        # The torch side's SFT step: mean next-token cross-entropy, backward, AdamW.
+        tokens = jnp.asarray(rng.integers(3, config.vocab_size, (prefill_batch, PROMPT_TOKENS)),
+                             jnp.int32)
+
+        def loss(p):
+            hidden, _ = qwen2.forward(p, config, tokens)
+            return -jnp.mean(qwen2.token_logprobs(p, config, hidden[:, :-1], tokens[:, 1:]).logprobs)
+
+        tx = optax.adamw(1e-4, weight_decay=0.0)
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def train_step(p, opt_state):
+            value, grads = jax.value_and_grad(loss)(p)
+            updates, opt_state = tx.update(grads, opt_state, p)
+            return optax.apply_updates(p, updates), opt_state, value
+
+        state = [params, tx.init(params)]
+
+        def run():
+            state[0], state[1], value = train_step(*state)
+            value.block_until_ready()
+        count = prefill_batch * PROMPT_TOKENS
     else:
         tokens = jnp.asarray(rng.integers(3, config.vocab_size,
                                           (decode_batch, DECODE_PROMPT_TOKENS)), jnp.int32)
@@ -208,6 +253,11 @@ def worker_load(path: str) -> dict:
                 largest_mib=max(per_tensor) / 2 ** 20)
 
 
+def _spread(values: list[float]) -> str:
+    """``min / median / max`` of tokens/s."""
+    return f"{min(values):.1f} / {statistics.median(values):.1f} / {max(values):.1f}"
+
+
 def _spawn(args: list[str], threads: int, package_dir: str = "") -> dict:
     """Runs one worker in a fresh process; ``package_dir``: import ``hiper_jax`` from there."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
@@ -225,8 +275,6 @@ def _spawn(args: list[str], threads: int, package_dir: str = "") -> dict:
 def compare(args: argparse.Namespace) -> None:
     """This checkout's model code against the one in ``args.compare``: alternating processes,
     min / median / max over the rounds of each process's best-of-repeats tokens/s."""
-    import statistics
-
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sides = {"this": here, "other": os.path.abspath(args.compare)}
     print(f"this: {here}\nother: {sides['other']}\nthreads={args.threads}, {args.rounds} "
@@ -254,9 +302,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per process")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="interleaved processes per side; the best one is reported")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved processes per side (min / median / max over them)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=["prefill", "decode", "train"],
+                        choices=["prefill", "decode", "train"])
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--compare", metavar="DIR",
                         help="JAX only: this checkout against the hiper_jax package in DIR")
@@ -283,39 +333,42 @@ def main() -> None:
     if args.compare:
         compare(args)
         return
-    print(f"threads={args.threads}, best of {args.rounds} rounds x {args.repeats} runs; "
-          f"prefill {PROMPT_TOKENS} "
-          f"tokens/row; decode {DECODE_PROMPT_TOKENS}-token prompt + {NEW_TOKENS} new, greedy")
+    print(f"threads={args.threads}, {args.rounds} interleaved rounds (a fresh process per side "
+          f"per round, each its best of {args.repeats} runs); tokens/s min / median / max over the "
+          f"rounds; prefill and train {PROMPT_TOKENS} tokens/row; decode {DECODE_PROMPT_TOKENS}-token "
+          f"prompt + {NEW_TOKENS} new, greedy; ratio: of the medians, and min-max of the per-round ratios")
     header = (f"{'model':6} {'mode':8} {'jax layers':10} {'jax dtype':9} {'batch':>5} "
-              f"{'jax tok/s':>10} {'torch tok/s':>11} {'ratio':>6} {'jax peak MiB':>12} "
-              f"{'torch peak MiB':>14} {'jax compile s':>13}")
+              f"{'jax tok/s (min/med/max)':>26} {'torch tok/s (min/med/max)':>26} {'ratio':>6} "
+              f"{'per round':>12} {'jax peak MiB':>12} {'torch peak MiB':>14} {'jax compile s':>13}")
     print(header)
     print("-" * len(header))
     for name in args.models:
-        for mode in ("prefill", "decode"):
-            batch = MODELS[name][1 if mode == "prefill" else 2]
+        for mode in args.modes:
+            batch = MODELS[name][2 if mode == "decode" else 1]
             repeats = ["--repeats", str(args.repeats)]
-            variants = [("stacked", "float32"), ("stacked", "bfloat16")] if mode == "prefill" \
-                else [("stacked", "float32"), ("unstacked", "float32"), ("unstacked", "bfloat16")]
-            # Interleaved rounds: each side gets several chances at a quiet moment.
-            best: dict = {}
+            variants = {"prefill": [("stacked", "float32"), ("stacked", "bfloat16")],
+                        "decode": [("stacked", "float32"), ("unstacked", "float32"), ("unstacked", "bfloat16")],
+                        "train": [("stacked", "float32")]}[mode]
+            # Interleaved rounds: in each, every side runs once, so the per-round ratios compare
+            # runs that met the same machine.
+            results: dict = {}
             for _ in range(args.rounds):
                 runs = {"torch": ["torch", name, mode, *repeats]}
                 runs.update({variant: ["jax", name, mode, *variant, *repeats]
                              for variant in variants})
                 for side, worker_args in runs.items():
-                    result = _spawn(worker_args, args.threads)
-                    if side not in best or result["tokens_per_s"] > best[side]["tokens_per_s"]:
-                        best[side] = result
-            theirs = best["torch"]
+                    results.setdefault(side, []).append(_spawn(worker_args, args.threads))
+            theirs = [r["tokens_per_s"] for r in results["torch"]]
             for layout, dtype in variants:
-                ours = best[(layout, dtype)]
-                print(f"{name:6} {mode:8} {layout:10} {dtype:9} {batch:5d} "
-                      f"{ours['tokens_per_s']:10.1f} "
-                      f"{theirs['tokens_per_s']:11.1f} "
-                      f"{ours['tokens_per_s'] / theirs['tokens_per_s']:5.2f}x "
-                      f"{ours['peak_anon_mib']:12.0f} {theirs['peak_anon_mib']:14.0f} "
-                      f"{ours['warmup_s'] - ours['best_s']:13.1f}", flush=True)
+                ours = [r["tokens_per_s"] for r in results[(layout, dtype)]]
+                per_round = [a / b for a, b in zip(ours, theirs)]
+                best = max(results[(layout, dtype)], key=lambda r: r["tokens_per_s"])
+                torch_best = max(results["torch"], key=lambda r: r["tokens_per_s"])
+                print(f"{name:6} {mode:8} {layout:10} {dtype:9} {batch:5d} {_spread(ours):>26} "
+                      f"{_spread(theirs):>26} {statistics.median(ours) / statistics.median(theirs):5.2f}x "
+                      f"{min(per_round):5.2f}-{max(per_round):5.2f}x "
+                      f"{best['peak_anon_mib']:12.0f} {torch_best['peak_anon_mib']:14.0f} "
+                      f"{best['warmup_s'] - best['best_s']:13.1f}", flush=True)
     if args.skip_load:
         return
     print("\ncheckpoint loading (fp32, one device): peak anonymous memory growth while loading")
