@@ -60,6 +60,7 @@ def _fresh_logits(config, params, tokens, mask, out, pixels, grid):
     return np.asarray(logits)[:, tokens.shape[1] - 1:-1], generated
 
 
+@pytest.mark.slow  # ~5 s of CPU: a compile and transformers' generate
 def test_greedy_one_image_equals_transformers(reference):
     model, config, params = reference
     grid = [(1, 4, 4)]
@@ -73,6 +74,7 @@ def test_greedy_one_image_equals_transformers(reference):
     np.testing.assert_array_equal(out.lengths, [NEW_TOKENS])
 
 
+@pytest.mark.slow  # ~8 s of CPU: two compiles and transformers' generate
 def test_greedy_batch_of_left_padded_rows_equals_transformers(reference):
     model, config, params = reference
     tokens, mask, pixels, grid = _batch()
@@ -123,20 +125,22 @@ def test_constrained_decoding_runs_on_the_vl_model(reference):
     constraint = DecodeConstraint(jnp.asarray(alternatives), jnp.ones((2,), jnp.int32),
                                   jnp.zeros((config.text.vocab_size,), bool))
     out = vl_sampling.generate(params, config, tokens, mask, pixels, grid, jax.random.key(1),
-                               SamplingConfig(max_new_tokens=4, stop_token_ids=(2,),
+                               SamplingConfig(max_new_tokens=NEW_TOKENS, stop_token_ids=(2,),
                                               pad_token_id=PAD),
                                constraint, patch_multiple=PATCH_MULTIPLE)
     row = np.asarray(out.tokens)[0]
     assert row[0] == 20 and row[1] in (21, 22) and row[2] == 2 and out.lengths[0] == 3
     logprobs = np.asarray(out.logprobs)[0]
     assert logprobs[0] == 0 and logprobs[2] == 0
-    sequence = np.concatenate([tokens, np.asarray(out.tokens)], axis=1)[:, :tokens.shape[1] + 1]
-    full_mask = np.concatenate([mask, np.ones((2, 1), mask.dtype)], axis=1)
-    logits = np.asarray(qwen2_5_vl.compute_logits(params, config, sequence, pixels, grid,
-                                                  full_mask))[0, -1]
-    choice = logits[[21, 22]] - np.logaddexp(logits[21], logits[22])
+    logits, generated = _fresh_logits(config, params, tokens, mask, out, pixels, grid)
+    choice = logits[0, 1, [21, 22]] - np.logaddexp(logits[0, 1, 21], logits[0, 1, 22])
     np.testing.assert_allclose(logprobs[1], choice[row[1] - 21], atol=1e-4)
-    assert out.allowed.shape == (2, 4, 4)
+    # The free row's log-probs are the plain softmax's.
+    free = np.take_along_axis(jax.nn.log_softmax(logits[1]), np.asarray(out.tokens)[1, :, None],
+                              axis=-1)[:, 0]
+    np.testing.assert_allclose(np.asarray(out.logprobs)[1][generated[1]], free[generated[1]],
+                               atol=1e-4, rtol=0)
+    assert out.allowed.shape == (2, NEW_TOKENS, 4)
 
 
 def test_patch_counts_in_one_bucket_share_one_program(reference):
