@@ -60,6 +60,18 @@ def _fresh_logits(config, params, tokens, mask, out, pixels, grid):
     return np.asarray(logits)[:, tokens.shape[1] - 1:-1], generated
 
 
+def _log_softmax(logits):
+    """NumPy (so the checks add no compiles): ``[..., V]`` -> ``[..., V]``."""
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(axis=-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+
+
+def _chosen(logprobs, tokens):
+    """``logprobs [..., V]`` at ``tokens [...]``."""
+    return np.take_along_axis(logprobs, np.asarray(tokens)[..., None], axis=-1)[..., 0]
+
+
 @pytest.mark.slow  # ~5 s of CPU: a compile and transformers' generate
 def test_greedy_one_image_equals_transformers(reference):
     model, config, params = reference
@@ -87,8 +99,8 @@ def test_greedy_batch_of_left_padded_rows_equals_transformers(reference):
     np.testing.assert_array_equal(np.asarray(out.tokens), expected)
     # Greedy log-probs are the model's own log-softmax at the chosen tokens.
     logits, _ = _fresh_logits(config, params, tokens, mask, out, pixels, grid)
-    chosen = np.take_along_axis(jax.nn.log_softmax(logits), expected[..., None], axis=-1)[..., 0]
-    np.testing.assert_allclose(np.asarray(out.logprobs), chosen, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.logprobs), _chosen(_log_softmax(logits), expected),
+                               atol=1e-4, rtol=0)
 
 
 def test_sampled_logprobs_equal_a_fresh_forward(reference):
@@ -103,15 +115,13 @@ def test_sampled_logprobs_equal_a_fresh_forward(reference):
     out = vl_sampling.generate(params, config, tokens, mask, pixels, grid, jax.random.key(3),
                                sampling, patch_multiple=PATCH_MULTIPLE)
     logits, generated = _fresh_logits(config, params, tokens, mask, out, pixels, grid)
-    policy = jax.nn.log_softmax(logits / temperature)
-    expected = np.take_along_axis(policy, np.asarray(out.tokens)[..., None], axis=-1)[..., 0]
+    expected = _chosen(_log_softmax(logits / temperature), out.tokens)
     np.testing.assert_allclose(np.asarray(out.logprobs)[generated], expected[generated],
                                atol=1e-4, rtol=0)
     assert np.all(np.asarray(out.logprobs)[~generated] == 0)
     assert np.all(np.asarray(out.tokens)[~generated] == PAD)
     # Not the greedy log-probs: sampling at temperature 0.7 was what got recorded.
-    greedy = np.take_along_axis(jax.nn.log_softmax(logits), np.asarray(out.tokens)[..., None],
-                                axis=-1)[..., 0]
+    greedy = _chosen(_log_softmax(logits), out.tokens)
     assert np.max(np.abs(greedy[generated] - expected[generated])) > 1e-2
 
 
@@ -136,8 +146,7 @@ def test_constrained_decoding_runs_on_the_vl_model(reference):
     choice = logits[0, 1, [21, 22]] - np.logaddexp(logits[0, 1, 21], logits[0, 1, 22])
     np.testing.assert_allclose(logprobs[1], choice[row[1] - 21], atol=1e-4)
     # The free row's log-probs are the plain softmax's.
-    free = np.take_along_axis(jax.nn.log_softmax(logits[1]), np.asarray(out.tokens)[1, :, None],
-                              axis=-1)[:, 0]
+    free = _chosen(_log_softmax(logits[1]), np.asarray(out.tokens)[1])
     np.testing.assert_allclose(np.asarray(out.logprobs)[1][generated[1]], free[generated[1]],
                                atol=1e-4, rtol=0)
     assert out.allowed.shape == (2, NEW_TOKENS, 4)
