@@ -72,7 +72,7 @@ def _chosen(logprobs, tokens):
     return np.take_along_axis(logprobs, np.asarray(tokens)[..., None], axis=-1)[..., 0]
 
 
-@pytest.mark.slow  # ~5 s of CPU: a compile and transformers' generate
+@pytest.mark.slow  # 4-5 s of CPU (a compile, transformers' generate): at the 5 s line
 def test_greedy_one_image_equals_transformers(reference):
     model, config, params = reference
     grid = [(1, 4, 4)]
@@ -86,7 +86,7 @@ def test_greedy_one_image_equals_transformers(reference):
     np.testing.assert_array_equal(out.lengths, [NEW_TOKENS])
 
 
-@pytest.mark.slow  # ~8 s of CPU: two compiles and transformers' generate
+@pytest.mark.slow  # 5-8 s of CPU (two compiles, transformers' generate)
 def test_greedy_batch_of_left_padded_rows_equals_transformers(reference):
     model, config, params = reference
     tokens, mask, pixels, grid = _batch()
