@@ -1,7 +1,9 @@
-"""Qwen2.5-VL port vs transformers + torch on this CPU: prefill of text+image sequences.
+"""Qwen2.5-VL port vs transformers + torch on this CPU: prefill of text+image sequences, and
+greedy decoding after them.
 
     python benchmarks/bench_vlm.py                    # the tiny and small shapes, 3 rounds
     python benchmarks/bench_vlm.py --models tiny --rounds 5 --repeats 3
+    python benchmarks/bench_vlm.py --modes decode --new-tokens 32
 
 One prefill is the whole multimodal forward pass returning all logits: the vision tower over
 every image's patches, the placeholders replaced by its features, the 3-D positions, the
@@ -11,6 +13,12 @@ its default attention). Both sides load the same random checkpoint (fp32), writt
 round runs one process per side, alternating, each timing ``--repeats`` calls after one
 warm-up (compilation excluded, reported separately); the table gives min / median / max over the
 rounds of each process's best call, in tokens/s (all ``batch x length`` positions) and images/s.
+
+One decode is a whole greedy generation of ``--new-tokens`` tokens per row after the same prompts,
+the prefill included (ours: :func:`hiper_jax.models.qwen2_5_vl.sampling.generate`, one jitted
+program with the decode loop on the device, patches bucketed; theirs: ``generate(do_sample=False)``
+with its KV cache); its rate is new tokens/s (``batch x new_tokens`` per call). Both sides must
+emit the same tokens (printed as a check).
 """
 
 from __future__ import annotations
@@ -96,7 +104,8 @@ def _timed(run, repeats: int) -> tuple[float, float, list]:
     return warmup, min(times), out
 
 
-def worker_torch(name: str, path: str, repeats: int, threads: int) -> dict:
+def worker_torch(name: str, path: str, repeats: int, threads: int, mode: str,
+                 new_tokens: int) -> dict:
     import numpy as np
     import torch
     import transformers
@@ -106,31 +115,53 @@ def worker_torch(name: str, path: str, repeats: int, threads: int) -> dict:
     tokens, pixels, grid = _inputs(name)
     ids = torch.as_tensor(tokens)
     kwargs = dict(pixel_values=torch.as_tensor(pixels), image_grid_thw=torch.as_tensor(grid),
-                  mm_token_type_ids=(ids == IMAGE).int(), use_cache=False)
+                  mm_token_type_ids=(ids == IMAGE).int())
 
-    def run():
+    def prefill():
         with torch.no_grad():
-            return model(input_ids=ids, **kwargs).logits.numpy()
+            return model(input_ids=ids, use_cache=False, **kwargs).logits.numpy()
 
-    warmup, best, logits = _timed(run, repeats)
-    return {"warmup_s": warmup, "best_s": best, "checksum": float(np.abs(logits).mean())}
+    def decode():
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0, **kwargs)
+        return out[:, ids.shape[1]:].numpy()
+
+    warmup, best, out = _timed(prefill if mode == "prefill" else decode, repeats)
+    return {"warmup_s": warmup, "best_s": best, "checksum": _checksum(out, mode)}
 
 
-def worker_jax(name: str, path: str, repeats: int) -> dict:
+def worker_jax(name: str, path: str, repeats: int, mode: str, new_tokens: int) -> dict:
     import jax
     import numpy as np
 
     from hiper_jax.models import qwen2_5_vl
+    from hiper_jax.models.qwen2_5_vl import sampling as vl_sampling
+    from hiper_jax.sampling import SamplingConfig
 
     config, params = qwen2_5_vl.load_hf_checkpoint(path, progress=False)
     tokens, pixels, grid = _inputs(name)
+    greedy = SamplingConfig(max_new_tokens=new_tokens, greedy=True)
 
-    def run():
+    def prefill():
         return np.asarray(jax.block_until_ready(
             qwen2_5_vl.compute_logits(params, config, tokens, pixels, grid)))
 
-    warmup, best, logits = _timed(run, repeats)
-    return {"warmup_s": warmup, "best_s": best, "checksum": float(np.abs(logits).mean())}
+    def decode():
+        out = vl_sampling.generate(params, config, tokens, None, pixels, grid,
+                                   jax.random.key(0), greedy)
+        return np.asarray(jax.block_until_ready(out.tokens))
+
+    warmup, best, out = _timed(prefill if mode == "prefill" else decode, repeats)
+    return {"warmup_s": warmup, "best_s": best, "checksum": _checksum(out, mode)}
+
+
+def _checksum(out, mode: str):
+    """Prefill: the mean |logit|; decode: the generated tokens."""
+    import numpy as np
+
+    return float(np.abs(out).mean()) if mode == "prefill" else np.asarray(out).tolist()
 
 
 def _spawn(args: list[str], threads: int) -> dict:
@@ -148,6 +179,9 @@ def _spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--modes", nargs="+", default=["prefill", "decode"],
+                        choices=["prefill", "decode"])
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode: tokens per row")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved processes per side")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per process")
     parser.add_argument("--threads", type=int, default=2)
@@ -158,32 +192,41 @@ def main() -> None:
         if kind == "save":
             result = worker_save(name, rest[0])
         elif kind == "torch":
-            result = worker_torch(name, rest[0], int(rest[1]), int(rest[2]))
+            result = worker_torch(name, rest[0], int(rest[1]), int(rest[2]), rest[3], int(rest[4]))
         else:
-            result = worker_jax(name, rest[0], int(rest[1]))
+            result = worker_jax(name, rest[0], int(rest[1]), rest[2], int(rest[3]))
         print(json.dumps(result))
         return
 
-    print(f"{'model':6} {'side':6} {'params':>9} {'B x L':>9} {'images':>6}  "
+    print(f"{'model':6} {'mode':7} {'side':6} {'params':>9} {'B x L':>9} {'images':>6}  "
           f"{'tokens/s min / median / max':>30}  {'images/s median':>15} {'compile s':>9}")
     for name in args.models:
         tokens, _, grid = _inputs(name)
         with tempfile.TemporaryDirectory() as path:
             count = _spawn(["save", name, path], args.threads)["params"]
-            results: dict[str, list[dict]] = {"jax": [], "torch": []}
-            for _ in range(args.rounds):
-                results["jax"].append(_spawn(["jax", name, path, str(args.repeats)],
-                                             args.threads))
-                results["torch"].append(_spawn(["torch", name, path, str(args.repeats),
-                                                str(args.threads)], args.threads))
-        sums = {side: runs[0]["checksum"] for side, runs in results.items()}
-        for side, runs in results.items():
-            rates = [tokens.size / r["best_s"] for r in runs]
-            images = statistics.median(len(grid) / r["best_s"] for r in runs)
-            warmup = statistics.median(r["warmup_s"] - r["best_s"] for r in runs)
-            print(f"{name:6} {side:6} {count / 1e6:8.2f}M {tokens.shape[0]:>3} x {tokens.shape[1]:<4}"
-                  f" {len(grid):>6}  {_spread(rates):>30}  {images:15.1f} {warmup:9.1f}")
-        print(f"{name:6} mean |logit|: jax {sums['jax']:.6f}, torch {sums['torch']:.6f}")
+            for mode in args.modes:
+                run = [mode, str(args.new_tokens)]
+                results: dict[str, list[dict]] = {"jax": [], "torch": []}
+                for _ in range(args.rounds):
+                    results["jax"].append(_spawn(["jax", name, path, str(args.repeats), *run],
+                                                 args.threads))
+                    results["torch"].append(_spawn(["torch", name, path, str(args.repeats),
+                                                    str(args.threads), *run], args.threads))
+                # Prefill rates count every prompt position; decode rates count new tokens.
+                per_call = tokens.size if mode == "prefill" else tokens.shape[0] * args.new_tokens
+                for side, runs in results.items():
+                    rates = [per_call / r["best_s"] for r in runs]
+                    images = statistics.median(len(grid) / r["best_s"] for r in runs)
+                    warmup = statistics.median(r["warmup_s"] - r["best_s"] for r in runs)
+                    print(f"{name:6} {mode:7} {side:6} {count / 1e6:8.2f}M "
+                          f"{tokens.shape[0]:>3} x {tokens.shape[1]:<4} {len(grid):>6}  "
+                          f"{_spread(rates):>30}  {images:15.1f} {warmup:9.1f}")
+                sums = {side: runs[0]["checksum"] for side, runs in results.items()}
+                if mode == "prefill":
+                    print(f"{name:6} mean |logit|: jax {sums['jax']:.6f}, "
+                          f"torch {sums['torch']:.6f}")
+                else:
+                    print(f"{name:6} greedy tokens equal: {sums['jax'] == sums['torch']}")
 
 
 if __name__ == "__main__":

@@ -18,13 +18,17 @@ of its alternatives alive (a grammar-constrained response naming an admissible a
 walk over the alternatives runs inside the decode loop; the sampled token's log-prob is that of
 the renormalised distribution over the allowed tokens, and the allowed sets of every step come
 back in the output (``allowed``, ``text_on``) so the learner can rebuild that distribution.
+
+The loop itself (:func:`decode`) takes the model as a decode-step function, so other models'
+samplers (:mod:`hiper_jax.models.qwen2_5_vl.sampling`) run the same loop after their own
+prefill.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Optional
 
 import jax
@@ -271,6 +275,75 @@ class _LoopState(NamedTuple):
     text_on: Optional[Array] = None         # [B, N]
 
 
+StepFn = Callable[[Array, Array, KVCache], tuple[Array, KVCache]]
+"""One decode step of a model: ``(tokens [B, 1], positions [B], cache) -> (logits [B, V]
+float32, cache)``, the tokens at those (1-D, text) positions appended to the cache."""
+
+
+def decode(step_fn: StepFn, logits: Array, cache: KVCache, positions: Array, key: Array,
+           sampling: SamplingConfig, constraint: Optional[DecodeConstraint] = None
+           ) -> GenerationOutput:
+    """The decode loop after a prefill, shared by every model's sampler (call it inside jit).
+
+    Args:
+        step_fn: the model's decode step (:data:`StepFn`).
+        logits: ``[B, V]`` next-token logits after the prompt (the prefill's last position).
+        cache: the KV cache holding the prompt, with ``max_new_tokens - 1`` free slots.
+        positions: ``[B]`` int the position of the first generated token of each row.
+        key, sampling, constraint: as in :func:`generate`.
+
+    Returns:
+        :class:`GenerationOutput`.
+    """
+    batch, vocab = logits.shape
+    max_new = sampling.max_new_tokens
+    stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
+
+    def emit(state: _LoopState) -> _LoopState:
+        logits = state.logits
+        if constraint is not None:
+            ids, text_on = allowed_tokens(constraint, state.walk, vocab)
+            logits = jnp.where(allowed_mask(constraint, ids, text_on, vocab), logits, -jnp.inf)
+        token, logprob = sample_token(logits, jax.random.fold_in(key, state.step), sampling)
+        token = jnp.where(state.done, sampling.pad_token_id, token)
+        logprob = jnp.where(state.done, 0.0, logprob)
+        if constraint is not None:
+            state = state._replace(
+                walk=advance(constraint, state.walk, token),
+                allowed=lax.dynamic_update_index_in_dim(state.allowed, ids, state.step, axis=1),
+                text_on=lax.dynamic_update_index_in_dim(state.text_on, text_on, state.step, axis=1))
+        return state._replace(
+            step=state.step + 1,
+            tokens=lax.dynamic_update_index_in_dim(state.tokens, token, state.step, axis=1),
+            logprobs=lax.dynamic_update_index_in_dim(state.logprobs, logprob, state.step, axis=1),
+            lengths=state.lengths + (~state.done).astype(jnp.int32),
+            done=state.done | jnp.isin(token, stop_ids))
+
+    def decode_and_emit(state: _LoopState) -> _LoopState:
+        last = lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)
+        logits, cache = step_fn(last, state.positions, state.cache)
+        return emit(state._replace(logits=logits, cache=cache, positions=state.positions + 1))
+
+    def keep_going(state: _LoopState) -> Array:
+        return (state.step < max_new) & ~jnp.all(state.done)
+
+    state = emit(_LoopState(
+        step=jnp.zeros((), jnp.int32),
+        logits=logits,
+        cache=cache,
+        positions=positions,
+        tokens=jnp.full((batch, max_new), sampling.pad_token_id, jnp.int32),
+        logprobs=jnp.zeros((batch, max_new), jnp.float32),
+        done=jnp.zeros((batch,), bool),
+        lengths=jnp.zeros((batch,), jnp.int32),
+        **({} if constraint is None else dict(
+            walk=constraint_start(constraint),
+            allowed=jnp.full((batch, max_new, 2 * constraint.alternatives.shape[1]), vocab, jnp.int32),
+            text_on=jnp.zeros((batch, max_new), bool)))))
+    state = lax.while_loop(keep_going, decode_and_emit, state)
+    return GenerationOutput(state.tokens, state.logprobs, state.lengths, state.allowed, state.text_on)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "sampling"))
 def generate(params: Params, config: Qwen2Config, prompt_tokens: Array,
              prompt_mask: Optional[Array], key: Array, sampling: SamplingConfig,
@@ -295,64 +368,22 @@ def generate(params: Params, config: Qwen2Config, prompt_tokens: Array,
     check_prompts(prompt_tokens, prompt_mask, key)
     batch, prompt_length = prompt_tokens.shape
     check_constraint(constraint, batch, config.vocab_size)
-    max_new = sampling.max_new_tokens
     if prompt_mask is None:
         prompt_mask = jnp.ones((batch, prompt_length), jnp.int32)
     prompt_mask = prompt_mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
     # The last generated token is never fed back, so the cache needs max_new - 1 extra slots.
-    cache = init_cache(config, batch, prompt_length + max_new - 1)
+    cache = init_cache(config, batch, prompt_length + sampling.max_new_tokens - 1)
     hidden, cache = forward(params, config, prompt_tokens, segment_ids=prompt_mask,
                             positions=positions, cache=cache)
-    stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
 
-    vocab = config.vocab_size
-
-    def emit(state: _LoopState) -> _LoopState:
-        logits = state.logits
-        if constraint is not None:
-            ids, text_on = allowed_tokens(constraint, state.walk, vocab)
-            logits = jnp.where(allowed_mask(constraint, ids, text_on, vocab), logits, -jnp.inf)
-        token, logprob = sample_token(logits, jax.random.fold_in(key, state.step), sampling)
-        token = jnp.where(state.done, sampling.pad_token_id, token)
-        logprob = jnp.where(state.done, 0.0, logprob)
-        if constraint is not None:
-            state = state._replace(
-                walk=advance(constraint, state.walk, token),
-                allowed=lax.dynamic_update_index_in_dim(state.allowed, ids, state.step, axis=1),
-                text_on=lax.dynamic_update_index_in_dim(state.text_on, text_on, state.step, axis=1))
-        return state._replace(
-            step=state.step + 1,
-            tokens=lax.dynamic_update_index_in_dim(state.tokens, token, state.step, axis=1),
-            logprobs=lax.dynamic_update_index_in_dim(state.logprobs, logprob, state.step, axis=1),
-            lengths=state.lengths + (~state.done).astype(jnp.int32),
-            done=state.done | jnp.isin(token, stop_ids))
-
-    def decode_and_emit(state: _LoopState) -> _LoopState:
-        last = lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)
+    def step(last: Array, positions: Array, cache: KVCache) -> tuple[Array, KVCache]:
         hidden, cache = forward(params, config, last, segment_ids=jnp.ones_like(last),
-                                positions=state.positions[:, None], cache=state.cache)
-        logits = lm_head(params, config, hidden[:, 0])
-        return emit(state._replace(logits=logits, cache=cache, positions=state.positions + 1))
+                                positions=positions[:, None], cache=cache)
+        return lm_head(params, config, hidden[:, 0]), cache
 
-    def keep_going(state: _LoopState) -> Array:
-        return (state.step < max_new) & ~jnp.all(state.done)
-
-    state = emit(_LoopState(
-        step=jnp.zeros((), jnp.int32),
-        logits=lm_head(params, config, hidden[:, -1]),
-        cache=cache,
-        positions=jnp.sum(prompt_mask, axis=1),
-        tokens=jnp.full((batch, max_new), sampling.pad_token_id, jnp.int32),
-        logprobs=jnp.zeros((batch, max_new), jnp.float32),
-        done=jnp.zeros((batch,), bool),
-        lengths=jnp.zeros((batch,), jnp.int32),
-        **({} if constraint is None else dict(
-            walk=constraint_start(constraint),
-            allowed=jnp.full((batch, max_new, 2 * constraint.alternatives.shape[1]), vocab, jnp.int32),
-            text_on=jnp.zeros((batch, max_new), bool)))))
-    state = lax.while_loop(keep_going, decode_and_emit, state)
-    return GenerationOutput(state.tokens, state.logprobs, state.lengths, state.allowed, state.text_on)
+    return decode(step, lm_head(params, config, hidden[:, -1]), cache,
+                  jnp.sum(prompt_mask, axis=1), key, sampling, constraint)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int, length_multiple: int = 64,

@@ -14,6 +14,10 @@ positions; config from HF ``config.json``, HF safetensors load/save.
                                           image_grid_thw)                        # [K, E]
     hidden, cache = qwen2_5_vl.forward(params, config, tokens, positions, image_features=features)
 
+Generation (a submodule, imported on its own: it builds on :mod:`hiper_jax.sampling`):
+:func:`hiper_jax.models.qwen2_5_vl.sampling.generate`, the jitted KV-cache sampler over prompts
+with images (patch counts bucketed so few programs compile).
+
 Not yet: video inputs (refused with :class:`UnsupportedInputError`), LoRA on this model.
 """
 
@@ -36,9 +40,11 @@ from hiper_jax.models.qwen2_5_vl.model import (
     text_positions,
 )
 from hiper_jax.models.qwen2_5_vl.vision import (
+    PatchLayout,
     VisionTransformer,
     as_grid,
     num_image_tokens,
+    patch_layout,
     patch_positions,
     split_features,
     vision_features,
@@ -46,10 +52,10 @@ from hiper_jax.models.qwen2_5_vl.vision import (
 )
 
 __all__ = [
-    "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "UnsupportedInputError",
-    "VisionConfig", "VisionTransformer", "as_grid", "as_module", "compute_logits",
-    "count_params", "forward", "init_params", "load_hf_checkpoint", "merge_image_features",
-    "module_params", "mrope_tables", "num_image_tokens", "param_shardings", "param_specs",
-    "patch_positions", "rope_index", "save_hf_checkpoint", "split_features", "text_positions",
-    "vision_features", "window_layout",
+    "PatchLayout", "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration",
+    "UnsupportedInputError", "VisionConfig", "VisionTransformer", "as_grid", "as_module",
+    "compute_logits", "count_params", "forward", "init_params", "load_hf_checkpoint",
+    "merge_image_features", "module_params", "mrope_tables", "num_image_tokens",
+    "param_shardings", "param_specs", "patch_layout", "patch_positions", "rope_index",
+    "save_hf_checkpoint", "split_features", "text_positions", "vision_features", "window_layout",
 ]

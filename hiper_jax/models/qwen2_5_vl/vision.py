@@ -5,9 +5,12 @@ Input is what HF's image processor gives: ``pixel_values [N, C*T*P*P]`` (one row
 patches of each image in block-major order over ``spatial_merge_size`` x ``spatial_merge_size``
 blocks) and ``image_grid_thw`` ``[num_images, 3]`` (temporal, height, width in patches).
 
-The grid is *host data*: the layout of the windows and the attention masks follow from it, so it
-is a static argument (a tuple of ``(t, h, w)`` tuples) and every distinct set of image sizes
-compiles once. Resize or pad images to a few fixed sizes to keep the number of programs small.
+The grid is *host data*: the layout of the windows and the attention masks follow from it. Two
+ways to run the tower: :func:`vision_features` takes the grid as a static argument (a tuple of
+``(t, h, w)`` tuples), so every distinct set of image sizes compiles once; or the layout is
+computed on the host as arrays (:func:`patch_layout`, optionally padded to a fixed patch count)
+and passed in (:meth:`VisionTransformer.run`), so every set of images with the same padded patch
+count shares one program (what the sampler does).
 
 Pipeline (``u = spatial_merge_size**2`` patches merge into one language-model token)::
 
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -211,18 +214,22 @@ class VisionTransformer(nnx.Module):
         self.merger = PatchMerger(config, rngs=rngs)
 
     def __call__(self, pixel_values: Array, grid: Grid) -> Array:
-        config = self.config
-        u = config.merge_unit
-        window_index, window_ids, frame_ids = window_layout(grid, config)
-        num_patches = len(window_ids)
-        if pixel_values.shape != (num_patches, config.patch_dim):
+        """``pixel_values [N, C*T*P*P]`` of the images of ``grid`` (static) -> ``[N/u, O]``."""
+        layout = patch_layout(grid, self.config)
+        if pixel_values.shape != (layout.order.shape[0], self.config.patch_dim):
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; the grid "
-                             f"{grid} needs {(num_patches, config.patch_dim)}")
-        order = (window_index[:, None] * u + np.arange(u)).reshape(-1)
+                             f"{grid} needs {(layout.order.shape[0], self.config.patch_dim)}")
+        return self.run(pixel_values, layout)
+
+    def run(self, pixel_values: Array, layout: "PatchLayout") -> Array:
+        """The tower over a precomputed layout: ``pixel_values [N, C*T*P*P]`` (padding patches
+        after the real ones) -> ``[N/u, O]``, the real images' features first, in grid order;
+        the rows of padding units are finite and meaningless."""
+        config = self.config
         dtype = jnp.dtype(config.compute_dtype)
-        x = self.patch_embed(pixel_values.astype(dtype))[order][None]
-        cos, sin = _rope_tables_2d(jnp.asarray(patch_positions(grid, config)[order]), config)
-        window_ids, frame_ids = jnp.asarray(window_ids), jnp.asarray(frame_ids)
+        x = self.patch_embed(pixel_values.astype(dtype))[layout.order][None]
+        cos, sin = _rope_tables_2d(jnp.asarray(layout.positions), config)
+        window_ids, frame_ids = jnp.asarray(layout.window_ids), jnp.asarray(layout.frame_ids)
         window_mask = (window_ids[:, None] == window_ids[None, :])[None]
         frame_mask = (frame_ids[:, None] == frame_ids[None, :])[None]
         full = jnp.asarray(np.isin(np.arange(config.depth), config.fullatt_block_indexes))
@@ -236,7 +243,53 @@ class VisionTransformer(nnx.Module):
 
         x, _ = lax.scan(step, x, (state, full))
         merged = self.merger(x[0])
-        return merged[np.argsort(window_index)]
+        return merged[layout.unit_index]
+
+
+class PatchLayout(NamedTuple):
+    """The grid-dependent inputs of :meth:`VisionTransformer.run`, all int32, window order
+    (``N`` patches, ``u`` patches per merge unit).
+
+    Attributes:
+        order: ``[N]`` the row of ``pixel_values`` at each position of the window order.
+        positions: ``[N, 2]`` (row, column) of each of those patches.
+        window_ids: ``[N]`` the attention window of each (windowed blocks attend within one).
+        frame_ids: ``[N]`` the frame (image, temporal slice) of each (full-attention blocks).
+        unit_index: ``[N/u]`` for each merge unit in grid order, its window-order position.
+
+    Padding patches have window and frame id -1 (they attend among themselves only, so every
+    real patch's result is unchanged) and position (0, 0); padding units come last.
+    """
+
+    order: Any
+    positions: Any
+    window_ids: Any
+    frame_ids: Any
+    unit_index: Any
+
+
+def patch_layout(grid: Grid, config: VisionConfig,
+                 num_patches: Optional[int] = None) -> PatchLayout:
+    """The :class:`PatchLayout` (numpy) of the images of ``grid``, padded to ``num_patches``
+    patches (default: no padding; a multiple of ``merge_unit`` at least the grid's count)."""
+    u = config.merge_unit
+    window_index, window_ids, frame_ids = window_layout(grid, config)
+    real = len(window_ids)
+    total = real if num_patches is None else int(num_patches)
+    if total < real or total % u:
+        raise ValueError(f"num_patches={total} must be a multiple of merge_unit={u} and at least "
+                         f"the grid's {real} patches")
+    pad = total - real
+    order = (window_index[:, None] * u + np.arange(u)).reshape(-1)
+    positions = patch_positions(grid, config)[order]
+    filler = np.full(pad, -1, np.int32)
+    return PatchLayout(
+        order=np.concatenate([order, np.arange(real, total)]).astype(np.int32),
+        positions=np.concatenate([positions, np.zeros((pad, 2), np.int32)]).astype(np.int32),
+        window_ids=np.concatenate([window_ids, filler]).astype(np.int32),
+        frame_ids=np.concatenate([frame_ids, filler]).astype(np.int32),
+        unit_index=np.concatenate([np.argsort(window_index),
+                                   np.arange(real // u, total // u)]).astype(np.int32))
 
 
 def num_image_tokens(grid: Grid, config: VisionConfig) -> tuple[int, ...]:
