@@ -15,6 +15,13 @@ tensor) in (1,1,1) (one device), (8,1,1), (2,4,1), (1,8,1), (2,2,2):
 
 Simulated devices share the host's cores, so throughput here compares meshes' overheads on one
 CPU, not accelerator speed; the (1,1,1) row is the baseline of the same run.
+
+``--sampling``: the sampler instead (``hiper_jax.sampling.generate`` on a per-host sampling
+mesh, weights from ``sampling_copy``'s layout, prompt rows over data x fsdp), compiled from
+abstract arrays on each host mesh, XLA's per-device memory analysis beside
+``memory_plan.sampling_terms``: arguments (the weights and prompts) against the plan's sampling
+weights, temporaries against its KV cache + prefill + logits + gathered weights.
+``--sampling-rows``, ``--prompt`` and ``--new-tokens`` set the call's shape.
 """
 
 from __future__ import annotations
@@ -186,6 +193,80 @@ def measure(name: str, shape, rows: int, length: int, run: bool) -> dict:
     return out
 
 
+SAMPLING_MESHES = ((1, 1, 1), (1, 1, 8), (1, 8, 1), (8, 1, 1), (2, 1, 4), (2, 2, 2))
+
+
+def model_shape(config):
+    from hiper_jax import memory_plan
+
+    return memory_plan.ModelShape.from_config(config, "model")
+
+
+def abstract_sampling_call(config, mesh, rows: int, prompt: int):
+    """The sampler's arguments as sharded ShapeDtypeStructs: the weights in the layout
+    ``sampling_copy`` gives them on ``mesh``, prompts with rows over data x fsdp."""
+    from hiper_jax import distributed
+    from hiper_jax.models import qwen2
+
+    dtype = jnp.dtype(config.compute_dtype)
+    params = jax.tree.map(lambda shape, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding),
+                          qwen2.param_shapes(config, stacked=False),
+                          qwen2.param_shardings(config, mesh, stacked=False),
+                          is_leaf=lambda x: isinstance(x, tuple))
+    shards = distributed.num_batch_shards(mesh)
+    sharding = distributed.batch_sharding(mesh) if rows % shards == 0 else NamedSharding(
+        mesh, jax.sharding.PartitionSpec())
+    prompts = jax.ShapeDtypeStruct((rows, prompt), jnp.int32, sharding=sharding)
+    return params, prompts
+
+
+def measure_sampling(name: str, shape, rows: int, prompt: int, new_tokens: int) -> dict:
+    """XLA's per-device memory of one compiled sampler call on the host mesh ``shape``, and the
+    plan's terms for it (``memory_plan.sampling_terms``)."""
+    from hiper_jax import distributed, memory_plan
+    from hiper_jax.sampling import SamplingConfig, generate
+
+    config = model_config(name)
+    devices = jax.devices()[:int(np.prod(shape))]
+    mesh = distributed.make_mesh(*shape, devices=devices)
+    params, prompts = abstract_sampling_call(config, mesh, rows, prompt)
+    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=(0,))
+    start = time.perf_counter()
+    with distributed.on_mesh(mesh):
+        compiled = generate.lower(params, config, prompts, prompts, jax.random.key(0),
+                                  sampling).compile()
+    compile_s = time.perf_counter() - start
+    analysis = compiled.memory_analysis()
+    shards = distributed.num_batch_shards(mesh)
+    rows_per_chip = rows // shards if rows % shards == 0 else rows  # else replicated
+    act = jnp.dtype(config.compute_dtype).itemsize
+    terms = memory_plan.sampling_terms(model_shape(config), tuple(shape), rows_per_chip, prompt,
+                                       new_tokens, act)
+    weights = terms.pop("sampling weights")
+    return {"model": name, "mesh": tuple(shape), "args_mib": analysis.argument_size_in_bytes / MIB,
+            "temp_mib": analysis.temp_size_in_bytes / MIB, "out_mib": analysis.output_size_in_bytes / MIB,
+            "plan_weights_mib": weights / MIB, "plan_temp_mib": sum(terms.values()) / MIB,
+            "terms_mib": {k: v / MIB for k, v in terms.items()}, "compile_s": compile_s}
+
+
+def main_sampling(args) -> None:
+    meshes = ([tuple(int(x) for x in m.split(",")) for m in args.meshes.split(";")]
+              if args.meshes_given else SAMPLING_MESHES)
+    print(f"{len(jax.devices())} {jax.devices()[0].platform} devices; one sampler call: "
+          f"{args.sampling_rows} rows x {args.prompt} prompt + {args.new_tokens} new tokens, float32")
+    head = (f"{'model':<6} {'mesh (d,f,t)':<13} {'args MiB/dev':>12} {'plan weights':>12} {'ratio':>6} "
+            f"{'temp MiB/dev':>12} {'plan temp':>10} {'ratio':>6} {'compile s':>9}  plan temp terms (MiB)")
+    print(head + "\n" + "-" * len(head))
+    for name in args.models.split(","):
+        for shape in meshes:
+            r = measure_sampling(name, shape, args.sampling_rows, args.prompt, args.new_tokens)
+            terms = ", ".join(f"{k} {v:.1f}" for k, v in r["terms_mib"].items() if v)
+            print(f"{name:<6} {str(shape):<13} {r['args_mib']:>12.1f} {r['plan_weights_mib']:>12.1f} "
+                  f"{r['plan_weights_mib'] / r['args_mib']:>6.2f} {r['temp_mib']:>12.1f} "
+                  f"{r['plan_temp_mib']:>10.1f} {r['plan_temp_mib'] / r['temp_mib']:>6.2f} "
+                  f"{r['compile_s']:>9.1f}  {terms}", flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,0.5b")
@@ -194,7 +275,16 @@ def main(argv=None) -> None:
     parser.add_argument("--meshes", default=";".join(",".join(map(str, m)) for m in MESHES),
                         help="mesh shapes data,fsdp,tensor separated by ';'")
     parser.add_argument("--no-steps", action="store_true", help="compile only (no timed steps)")
+    parser.add_argument("--sampling", action="store_true",
+                        help="the sampler's memory on host meshes instead of the PPO step")
+    parser.add_argument("--sampling-rows", type=int, default=16, help="--sampling: rows per call")
+    parser.add_argument("--prompt", type=int, default=256, help="--sampling: prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=64, help="--sampling: new tokens")
     args = parser.parse_args(argv)
+    args.meshes_given = any(a.startswith("--meshes") for a in (argv if argv is not None else sys.argv[1:]))
+    if args.sampling:
+        main_sampling(args)
+        return
     meshes = [tuple(int(x) for x in m.split(",")) for m in args.meshes.split(";")]
     print(f"{len(jax.devices())} {jax.devices()[0].platform} devices; mini-batch {args.rows} rows x "
           f"{args.length} tokens, micro-batches of {max(args.rows // 2, 1)} rows, remat")

@@ -16,6 +16,11 @@ logical axis rules of ``hiper_jax.models.sharding``):
   with its rows split over the batch axes (each process placing only its devices' shards),
   :func:`gather_to_all_hosts` brings results back whole, and jitted code runs inside
   :func:`on_mesh`, so the model's activation sharding hints apply.
+* :func:`host_sampling_mesh` builds a mesh over one host's devices for sampling (weights and
+  KV cache split over the host's chips, prompt rows over the rest), and
+  :func:`copy_to_host_mesh` lays the sampling copy of the (cross-host) training parameters out
+  on it, one host-mesh copy per host, without gathering the model onto one chip. Rollouts on it
+  never wait on another host.
 * :func:`sharded_estimator` runs an advantage estimator under ``jax.shard_map`` with the
   trajectories split over the batch axes and normalisation statistics reduced across devices
   (built once per estimator and mesh).
@@ -45,6 +50,7 @@ import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hiper_jax.mesh_shape import host_mesh_shape, resolve_mesh_shape  # noqa: F401 (re-exported)
 from hiper_jax.vocab import BATCH_AXES, MESH_AXES
 
 logger = logging.getLogger(__name__)
@@ -201,40 +207,6 @@ def initialize(
 
 # --------------------------------------------------------------------------------------------
 # Meshes
-
-
-def resolve_mesh_shape(
-    num_devices: int, data: int = -1, fsdp: int = 1, tensor: int = 1
-) -> tuple[int, int, int]:
-    """The ``(data, fsdp, tensor)`` sizes for ``num_devices``, with one ``-1`` filled in.
-
-    Raises ValueError naming the field when a size is not a positive int (or -1), when more
-    than one is -1, or when the sizes do not use exactly ``num_devices`` devices.
-    """
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    for name, size in sizes.items():
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (
-            size < 1 and size != -1
-        ):
-            raise ValueError(f"mesh.{name} must be a positive int or -1 (the rest), got {size!r}")
-    free = [name for name, size in sizes.items() if size == -1]
-    if len(free) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got -1 for {free}")
-    fixed = math.prod(size for size in sizes.values() if size != -1)
-    layout = " x ".join(f"{name}={size}" for name, size in sizes.items())
-    if free:
-        if num_devices % fixed:
-            raise ValueError(
-                f"mesh {layout}: the fixed axes use {fixed} devices, which does not divide the "
-                f"{num_devices} available devices, so mesh.{free[0]}=-1 cannot take the rest"
-            )
-        sizes[free[0]] = num_devices // fixed
-    elif fixed != num_devices:
-        raise ValueError(
-            f"mesh {layout} uses {fixed} devices but {num_devices} are available; change "
-            "mesh.data, mesh.fsdp or mesh.tensor, or set one of them to -1 (the rest)"
-        )
-    return int(sizes["data"]), int(sizes["fsdp"]), int(sizes["tensor"])
 
 
 def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
@@ -452,6 +424,103 @@ def local_copy(tree: Any, device: Optional[Any] = None) -> Any:
         return tree
     full = multihost_utils.process_allgather(tree, tiled=True)
     return jax.device_put(full, device or jax.local_devices()[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Per-host sampling meshes
+
+HOST_AXIS = "hosts"  # the leading axis of :func:`replica_mesh`: one entry per process
+
+
+def _process_devices() -> dict[int, list[Any]]:
+    """Every process's devices, in ``jax.devices()`` order."""
+    by_process: dict[int, list[Any]] = {}
+    for device in jax.devices():
+        by_process.setdefault(device.process_index, []).append(device)
+    return dict(sorted(by_process.items()))
+
+
+def _local_grid(shape: tuple[int, int, int], devices: Sequence[Any]) -> np.ndarray:
+    """One host's devices as a ``shape`` grid (topology-aware where the slice allows it)."""
+    try:
+        return device_grid(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        return np.asarray(devices, dtype=object).reshape(shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _host_grids(shape: tuple[int, int, int]) -> np.ndarray:
+    """``[processes, data, fsdp, tensor]``: every process's sampling-mesh grid (the same on
+    every process, so the cross-host copy of :func:`copy_to_host_mesh` agrees on it)."""
+    by_process = _process_devices()
+    counts = {p: len(d) for p, d in by_process.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"a per-host sampling mesh needs the same number of devices on every "
+                         f"process, got {counts} (process: devices)")
+    return np.stack([_local_grid(shape, devices) for devices in by_process.values()])
+
+
+def host_sampling_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *,
+                       kv_heads: Optional[int] = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over this process's devices only (``jax.local_devices()``),
+    for sampling: sizes as :func:`host_mesh_shape` resolves them over the host's devices
+    (``tensor=0``: the largest size dividing ``kv_heads``).
+
+    Jitted code on it never communicates with another host, so each host samples for its own
+    envs at its own pace. Weights are split over ``fsdp`` (hidden) and ``tensor`` (heads, MLP,
+    vocab) by the model's logical rules, prompt rows and the KV cache over ``data x fsdp``, KV
+    heads over ``tensor`` where it divides them (else the cache is replicated along it).
+    Every process must have the same number of devices.
+    """
+    local = jax.local_devices()
+    shape = host_mesh_shape(len(local), data, fsdp, tensor, kv_heads)
+    grid = _host_grids(shape)[list(_process_devices()).index(jax.process_index())]
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def replica_mesh(host_mesh: Mesh) -> Mesh:
+    """The global mesh ``(hosts, data, fsdp, tensor)`` whose ``hosts`` rows are every process's
+    :func:`host_sampling_mesh` of ``host_mesh``'s shape: an array replicated over ``hosts`` and
+    laid out as a spec over the other axes is one host-mesh copy per host."""
+    shape = tuple(int(host_mesh.shape[axis]) for axis in MESH_AXES)
+    grids = _host_grids(shape)
+    mine = grids[list(_process_devices()).index(jax.process_index())]
+    if [d.id for d in mine.flat] != [d.id for d in host_mesh.devices.flat]:
+        raise ValueError("the sampling mesh is not the one host_sampling_mesh builds for this "
+                         f"process (shape {shape}); build it with distributed.host_sampling_mesh")
+    return Mesh(grids, (HOST_AXIS,) + MESH_AXES,
+                axis_types=(jax.sharding.AxisType.Auto,) * (len(MESH_AXES) + 1))
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def copy_to_host_mesh(tree: Any, shardings: Any) -> Any:
+    """``tree`` on every host, laid out as ``shardings`` (a matching tree of NamedShardings on
+    this host's :func:`host_sampling_mesh`): e.g. the sampling copy of (cross-host) training
+    parameters.
+
+    One leaf at a time, device to device: the whole tree is never gathered onto one chip, and
+    where XLA cannot convert a leaf's layout directly it holds that one leaf whole on each
+    device for a moment (keep leaves small: one layer's weights, not a stack of them).
+    In one process the leaves (any placement) are moved onto the host mesh. With several
+    processes the call is collective (every process calls it with the same global arrays over
+    all devices): each leaf is laid out on :func:`replica_mesh`, replicated over hosts, and each
+    process keeps its own devices' shards as an array on its host mesh, which jitted code then
+    uses without touching another host.
+    """
+    if jax.process_count() == 1:
+        return jax.tree.map(jax.device_put, tree, shardings)
+
+    def local(x, sharding):
+        replicas = replica_mesh(sharding.mesh)
+        x = jax.jit(_identity, out_shardings=NamedSharding(replicas, sharding.spec))(x)
+        by_device = {shard.device: shard.data for shard in x.addressable_shards}
+        devices = sharding.addressable_devices_indices_map(x.shape)
+        return jax.make_array_from_single_device_arrays(x.shape, sharding, [by_device[d] for d in devices])
+
+    return jax.tree.map(local, tree, shardings)
 
 
 # --------------------------------------------------------------------------------------------

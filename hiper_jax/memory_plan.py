@@ -5,13 +5,15 @@ section (a test checks that the README shows exactly what this module computes).
 
 What is counted, per chip (bytes; ``P`` parameters of a tensor after sharding):
 
-* resident all run long: policy params (fp32 master, or bf16), a bf16 compute copy of the
-  policy for sampling, AdamW moments (2 x fp32), the frozen reference policy (bf16), and the
-  critic (its own backbone, value heads, fp32 params and AdamW moments) unless it shares the
-  policy backbone; with LoRA (``lora_rank``) the moments, gradients and the critic's own
-  weights are those of the adapters and heads only, and there is no reference copy;
-* rollout phase: the KV cache of every env's sequence (``prompt + response`` tokens, bf16), the
-  prefill working set, and the weights FSDP gathers at once;
+* resident all run long: policy params (fp32 master, or bf16), AdamW moments (2 x fp32), the
+  frozen reference policy (bf16), and the critic (its own backbone, value heads, fp32 params
+  and AdamW moments) unless it shares the policy backbone; with LoRA (``lora_rank``) the
+  moments, gradients and the critic's own weights are those of the adapters and heads only,
+  and there is no reference copy;
+* rollout phase, on the sampling mesh (:func:`sampling_terms`): the sampler's compute-dtype
+  copy of the policy (made for each rollout, freed before the update), the KV cache of one
+  generate call's rows (``prompt + response - 1`` slots), the prefill working set, the decode
+  logits, and the weights FSDP gathers at once;
 * update phase: gradients (policy and critic, in the params' dtype; with several micro-batches
   per step also their accumulator), AdamW's update tensors (run plans only), the activations of
   one micro-batch with per-layer rematerialisation, and the weights FSDP gathers at once.
@@ -19,8 +21,16 @@ What is counted, per chip (bytes; ``P`` parameters of a tensor after sharding):
 Peak = resident + max(rollout, update). Layout: weights and optimizer states are split over
 ``fsdp`` along their hidden (embed) dimension and over ``tensor`` along heads, KV heads, MLP
 width or vocab, as the model's sharding rules place them; a mesh axis that does not divide a
-dimension leaves the tensor whole along it. Batch rows (envs, update rows) are split over
-``data x fsdp``. Activation terms (bf16 unless stated):
+dimension leaves the tensor whole along it. Update rows are split over ``data x fsdp``.
+
+Sampling runs on a per-host mesh (``sampling.host_mesh``, ``TrainingSetup.sampling_mesh``):
+each host plays ``num_envs / hosts`` envs in two groups (the collector's pipelining), one
+generate call of ``ceil(envs / 2)`` rows at a time (rounded up to a multiple of the host mesh's
+``data x fsdp``, over which its rows and KV cache are split); the weights are split over the
+host mesh's ``fsdp`` and ``tensor``, the KV cache's KV heads over its ``tensor`` where it
+divides them. ``sampling_mesh=(1, 1, 1)`` is the whole copy on one chip (several processes
+with ``sampling.host_mesh`` off); None plans sampling on the training mesh itself (one host).
+Activation terms (bf16 unless stated):
 
 * remat checkpoints: the residual stream at every layer boundary, ``layers x tokens x hidden``;
 * one layer recomputed and differentiated: norm in/out, q/k/v, attention output, MLP gate/up/
@@ -35,8 +45,10 @@ Shapes come from a Qwen2 config (:meth:`ModelShape.from_config`: our ``Qwen2Conf
 ``transformers`` config or a HF ``config.json``) and the settings from a run's config
 (:meth:`TrainingSetup.from_run_config`, :func:`plan_for_run`): ``ppo.remat`` (without remat every
 layer's activations are kept), ``ppo.ref_dtype``, ``ppo.logits_chunk_tokens`` and
-``model.compute_dtype`` (activations, compute copy, gathered weights; bf16 in the defaults here).
-``benchmarks/bench_mesh.py`` compares the update terms with XLA's memory analysis.
+``model.compute_dtype`` (activations, compute copy, gathered weights; bf16 in the defaults here),
+``sampling.host_mesh`` and ``sampling.mesh``. ``benchmarks/bench_mesh.py`` compares the update
+terms and the sampling terms with XLA's memory analysis of the compiled PPO step and of the
+compiled sampler.
 
 Not counted: XLA temporaries beyond these, fragmentation, collective buffers; the ``reserve``
 of :meth:`MemoryPlan.fits` (10% of HBM by default) stands for them.
@@ -47,6 +59,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -217,9 +230,17 @@ class TrainingSetup:
       num_envs: rollout rows (one per env) of a rollout batch.
       prompt_tokens, response_tokens: the longest prompt and response (KV cache length).
       update_rows_per_chip: sequences of ``prompt + response`` tokens per chip per micro-step.
-      prefill_rows_per_chip: rows prefilled at once per chip (None: all the chip's envs).
+      prefill_rows_per_chip: rows prefilled at once per chip (None: all the rows of the chip's
+        generate call, which is what the sampler does; smaller values are what-ifs for a
+        chunked prefill, which is not built).
       fp32_master: float32 master params and grads (else bf16 params and grads).
-      bf16_compute_copy: keep a bf16 copy of the policy for sampling.
+      sampling_mesh: the ``(data, fsdp, tensor)`` mesh over one host's chips that samples
+        (``sampling.host_mesh``); its size sets the hosts (the training mesh's chips / its
+        chips), each playing ``num_envs / hosts`` envs. None: the training mesh, one host.
+      hosts: the hosts (processes) the envs are split over; 0: the training mesh's chips / the
+        sampling mesh's (e.g. ``sampling_mesh=(1, 1, 1), hosts=2``: a whole copy on the first
+        chip of each of two hosts).
+      rollout_groups: the collector's env groups; one group's rows are generated at a time.
       reference_policy: keep a frozen bf16 reference policy (KL penalty).
       separate_critic: the critic has its own backbone (else value heads on the policy).
       attention: "naive" (float32 probabilities materialised) or "flash" (none kept).
@@ -247,7 +268,9 @@ class TrainingSetup:
     update_rows_per_chip: int = 1
     prefill_rows_per_chip: Optional[int] = None
     fp32_master: bool = True
-    bf16_compute_copy: bool = True
+    sampling_mesh: Optional[tuple[int, int, int]] = None
+    hosts: int = 0
+    rollout_groups: int = 2
     reference_policy: bool = True
     separate_critic: bool = True
     attention: str = "naive"
@@ -260,16 +283,19 @@ class TrainingSetup:
     optimizer_temporaries: bool = False
 
     @classmethod
-    def from_run_config(cls, config: Any, batch_shards: int = 1) -> "TrainingSetup":
+    def from_run_config(cls, config: Any, batch_shards: int = 1,
+                        sampling_mesh: Optional[tuple[int, int, int]] = None) -> "TrainingSetup":
         """What a trainer run keeps, from its ``ml_collections`` config (``hiper_jax.train.config``
-        fields) on a mesh with ``batch_shards`` (data x fsdp) row shards."""
+        fields) on a mesh with ``batch_shards`` (data x fsdp) row shards, sampling on
+        ``sampling_mesh`` (see :func:`plan_for_run`)."""
         micro_rows = config.ppo.micro_batch_rows
         rows_per_chip = max(micro_rows // batch_shards, 1)
         return cls(
             num_envs=config.env.num_envs, prompt_tokens=config.prompt.max_prompt_tokens,
             response_tokens=config.sampling.max_new_tokens, update_rows_per_chip=rows_per_chip,
             fp32_master=config.model.param_dtype == "float32",
-            bf16_compute_copy=True, reference_policy=not config.model.lora_rank,
+            sampling_mesh=None if sampling_mesh is None else tuple(sampling_mesh),
+            reference_policy=not config.model.lora_rank,
             separate_critic=config.model.critic == "separate",
             logits_chunk_tokens=rows_per_chip * config.ppo.logits_chunk_tokens,
             lora_rank=config.model.lora_rank, remat=config.ppo.remat == "layer",
@@ -282,6 +308,14 @@ class TrainingSetup:
             raise ValueError(f"attention must be 'naive' or 'flash', got {self.attention!r}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
+        if self.hosts < 0:
+            raise ValueError(f"hosts must be >= 0 (0: inferred), got {self.hosts}")
+        if self.rollout_groups < 1:
+            raise ValueError(f"rollout_groups must be >= 1, got {self.rollout_groups}")
+        if self.sampling_mesh is not None and (
+                len(self.sampling_mesh) != 3 or min(self.sampling_mesh) < 1):
+            raise ValueError(f"sampling_mesh must be three positive sizes (data, fsdp, tensor), "
+                             f"got {self.sampling_mesh}")
 
     @property
     def sequence_tokens(self) -> int:
@@ -336,6 +370,19 @@ def _gathered_weight_bytes(model: ModelShape, fsdp: int, tensor: int, dtype_byte
     return (2 * per_layer + vocab) * dtype_bytes
 
 
+def _prefill_bytes(model: ModelShape, rows: int, prompt: int, slots: int, tensor: int,
+                   dtype_bytes: int, setup: "TrainingSetup") -> float:
+    """The peak of one layer's prefill: its attention phase or its MLP phase (see
+    :func:`sampling_terms`)."""
+    tokens = rows * prompt
+    d = model.head_dim
+    q, kv = _divide(model.heads, tensor) * d, _divide(model.kv_heads, tensor) * d
+    attention = (tokens * (2 * model.hidden + q + 2 * kv) * dtype_bytes
+                 + 2 * _attention_bytes(model, rows, prompt, slots, tensor, setup))
+    mlp = tokens * (2 * model.hidden + 3 * _divide(model.intermediate, tensor)) * dtype_bytes
+    return max(attention, mlp)
+
+
 def _attention_bytes(model: ModelShape, rows: int, query: int, keys: int, tensor: int,
                      setup: TrainingSetup) -> float:
     if setup.attention == "flash":
@@ -364,26 +411,23 @@ def memory_plan(model: ModelShape, data: int, fsdp: int, tensor: int,
     resident = {"policy params": policy * param_bytes}
     if setup.lora_rank:
         resident["policy LoRA adapters"] = trainable * param_bytes
-    if setup.bf16_compute_copy and (setup.fp32_master or setup.lora_rank):
-        resident["policy bf16 copy"] = policy * setup.activation_bytes
     resident["policy AdamW"] = trainable * 2 * FP32
     if setup.reference_policy and not setup.lora_rank:
         resident["reference policy"] = policy * setup.reference_bytes
     resident["critic params + AdamW"] = critic * (param_bytes + 2 * FP32)
 
-    envs_per_chip = setup.num_envs // batch_shards
-    prefill_rows = setup.prefill_rows_per_chip or envs_per_chip
-    prompt = setup.prompt_tokens
     act = setup.activation_bytes
     gathered = _gathered_weight_bytes(model, fsdp, tensor, act)
-    rollout = {
-        "KV cache": (envs_per_chip * setup.sequence_tokens * 2 * model.layers
-                     * _divide(model.kv_heads, tensor) * model.head_dim * act),
-        "prefill activations": (
-            _layer_activation_bytes(model, prefill_rows * prompt, tensor, act)
-            + _attention_bytes(model, prefill_rows, prompt, prompt, tensor, setup)),
-        "FSDP-gathered weights": gathered,
-    }
+    sampling_mesh = setup.sampling_mesh or (data, fsdp, tensor)
+    chips, host_chips = data * fsdp * tensor, math.prod(sampling_mesh)
+    hosts = setup.hosts or chips // host_chips
+    if chips % host_chips or chips % hosts or host_chips > chips // hosts:
+        raise ValueError(f"the sampling mesh {sampling_mesh} ({host_chips} chips) must fit one of "
+                         f"the {hosts} hosts of the training mesh's {chips} chips")
+    rows = sampling_rows_per_chip(setup.num_envs, hosts, sampling_mesh, setup.rollout_groups)
+    rollout = sampling_terms(model, sampling_mesh, rows, setup.prompt_tokens,
+                             setup.response_tokens, act, setup.attention,
+                             setup.prefill_rows_per_chip)
 
     rows = setup.update_rows_per_chip
     seq = setup.sequence_tokens
@@ -408,13 +452,81 @@ def memory_plan(model: ModelShape, data: int, fsdp: int, tensor: int,
     return MemoryPlan(resident=resident, rollout=rollout, update=update)
 
 
-def plan_for_run(config: Any, model: Any, mesh_shape: tuple[int, int, int]) -> MemoryPlan:
+def sampling_rows_per_chip(num_envs: int, hosts: int, sampling_mesh: tuple[int, int, int],
+                           groups: int = 2) -> int:
+    """Rows of one generate call on one chip: each of ``hosts`` plays ``ceil(num_envs /
+    hosts)`` envs in ``groups`` groups (fewer when it has fewer envs), one group per call,
+    padded to a multiple of the host mesh's ``data x fsdp`` row shards (as the trainer's
+    policy pads them) and split over them."""
+    envs = math.ceil(num_envs / hosts)
+    rows = math.ceil(envs / max(1, min(groups, envs)))
+    return math.ceil(rows / (sampling_mesh[0] * sampling_mesh[1]))
+
+
+def sampling_terms(model: ModelShape, mesh: tuple[int, int, int], rows_per_chip: int,
+                   prompt_tokens: int, new_tokens: int, act_bytes: int = BF16,
+                   attention: str = "naive", prefill_rows_per_chip: Optional[int] = None
+                   ) -> dict[str, float]:
+    """Per-chip bytes of one call of the sampler (:func:`hiper_jax.sampling.generate`) on the
+    sampling mesh ``(data, fsdp, tensor)``, ``rows_per_chip`` rows of ``prompt_tokens`` prompt
+    (left-padded) and ``new_tokens`` new tokens, in ``act_bytes`` (the compute dtype):
+
+    * sampling weights: the unstacked compute-dtype copy, split over ``fsdp`` and ``tensor``;
+    * KV cache: ``rows x (prompt + new - 1)`` slots of every layer's K and V, KV heads split
+      over ``tensor`` where it divides them; and "KV cache copy", as much again: XLA keeps the
+      cache the prefill fills beside the decode loop's copy (seen on one device; on some
+      sharded meshes it updates in place, and then this overstates);
+    * prefill activations: the larger of a layer's two phases over the prompt tokens, attention
+      (residual, normed input, q, k, v and, with plain attention, the float32 scores and their
+      softmax, ``rows x heads x prompt x slots`` each) and MLP (residual, normed input, gate,
+      up and their product);
+    * logits: four float32 ``rows x vocab`` buffers of a decode step (logits, log-probs, the
+      sampling noise and its random bits; vocab over tensor);
+    * FSDP-gathered weights, when ``fsdp > 1``: twice the whole model split over ``tensor``
+      only. The sampler's layers are unrolled and its decode loop reads every weight each step,
+      so XLA gathers all layers at once, for the prefill and (hoisted out of the loop) for
+      decoding: ``fsdp`` on a sampling mesh costs memory instead of saving it (use ``tensor``
+      and ``data``).
+    """
+    _, fsdp, tensor = mesh
+    slots = prompt_tokens + new_tokens - 1
+    prefill_rows = prefill_rows_per_chip or rows_per_chip
+    setup = TrainingSetup(attention=attention)
+    kv = (rows_per_chip * slots * 2 * model.layers * _divide(model.kv_heads, tensor)
+          * model.head_dim * act_bytes)
+    gathered = 2 * _sharded_params(model.tensors(), 1, tensor) * act_bytes if fsdp > 1 else 0.0
+    return {
+        "sampling weights": _sharded_params(model.tensors(), fsdp, tensor) * act_bytes,
+        "KV cache": kv,
+        "KV cache copy": kv,
+        "prefill activations": _prefill_bytes(model, prefill_rows, prompt_tokens, slots, tensor,
+                                              act_bytes, setup),
+        "logits": 4 * rows_per_chip * _divide(model.vocab, tensor) * FP32,
+        "FSDP-gathered weights": gathered,
+    }
+
+
+def plan_for_run(config: Any, model: Any, mesh_shape: tuple[int, int, int],
+                 hosts: int = 1) -> MemoryPlan:
     """The per-chip plan of a trainer run: ``config`` its ``ml_collections`` config, ``model``
     a Qwen2 config (:class:`~hiper_jax.models.qwen2.Qwen2Config`, HF config or
-    ``config.json`` dict) or a :class:`ModelShape`, ``mesh_shape`` ``(data, fsdp, tensor)``."""
+    ``config.json`` dict) or a :class:`ModelShape`, ``mesh_shape`` ``(data, fsdp, tensor)``
+    over ``hosts`` hosts (processes) with equal chips. Sampling: with ``sampling.host_mesh`` on
+    ``sampling.mesh`` resolved over one host's chips; otherwise on the training mesh (one
+    host) or, with several hosts, whole on each host's first chip."""
+    from hiper_jax.mesh_shape import host_mesh_shape
+
     shape = model if isinstance(model, ModelShape) else ModelShape.from_config(model)
     data, fsdp, tensor = mesh_shape
-    return memory_plan(shape, data, fsdp, tensor, TrainingSetup.from_run_config(config, data * fsdp))
+    chips = data * fsdp * tensor
+    if hosts < 1 or chips % hosts:
+        raise ValueError(f"hosts={hosts} must divide the mesh's {chips} chips")
+    if config.sampling.host_mesh:
+        sampling = host_mesh_shape(chips // hosts, **dict(config.sampling.mesh), kv_heads=shape.kv_heads)
+    else:
+        sampling = None if hosts == 1 else (1, 1, 1)
+    setup = TrainingSetup.from_run_config(config, data * fsdp, sampling)
+    return memory_plan(shape, data, fsdp, tensor, dataclasses.replace(setup, hosts=hosts))
 
 
 def trainable_params(model: ModelShape, setup: TrainingSetup = TrainingSetup()) -> dict[str, int]:
@@ -429,9 +541,12 @@ def trainable_params(model: ModelShape, setup: TrainingSetup = TrainingSetup()) 
     return {"policy": model.param_count, "critic": critic}
 
 
-_LORA_7B = {"lora_rank": 16, "fp32_master": False, "prefill_rows_per_chip": 4}
+_LORA_7B = {"lora_rank": 16, "fp32_master": False, "num_envs": 64}
+_FIRST_CHIP = {"sampling_mesh": (1, 1, 1)}  # sampling.host_mesh=False on several hosts
 
-# README tables: (model, accelerator, mesh (data, fsdp, tensor), setup changes, note).
+# README tables: (model, accelerator, mesh (data, fsdp, tensor), setup changes, note). Sampling
+# runs on each host's chips with the published configs' sampling.mesh (tensor=0: as many as
+# divide the KV heads, data the rest) unless the changes say otherwise.
 README_PLANS = (
     ("1.5b", "v4-8", (1, 4, 1), {}, ""),
     ("1.5b", "v5litepod-8", (1, 8, 1), {}, ""),
@@ -439,10 +554,22 @@ README_PLANS = (
     ("7b", "v4-8", (1, 4, 1), {}, "too small"),
     ("7b", "v4-32", (1, 16, 1), {}, ""),
     ("7b", "v5litepod-32", (1, 32, 1), {"logits_chunk_tokens": 512}, "chunked logits"),
+    ("7b", "v5litepod-32", (1, 32, 1), dict(_FIRST_CHIP, logits_chunk_tokens=512),
+     "each host samples on its first chip"),
     ("7b", "v5p-16", (1, 8, 1), {}, "recommended"),
-    ("7b", "v4-8", (1, 4, 1), _LORA_7B, "LoRA r=16, bf16 weights, prefill 4 rows"),
-    ("7b", "v5litepod-8", (1, 8, 1), _LORA_7B, "LoRA r=16, bf16 weights, prefill 4 rows"),
+    ("7b", "v4-8", (1, 4, 1), _LORA_7B, "LoRA r=16, bf16 weights, 64 envs"),
+    ("7b", "v5litepod-8", (1, 8, 1), _LORA_7B, "LoRA r=16, bf16 weights, 64 envs"),
 )
+
+
+def host_sampling_setup(model: ModelShape, accelerator: Accelerator, **changes) -> TrainingSetup:
+    """The setup of a run on ``accelerator`` that samples on each host's chips with the
+    published ``sampling.mesh`` (``data=-1, fsdp=1, tensor=0``), plus ``changes``."""
+    from hiper_jax.mesh_shape import host_mesh_shape
+
+    host_chips = accelerator.chips // accelerator.hosts
+    mesh = host_mesh_shape(host_chips, data=-1, fsdp=1, tensor=0, kv_heads=model.kv_heads)
+    return TrainingSetup(**{"sampling_mesh": mesh, "hosts": accelerator.hosts, **changes})
 
 
 def _gib(x: float) -> str:
@@ -451,18 +578,20 @@ def _gib(x: float) -> str:
 
 def readme_table() -> str:
     """The per-chip memory table of the README (Markdown), computed."""
-    header = ("| model | slice | mesh (data, fsdp, tensor) | resident | rollout (of which KV) | "
-              "update | peak | HBM | fits |")
-    lines = [header, "|---|---|---|--:|--:|--:|--:|--:|---|"]
+    header = ("| model | slice | mesh (data, fsdp, tensor) | sampling mesh per host | resident | "
+              "rollout (of which weights, KV) | update | peak | HBM | fits |")
+    lines = [header, "|---|---|---|---|--:|--:|--:|--:|--:|---|"]
     for key, accel_name, (data, fsdp, tensor), changes, note in README_PLANS:
         accel = ACCELERATORS[accel_name]
-        plan = memory_plan(QWEN2_5[key], data, fsdp, tensor, TrainingSetup(**changes))
+        setup = host_sampling_setup(QWEN2_5[key], accel, **changes)
+        plan = memory_plan(QWEN2_5[key], data, fsdp, tensor, setup)
         fits = "yes" if plan.fits(accel.hbm_gib) else "no"
         lines.append(
-            f"| {QWEN2_5[key].name} | {accel_name} ({accel.chips} chips) | "
-            f"({data}, {fsdp}, {tensor}) | {_gib(sum(plan.resident.values()))} | "
-            f"{_gib(sum(plan.rollout.values()))} ({_gib(plan.rollout['KV cache'])}) | "
-            f"{_gib(sum(plan.update.values()))} | "
+            f"| {QWEN2_5[key].name} | {accel_name} ({accel.chips} chips, {accel.hosts} "
+            f"host{'s' if accel.hosts > 1 else ''}) | ({data}, {fsdp}, {tensor}) | "
+            f"{tuple(setup.sampling_mesh)} | {_gib(sum(plan.resident.values()))} | "
+            f"{_gib(sum(plan.rollout.values()))} ({_gib(plan.rollout['sampling weights'])}, "
+            f"{_gib(plan.rollout['KV cache'])}) | {_gib(sum(plan.update.values()))} | "
             f"{_gib(plan.peak_bytes)} | {accel.hbm_gib:g} | {fits}"
             + (f" ({note})" if note else "") + " |")
     return "\n".join(lines)
@@ -472,8 +601,11 @@ def breakdown(model: ModelShape, data: int, fsdp: int, tensor: int,
               setup: TrainingSetup = TrainingSetup()) -> str:
     """Every term of :func:`memory_plan` in GiB per chip, one per line."""
     plan = memory_plan(model, data, fsdp, tensor, setup)
+    sampling = setup.sampling_mesh or (data, fsdp, tensor)
+    hosts = setup.hosts or (data * fsdp * tensor) // math.prod(sampling)
     lines = [f"{model.name} ({model.param_count / 1e9:.2f}B params), mesh (data={data}, "
-             f"fsdp={fsdp}, tensor={tensor}), GiB per chip:"]
+             f"fsdp={fsdp}, tensor={tensor}), sampling mesh {tuple(sampling)} on each of {hosts} "
+             f"host{'s' if hosts > 1 else ''}, GiB per chip:"]
     for phase in ("resident", "rollout", "update"):
         for name, value in getattr(plan, phase).items():
             lines.append(f"  {phase:8s} {name:24s} {_gib(value):>7s}")
@@ -481,18 +613,33 @@ def breakdown(model: ModelShape, data: int, fsdp: int, tensor: int,
     return "\n".join(lines)
 
 
+README_BREAKDOWN = ("7b", "v5p-16", (1, 8, 1))
+
+
+def readme_breakdown() -> str:
+    """The README's breakdown: Qwen2.5-7B on the recommended v5p-16."""
+    key, accel, mesh = README_BREAKDOWN
+    return breakdown(QWEN2_5[key], *mesh, host_sampling_setup(QWEN2_5[key], ACCELERATORS[accel]))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(QWEN2_5), help="print one model's breakdown")
     parser.add_argument("--mesh", type=int, nargs=3, metavar=("DATA", "FSDP", "TENSOR"),
                         default=(1, 8, 1))
+    parser.add_argument("--sampling-mesh", type=int, nargs=3, metavar=("DATA", "FSDP", "TENSOR"),
+                        help="--model: the per-host sampling mesh (default: the training mesh)")
+    parser.add_argument("--hosts", type=int, default=0,
+                        help="--model: hosts the chips are on (default: chips / sampling mesh)")
     args = parser.parse_args(argv)
     if args.model:
-        print(breakdown(QWEN2_5[args.model], *args.mesh))
+        setup = TrainingSetup(sampling_mesh=tuple(args.sampling_mesh) if args.sampling_mesh else None,
+                              hosts=args.hosts)
+        print(breakdown(QWEN2_5[args.model], *args.mesh, setup))
     else:
         print(readme_table())
         print()
-        print(breakdown(QWEN2_5["7b"], 1, 8, 1))
+        print(readme_breakdown())
 
 
 if __name__ == "__main__":

@@ -22,6 +22,19 @@ back in the output (``allowed``, ``text_on``) so the learner can rebuild that di
 The loop itself (:func:`decode`) takes the model as a decode-step function, so other models'
 samplers (:mod:`hiper_jax.models.qwen2_5_vl.sampling`) run the same loop after their own
 prefill.
+
+Sharded sampling: :func:`sampling_copy` lays the sampler's weights (unstacked, in the compute
+dtype) out on a mesh, e.g. one host's :func:`hiper_jax.distributed.host_sampling_mesh`, by the
+model's logical axis rules; prompts go on it with :func:`hiper_jax.distributed.place_rows`
+(rows over ``data x fsdp`` when they divide), and ``generate`` called under
+:func:`hiper_jax.distributed.on_mesh` keeps its activations and KV cache on the rules' layout
+(batch over ``data x fsdp``, heads and KV heads over ``tensor`` where it divides them)::
+
+    mesh = distributed.host_sampling_mesh(data=1, fsdp=1, tensor=-1)
+    params = sampling_copy(train_params, config, mesh, jnp.bfloat16)
+    tokens, mask = distributed.place_rows(pad_prompts(prompts, pad), mesh)
+    with distributed.on_mesh(mesh):
+        out = generate(params, config, tokens, mask, key, sampling)
 """
 
 from __future__ import annotations
@@ -36,7 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from hiper_jax import distributed
 from hiper_jax.agent.grammar import PAD, WILD
+from hiper_jax.models import qwen2
 from hiper_jax.models.qwen2 import KVCache, Params, Qwen2Config, forward, init_cache, lm_head
 from hiper_jax.shapes import check_rank, check_same_shape, check_shape, check_type
 
@@ -384,6 +399,58 @@ def generate(params: Params, config: Qwen2Config, prompt_tokens: Array,
 
     return decode(step, lm_head(params, config, hidden[:, -1]), cache,
                   jnp.sum(prompt_mask, axis=1), key, sampling, constraint)
+
+
+def sampling_copy(params: Params, config: Qwen2Config, mesh, dtype=None) -> Params:
+    """The sampler's copy of ``params`` on ``mesh``: unstacked layers (see
+    :func:`hiper_jax.models.qwen2.unstack_layers`), cast to ``dtype`` (None: kept), each
+    parameter laid out by the model's logical axis rules on ``mesh`` (``embed`` over ``fsdp``;
+    heads, KV heads, MLP width and vocab over ``tensor``; an axis that does not divide a
+    dimension leaves it whole).
+
+    ``params`` stacked or unstacked, without LoRA adapters (merge them first:
+    :func:`hiper_jax.models.qwen2.lora.merge_lora`); in one process any placement, across
+    processes global arrays over all devices with ``mesh`` from
+    :func:`hiper_jax.distributed.host_sampling_mesh` (then the call is collective and every
+    host gets its own copy on its own devices). Made one layer at a time: each layer is cut
+    out and cast where ``params`` lie, then moved (:func:`hiper_jax.distributed.copy_to_host_mesh`),
+    so besides the copy only one layer's cast weights exist at once.
+    """
+    if qwen2.has_adapters(params):
+        raise ValueError("sampling_copy takes weights without LoRA adapters; merge them first "
+                         "(qwen2.lora.merge_lora)")
+    config = qwen2.tree_config(params, config)
+    shardings = qwen2.param_shardings(config, mesh, stacked=False)
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    stacked = not isinstance(params["layers"], (list, tuple))
+    num_layers = len(jax.tree.leaves(params["layers"])[0]) if stacked else len(params["layers"])
+    rest = {name: value for name, value in params.items() if name != "layers"}
+    layer_shardings = shardings["layers"]
+    given = jax.tree.structure(dict(rest, layers=[0] * num_layers))
+    expected = jax.tree.structure(dict({k: v for k, v in shardings.items() if k != "layers"},
+                                       layers=[0] * len(layer_shardings)))
+    shape = jax.eval_shape(_cut_layer, params["layers"], 0, dtype) if stacked else params["layers"][0]
+    if given != expected or jax.tree.structure(shape) != jax.tree.structure(layer_shardings[0]):
+        raise ValueError(f"the parameter tree does not match the model's: {given} vs {expected}")
+    copy = distributed.copy_to_host_mesh(_cast(rest, dtype), {k: shardings[k] for k in rest})
+    layers = []
+    for index in range(num_layers):
+        layer = _cut_layer(params["layers"], index, dtype) if stacked else _cast(params["layers"][index], dtype)
+        layers.append(distributed.copy_to_host_mesh(layer, layer_shardings[index]))
+        del layer
+    return dict(copy, layers=layers)
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _cast(tree, dtype):
+    return jax.tree.map(lambda x: x if dtype is None else x.astype(dtype), tree)
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _cut_layer(stack, index, dtype):
+    """Layer ``index`` (traced: one program for every layer) of stacked weights, cast."""
+    return jax.tree.map(lambda x: (lambda y: y if dtype is None else y.astype(dtype))(
+        lax.dynamic_index_in_dim(x, index, axis=0, keepdims=False)), stack)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int, length_multiple: int = 64,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ from hiper_jax.memory_plan import (
     QWEN2_5,
     ModelShape,
     TrainingSetup,
-    breakdown,
     memory_plan,
+    plan_for_run,
+    readme_breakdown,
     readme_table,
 )
 
@@ -54,21 +56,26 @@ def test_plan_by_hand():
     plan = memory_plan(TINY, data=1, fsdp=2, tensor=1, setup=setup)
     assert plan.resident == {
         "policy params": 756 * 4,
-        "policy bf16 copy": 756 * 2,
         "policy AdamW": 756 * 8,
         "reference policy": 756 * 2,
         "critic params + AdamW": 771 * 12,
     }
+    # Sampling on the training mesh (one host): 4 envs in 2 groups, a call of 2 rows split over
+    # fsdp = 1 row per chip, 6 + 2 - 1 = 7 cache slots.
+    kv = 1 * 7 * 2 * 2 * 1 * 4 * 2  # rows x slots x (K, V) x layers x kv heads x head dim x 2B
+    assert plan.rollout == {
+        "sampling weights": 756 * 2,
+        "KV cache": kv,
+        "KV cache copy": kv,
+        # Attention phase (larger than the MLP's 6 x (16 + 48) x 2): 6 tokens x (2 hidden + q 8 +
+        # k, v 8) x 2B, plus fp32 scores and softmax: 2 x rows x heads x 6 x 7 x 4.
+        "prefill activations": 6 * 32 * 2 + 2 * (1 * 2 * 6 * 7 * 4),
+        "logits": 4 * 1 * 32 * 4,
+        "FSDP-gathered weights": 2 * 1480 * 2,  # the whole bf16 model, twice
+    }
     # One layer's activations per token: 2 hidden + 2 q (8) + 2 kv (4) + 3 mlp (16) = 88.
     # FSDP gathers two layers of (1216 / 2) params and the 8 x 32 vocab projection, in bf16.
     gathered = (2 * 608 + 256) * 2
-    assert plan.rollout == {
-        # envs per chip x tokens x (K, V) x layers x kv heads x head dim x 2 bytes
-        "KV cache": 2 * 8 * 2 * 2 * 1 * 4 * 2,
-        "prefill activations": 2 * 6 * 88 * 2      # 2 rows x 6 prompt tokens
-                               + 2 * 2 * 6 * 6 * 4,  # + fp32 scores: rows x heads x 6 x 6
-        "FSDP-gathered weights": gathered,
-    }
     assert plan.update == {
         "grads": (756 + 771) * 4,
         "remat checkpoints": 2 * 8 * 8 * 2,         # layers x tokens x hidden x 2B
@@ -77,17 +84,66 @@ def test_plan_by_hand():
         "logits": 2 * 8 * 32 * 4,
         "FSDP-gathered weights": gathered,
     }
-    assert plan.peak_bytes == 21_348 + 15_196
-    assert plan.fits(hbm_gib=36_544 / 0.9 / GIB)
-    assert not plan.fits(hbm_gib=36_543 / 0.9 / GIB)
+    assert sum(plan.rollout.values()) == 9448 and sum(plan.update.values()) == 15_196
+    assert plan.peak_bytes == 19_836 + 15_196
+    assert plan.fits(hbm_gib=35_032 / 0.9 / GIB)
+    assert not plan.fits(hbm_gib=35_031 / 0.9 / GIB)
+
+
+def test_sampling_on_a_host_mesh_by_hand():
+    """TINY trained on (1, 8, 1) over 2 hosts of 4 chips; 16 envs -> 8 per host, 4 rows a call.
+
+    Host mesh (1, 1, 4): weights split over tensor where it divides (embed 256 -> 64: vocab 32
+    / 4; q 128 + 16 -> 36: 2 heads stay whole; ...), rows whole on every chip. (2, 1, 2): rows
+    split over data (2 per chip), heads over 2. (1, 1, 1) on 2 hosts: the earlier first-chip
+    copy, the whole model and 4 rows on one chip.
+    """
+    setup = TrainingSetup(num_envs=16, prompt_tokens=6, response_tokens=2, sampling_mesh=(1, 1, 4))
+    plan = memory_plan(TINY, data=1, fsdp=8, tensor=1, setup=setup)
+    # embed and mlp split 4 ways; q/k/v/o (2 and 1 heads) and norms whole.
+    weights = (256 + 768) / 4 + 128 + 16 + 128 + 16 + 128 + 32 + 8
+    assert plan.rollout["sampling weights"] == weights * 2
+    assert plan.rollout["KV cache"] == 4 * 7 * 2 * 2 * 1 * 4 * 2  # 1 KV head: not split
+    assert plan.rollout["logits"] == 4 * 4 * 8 * 4  # vocab 32 / 4
+    assert plan.rollout["FSDP-gathered weights"] == 0
+    assert plan.resident == memory_plan(TINY, 1, 8, 1, dataclasses.replace(setup, sampling_mesh=None)).resident
+
+    split = memory_plan(TINY, 1, 8, 1, dataclasses.replace(setup, sampling_mesh=(2, 1, 2)))
+    assert split.rollout["KV cache"] == 2 * 7 * 2 * 2 * 1 * 4 * 2
+    first_chip = memory_plan(TINY, 1, 8, 1, dataclasses.replace(setup, sampling_mesh=(1, 1, 1), hosts=2))
+    assert first_chip.rollout["sampling weights"] == 1480 * 2
+    assert first_chip.rollout["KV cache"] == plan.rollout["KV cache"]
+    with pytest.raises(ValueError, match=r"sampling mesh \(1, 1, 8\) \(8 chips\) must fit one of the 2"):
+        memory_plan(TINY, 1, 8, 1, dataclasses.replace(setup, sampling_mesh=(1, 1, 8), hosts=2))
+    with pytest.raises(ValueError, match="sampling_mesh must be three positive sizes"):
+        TrainingSetup(sampling_mesh=(1, 0, 1))
+
+
+def test_plan_for_run_follows_the_sampling_settings():
+    from hiper_jax.train.config import published_hiper_config
+
+    config = published_hiper_config("alfworld", "unused")
+    assert config.sampling.host_mesh and config.env.num_envs == 128
+    model = QWEN2_5["7b"]
+    bf16_weights = lambda fsdp, tensor: sum(t.per_chip(fsdp, tensor) for t in model.tensors()) * 2  # noqa: E731
+    # v5litepod-32: 8 hosts of 4 chips; sampling.mesh tensor=0 -> (1, 1, 4) (4 KV heads).
+    plan = plan_for_run(config, model, (1, 32, 1), hosts=8)
+    assert plan.rollout["sampling weights"] == bf16_weights(1, 4)
+    # 16 envs per host in 2 groups: 8 rows a call, whole on every chip; KV heads split 4 ways.
+    assert plan.rollout["KV cache"] == 8 * (2048 + 512 - 1) * 2 * 28 * 1 * 128 * 2
+    config.sampling.host_mesh = False  # several hosts: the whole copy on each host's first chip
+    assert plan_for_run(config, model, (1, 32, 1), hosts=8).rollout["sampling weights"] == bf16_weights(1, 1)
+    # one host: the training mesh's layout
+    assert plan_for_run(config, model, (1, 8, 1)).rollout["sampling weights"] == bf16_weights(8, 1)
 
 
 def test_tensor_axis_splits_only_what_it_divides():
     setup = TrainingSetup(num_envs=4, prompt_tokens=6, response_tokens=2, separate_critic=False,
                           attention="flash", logits_chunk_tokens=4)
     plan = memory_plan(TINY, data=1, fsdp=1, tensor=2, setup=setup)
-    # 1 KV head cannot be split over 2: the cache stays whole; the critic is 3 value heads.
-    assert plan.rollout["KV cache"] == 4 * 8 * 2 * 2 * 1 * 4 * 2
+    # 1 KV head cannot be split over 2: the cache stays whole (2 rows per call of 4 envs, 7
+    # slots); the critic is 3 value heads.
+    assert plan.rollout["KV cache"] == 2 * 7 * 2 * 2 * 1 * 4 * 2
     assert plan.resident["critic params + AdamW"] == 27 * 12
     assert plan.update["attention probs"] == 0
     assert plan.update["logits"] == 2 * 4 * 16 * 4
@@ -112,7 +168,7 @@ def test_fewer_chips_never_need_less_memory():
 def test_readme_shows_the_computed_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert readme_table() in readme, "stale README table: paste `python -m hiper_jax.memory_plan`"
-    assert breakdown(QWEN2_5["7b"], 1, 8, 1) in readme
+    assert readme_breakdown() in readme
     resident_v4_8 = sum(memory_plan(QWEN2_5["7b"], 1, 4, 1).resident.values()) / GIB
     assert f"resident: {resident_v4_8:.1f} GiB per chip" in readme.replace("\n", " ")
     assert {"v4-8", "v5litepod-8", "v5p-16"} <= set(ACCELERATORS)
@@ -136,8 +192,9 @@ def test_lora_trainable_params_match_the_adapters_the_port_makes(model):
 
 
 def test_lora_plan_keeps_moments_and_grads_for_the_adapters_only():
-    model, setup = QWEN2_5["7b"], TrainingSetup(lora_rank=16)
-    full, plan = memory_plan(model, 1, 8, 1), memory_plan(model, 1, 8, 1, setup)
+    host = TrainingSetup(sampling_mesh=(2, 1, 4))  # one 8-chip host, tensor over the 4 KV heads
+    model, setup = QWEN2_5["7b"], dataclasses.replace(host, lora_rank=16)
+    full, plan = memory_plan(model, 1, 8, 1, host), memory_plan(model, 1, 8, 1, setup)
     adapters = sum(t.per_chip(8, 1) for t in model.lora_tensors(16))
     heads = sum(t.per_chip(8, 1) for t in model.tensors(value_heads=3)[-2:])
     assert plan.resident["policy AdamW"] == adapters * 8

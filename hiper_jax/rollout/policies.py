@@ -13,7 +13,9 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
+from hiper_jax import distributed
 from hiper_jax.agent.grammar import ResponseGrammar, allowed_sets, pad_tables
 from hiper_jax.agent.prompts import AgentView
 from hiper_jax.rollout.packing import bucket_size
@@ -77,10 +79,17 @@ class LLMPolicy:
       length_multiple: prompt length bucket.
       rows: fixed batch rows (at least the largest prompt batch), or None.
       grammar: a :class:`~hiper_jax.agent.grammar.ResponseGrammar` for constrained decoding.
+      mesh: the mesh ``params`` lie on (a host's
+        :func:`~hiper_jax.distributed.host_sampling_mesh`, with
+        :func:`~hiper_jax.sampling.sampling_copy`), or None (params used where they are).
+        With a mesh, the batch rows are rounded up to a multiple of its ``data x fsdp`` shards
+        and split over them, and the sampler runs under it, so its activations and KV cache
+        follow the model's sharding rules.
     """
 
     def __init__(self, params, config, sampling, pad_id: int, length_multiple: int = 64,
-                 rows: int | None = None, grammar: Optional[ResponseGrammar] = None):
+                 rows: int | None = None, grammar: Optional[ResponseGrammar] = None,
+                 mesh: Optional[Mesh] = None):
         self.params = params
         self.config = config
         self.sampling = sampling
@@ -88,7 +97,11 @@ class LLMPolicy:
         self.length_multiple = length_multiple
         self.rows = rows
         self.grammar = grammar
-        self._text_mask = None if grammar is None else jax.device_put(grammar.text_mask)
+        self.mesh = mesh
+        self._text_mask = None
+        if grammar is not None:
+            self._text_mask = (jax.device_put(grammar.text_mask) if mesh is None else
+                               distributed.global_from_host_copy(grammar.text_mask, mesh, PartitionSpec()))
         self._prompt_length = 0
         self._table_shape = (1, 1)  # alternatives, depth
 
@@ -98,6 +111,9 @@ class LLMPolicy:
 
         num_prompts = len(prompts)
         rows = max(self.rows or 0, bucket_size(num_prompts))
+        if self.mesh is not None:  # every batch shard gets rows (padding is cheaper than copies)
+            shards = distributed.num_batch_shards(self.mesh)
+            rows = -(-rows // shards) * shards
         padded = list(prompts) + [list(prompts[0])] * (rows - num_prompts)
         tokens, mask = pad_prompts(padded, self.pad_id, length_multiple=self.length_multiple,
                                    min_length=self._prompt_length)
@@ -109,7 +125,14 @@ class LLMPolicy:
             self._table_shape = tuple(max(a, b) for a, b in zip(self._table_shape, tables.alternatives.shape[1:]))
             alternatives = pad_tables(tables.alternatives, *self._table_shape)
             constraint = DecodeConstraint(alternatives, tables.text_budget, self._text_mask)
-        out = generate(self.params, self.config, tokens, mask, key, self.sampling, constraint)
+        if self.mesh is not None:
+            tokens, mask = distributed.place_rows((tokens, mask), self.mesh)
+            if constraint is not None:
+                constraint = constraint._replace(**dict(zip(
+                    ("alternatives", "text_budget"),
+                    distributed.place_rows((constraint.alternatives, constraint.text_budget), self.mesh))))
+        with distributed.on_mesh(self.mesh):
+            out = generate(self.params, self.config, tokens, mask, key, self.sampling, constraint)
 
         def finish() -> Responses:
             ids, logps, lengths = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths))

@@ -75,6 +75,20 @@ def base_config() -> ml_collections.ConfigDict:
         # the update; "none": free generation (HiPER's setting, invalid-action penalty).
         constraint="none",
         max_text_tokens=24,         # constrained free text (subgoal, slot fillers) at most
+        # True: each host samples on a mesh over its own chips (sampling.mesh), with the
+        # weights and KV cache split over them and prompt rows over the rest: every chip of a
+        # host works during rollouts, and no host waits on another while envs step. The copy is
+        # made from the training weights once per rollout (collective, never whole on one
+        # chip) and freed before the update. False: one process samples with the training
+        # mesh's arrays as they are, several processes with a whole copy on each host's first
+        # chip (the earlier behaviour).
+        host_mesh=False,
+        # The host mesh's (data, fsdp, tensor) sizes over one host's chips, as in `mesh`: -1
+        # takes the rest; tensor=0 (auto) is the largest size that divides both the chips left
+        # and the model's KV heads (so the KV cache splits over tensor). Weights split over
+        # fsdp (hidden) and tensor (heads, MLP, vocab); prompt rows and the KV cache over
+        # data x fsdp.
+        mesh=dict(data=-1, fsdp=1, tensor=0),
     )
     c.advantage = dict(
         estimator="hae", gamma=1.0, lam_turn=1.0, lam_seg=0.95, bootstrap_truncated=True,
@@ -159,6 +173,7 @@ def published_hiper_config(env_name: str, checkpoint: str) -> ml_collections.Con
     c.sampling.eval_temperature = 0.4
     c.sampling.max_new_tokens = 512
     c.sampling.prompt_length_multiple = 256
+    c.sampling.host_mesh = True  # every chip of a host samples (tensor over the KV heads, rows over the rest)
     c.advantage.estimator = "hae"
     c.advantage.gamma = 1.0
     c.advantage.lam_turn = 1.0
@@ -324,6 +339,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _require(sampling.constraint in CONSTRAINTS, "sampling.constraint",
              f"must be one of {CONSTRAINTS}, got {sampling.constraint!r}")
     _require(sampling.max_text_tokens >= 1, "sampling.max_text_tokens", "must be >= 1")
+    for axis in MESH_AXES:
+        size = sampling.mesh[axis]
+        allowed = size >= -1 if axis == "tensor" else (size == -1 or size >= 1)
+        _require(allowed, f"sampling.mesh.{axis}",
+                 f"must be >= 1 or -1 (the rest){' or 0 (auto)' if axis == 'tensor' else ''}, got {size}")
+    _require([sampling.mesh[a] for a in MESH_AXES].count(-1) <= 1, "sampling.mesh",
+             f"at most one axis may be -1, got {[sampling.mesh[a] for a in MESH_AXES]}")
+    if sampling.mesh.tensor == 0:
+        _require(-1 in (sampling.mesh.data, sampling.mesh.fsdp), "sampling.mesh.tensor",
+                 "0 (auto) needs sampling.mesh.data or sampling.mesh.fsdp to be -1 (the chips "
+                 "tensor leaves)")
     if sampling.constraint != "none":
         _require(sampling.top_p == 1 and sampling.top_k == 0, "sampling.constraint",
                  "constrained sampling renormalises over the allowed tokens only; set "
@@ -397,6 +423,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                 shards *= resolved[axis]
             _require(ppo.mini_batch_rows % shards == 0, "ppo.mini_batch_rows",
                      f"must be a multiple of the mesh's {shards} batch shards with several processes")
+        if sampling.host_mesh:
+            from hiper_jax.mesh_shape import host_mesh_shape
+
+            processes = num_processes or 1
+            try:  # tensor=0 resolves against the model's KV heads once it is loaded
+                host_mesh_shape(num_devices // processes, **sampling.mesh.to_dict(), kv_heads=1)
+            except ValueError as error:
+                _fail("sampling.mesh", f"{error} (over one host's {num_devices // processes} devices)")
     if check_paths:
         for field, path in (("model.checkpoint", model.checkpoint), ("model.tokenizer", model.tokenizer),
                             ("env.games_dir", env.games_dir)):

@@ -161,6 +161,10 @@ class Trainer:
             remat=cfg.ppo.remat == "layer", logits_chunk=cfg.ppo.logits_chunk_tokens)
         self.batch_settings = config_lib.batch_settings(cfg)
         self._load_model()
+        # sampling.host_mesh: every host samples on a mesh over its own chips only.
+        self.sampling_mesh = (distributed.host_sampling_mesh(
+            **cfg.sampling.mesh.to_dict(), kv_heads=self.model_config.num_key_value_heads)
+            if cfg.sampling.host_mesh else None)
         self.data = prepare_env_data(cfg, self.out_dir, progress=progress)
         self.schedule = TaskSchedule(self.data["num_train_tasks"], cfg.env.num_envs,
                                      cfg.advantage.rollouts_per_task, cfg.train.seed)
@@ -230,24 +234,43 @@ class Trainer:
     def _policy(self, temperature: float) -> LLMPolicy:
         """The sampling policy at ``temperature`` with the current actor. One policy per
         temperature lives as long as the trainer, so its padded shapes (which only grow) and
-        compiled sampler carry over from iteration to iteration."""
-        dtype = jnp.dtype(self.config.model.compute_dtype)
-        # LoRA: the sampler runs the adapters merged into the weights (the compute-dtype copy
-        # it makes anyway), at the base model's speed.
-        actor = qwen2.lora.merge_lora(self.full_state().actor, self.model_config)
-        if self.multihost:
-            # Each process samples for its own envs with a compute-dtype copy of the actor on
-            # its first device, so env stepping never waits on another host.
-            actor = distributed.local_copy(jax.tree.map(lambda x: x.astype(dtype), actor))
-        params = qwen2.unstack_layers(actor, dtype)
+        compiled sampler carry over from iteration to iteration. Its weights are a fresh
+        compute-dtype copy (the only one: the other policies' copies are dropped first)."""
+        self.release_sampling_copies()
+        params = self.sampling_copy()
         policy = self._policies.get(temperature)
         if policy is None:
             policy = self._policies[temperature] = LLMPolicy(
                 params, self.model_config, self._sampling(temperature), self.pad_id,
                 length_multiple=self.config.sampling.prompt_length_multiple,
-                rows=math.ceil(self.local_envs / 2), grammar=self.grammar)
+                rows=math.ceil(self.local_envs / 2), grammar=self.grammar, mesh=self.sampling_mesh)
         policy.params = params
         return policy
+
+    def sampling_copy(self) -> qwen2.Params:
+        """The sampler's weights made from the current actor: unstacked, in the compute dtype
+        (LoRA: the adapters merged in, so sampling runs at the base model's speed).
+
+        ``sampling.host_mesh``: on :attr:`sampling_mesh`, this host's chips, each parameter
+        split by the model's sharding rules (:func:`hiper_jax.sampling.sampling_copy`; with
+        several processes a collective reshard, never whole on one chip). Otherwise: one
+        process keeps the training mesh's layout; several processes put a whole copy on each
+        host's first chip. Either way env stepping never waits on another host."""
+        from hiper_jax.sampling import sampling_copy
+
+        dtype = jnp.dtype(self.config.model.compute_dtype)
+        actor = qwen2.lora.merge_lora(self.full_state().actor, self.model_config)
+        if self.sampling_mesh is not None:
+            return sampling_copy(actor, self.model_config, self.sampling_mesh, dtype)
+        if self.multihost:
+            actor = distributed.local_copy(jax.tree.map(lambda x: x.astype(dtype), actor))
+        return qwen2.unstack_layers(actor, dtype)
+
+    def release_sampling_copies(self) -> None:
+        """Drops the policies' weight copies (the next :meth:`_policy` call makes a new one), so
+        the update's memory holds no sampling copy."""
+        for policy in self._policies.values():
+            policy.params = None
 
     def full_state(self) -> TrainState:
         """The train state with whole actor and critic trees (LoRA: the adapters over the frozen
@@ -504,6 +527,7 @@ class Trainer:
         key = jax.random.fold_in(jax.random.key(cfg.train.seed), iteration)
         trajectories, rollout = self._collect(collector, self._policy(cfg.sampling.temperature), tasks, key, groups)
         rollout_s = time.perf_counter() - start
+        self.release_sampling_copies()
         text_mask = self.grammar.text_mask if self.grammar is not None else None
         batch, _, _, batch_stats = self.build_batch(trajectories)
         update_start = time.perf_counter()

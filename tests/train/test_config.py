@@ -37,6 +37,13 @@ def test_base_config_is_valid(tmp_path):
     (lambda c: c.ppo.__setattr__("dual_clip", 1.0), "ppo.dual_clip"),
     (lambda c: c.ppo.__setattr__("old_logp", "cached"), "ppo.old_logp"),
     (lambda c: c.mesh.__setattr__("tensor", 3), "mesh"),
+    (lambda c: c.sampling.mesh.__setattr__("data", 0), "sampling.mesh.data"),
+    (lambda c: c.sampling.mesh.__setattr__("tensor", -2), "sampling.mesh.tensor"),
+    (lambda c: c.sampling.mesh.update(data=2, fsdp=4), "sampling.mesh.tensor"),  # auto needs a -1
+    (lambda c: c.sampling.mesh.update(data=-1, fsdp=-1, tensor=1), "sampling.mesh"),
+    (lambda c: c.sampling.mesh.__setattr__("host_mesh", True), "sampling.mesh.host_mesh"),
+    (lambda c: (c.sampling.__setattr__("host_mesh", True), c.sampling.mesh.update(data=1, tensor=3)),
+     "sampling.mesh"),  # 3 does not use this host's 8 devices
     (lambda c: c.train.__setattr__("iterations", True), "train.iterations"),
     (lambda c: c.env.__setattr__("turn_budget", -1), "env.turn_budget"),
     (lambda c: (c.env.__setattr__("turn_budget", 100), c.env.__setattr__("num_envs", 8),
@@ -48,6 +55,19 @@ def test_bad_fields_are_named(tmp_path, edit, field):
         edit(config)
     with pytest.raises(ValueError, match=f"config field {field}"):
         validate(config, num_devices=8)
+
+
+def test_sampling_mesh_is_resolved_over_one_hosts_devices(tmp_path):
+    config = valid_config(tmp_path)
+    config.sampling.host_mesh = True
+    config.sampling.mesh.update(data=1, fsdp=1, tensor=4)
+    validate(config, num_devices=8, num_processes=2)  # 4 devices per host
+    with pytest.raises(ValueError, match=r"config field sampling.mesh: sampling.mesh data=1 x fsdp=1 x "
+                                         r"tensor=4 uses 4 devices but 8 .*one host's 8 devices"):
+        validate(config, num_devices=8, num_processes=1)
+    config.sampling.mesh.update(data=-1, tensor=0)  # auto: any host size
+    validate(config, num_devices=8, num_processes=1)
+    validate(config, num_devices=2, num_processes=2)
 
 
 def test_group_estimators_need_groups_that_divide_envs(tmp_path):

@@ -53,19 +53,33 @@ def compare_records(single, multi):
                 assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (a["iteration"], key)
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one_and_restore_on_another_mesh(word_checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def single_run(word_checkpoint, tmp_path_factory):
+    """The one-process run (8 devices, sampling with the default placement): config, output."""
+    tmp_path = tmp_path_factory.mktemp("multihost")
     config_path = write_config(tmp_path, word_checkpoint)
-    single, multi = tmp_path / "single", tmp_path / "multi"
+    single = tmp_path / "single"
     ((code, log),) = _run_processes([cli(config_path, single)], _child_env(8), timeout_s=400)
     assert code == 0, log[-3000:]
+    return config_path, single
+
+
+def run_two_processes(config_path, out_dir, extra=()):
     coordinator = f"127.0.0.1:{_free_port()}"
-    commands = [cli(config_path, multi, [f"--config.distributed.coordinator_address={coordinator}",
-                                         "--config.distributed.num_processes=2",
-                                         f"--config.distributed.process_id={i}"]) for i in range(2)]
+    commands = [cli(config_path, out_dir, [f"--config.distributed.coordinator_address={coordinator}",
+                                           "--config.distributed.num_processes=2",
+                                           f"--config.distributed.process_id={i}", *extra])
+                for i in range(2)]
     results = _run_processes(commands, _child_env(4), timeout_s=500)
     for i, (code, log) in enumerate(results):
         assert code == 0, f"process {i} failed:\n{log[-4000:]}"
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_restore_on_another_mesh(word_checkpoint, single_run, tmp_path):
+    config_path, single = single_run
+    multi = tmp_path / "multi"
+    run_two_processes(config_path, multi)
 
     single_records = read_metrics(str(single / "metrics.jsonl"))
     multi_records = read_metrics(str(multi / "metrics.jsonl"))
@@ -98,3 +112,17 @@ def test_two_processes_train_like_one_and_restore_on_another_mesh(word_checkpoin
                          restored["single"].actor, Trainer(word_config(word_checkpoint, tmp_path / "fresh"),
                                                            progress=False).state.actor)
     assert max(jax.tree.leaves(jax.tree.map(np.asarray, moved))) > 0  # training changed the params
+
+
+@pytest.mark.slow
+def test_two_processes_sampling_on_their_own_chips_train_like_one(single_run, tmp_path):
+    """sampling.host_mesh: each process samples on a (2, 1, 2) mesh over its 4 devices (tensor
+    over the 2 KV heads) with its own copy of the weights; the run matches the one-process run
+    that samples with the training mesh's arrays."""
+    config_path, single = single_run
+    multi = tmp_path / "multi_host_mesh"
+    run_two_processes(config_path, multi, ["--config.sampling.host_mesh=True"])
+    import json
+
+    assert json.loads((multi / "config.json").read_text())["sampling"]["host_mesh"] is True
+    compare_records(read_metrics(str(single / "metrics.jsonl")), read_metrics(str(multi / "metrics.jsonl")))
