@@ -56,6 +56,16 @@ def save_hf_model(model, path: os.PathLike, max_shard_size: Optional[str] = None
     return os.fspath(path)
 
 
+def loaded_reference(directory: os.PathLike, seed: int = 0):
+    """(HF model, our config, our params): a random HF model saved into ``directory`` with
+    ``save_pretrained`` and read back by our ``load_hf_checkpoint``."""
+    from hiper_jax.models import qwen2_5_vl
+
+    model = make_hf_model(seed=seed)
+    config, params = qwen2_5_vl.load_hf_checkpoint(save_hf_model(model, directory), progress=False)
+    return model, config, params
+
+
 def pixel_values(grid: Sequence[Sequence[int]], seed: int = 0, patch_dim: int = 24) -> np.ndarray:
     """Random ``[N, C*T*P*P]`` float32 patches for the images of ``grid``."""
     count = sum(t * h * w for t, h, w in grid)

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_qwen2_5_vl import (IMAGE, VIDEO, hf_logits, hf_rope_index, hf_vision, make_hf_model,
-                           pixel_values, save_hf_model, sequence)
+from hf_qwen2_5_vl import (IMAGE, VIDEO, hf_logits, hf_rope_index, hf_vision, loaded_reference,
+                           pixel_values, sequence)
 from hiper_jax.models import qwen2, qwen2_5_vl
 
 TOLERANCE = 1e-4
@@ -20,10 +20,7 @@ GRID_A, GRID_B, GRID_C = (1, 8, 12), (1, 6, 4), (1, 4, 4)
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """(HF model, our config, our params) through save_pretrained -> load_hf_checkpoint."""
-    model = make_hf_model(seed=0)
-    config, params = qwen2_5_vl.load_hf_checkpoint(
-        save_hf_model(model, tmp_path_factory.mktemp("vl")), progress=False)
-    return model, config, params
+    return loaded_reference(tmp_path_factory.mktemp("vl"))
 
 
 def test_vision_tower_matches_transformers(reference):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_qwen2_5_vl import IMAGE, make_hf_model, pixel_values, save_hf_model, sequence
+from hf_qwen2_5_vl import IMAGE, loaded_reference, pixel_values, sequence
 from hiper_jax.agent.grammar import PAD as NO_ENTRY
 from hiper_jax.models import qwen2_5_vl
 from hiper_jax.models.qwen2_5_vl import sampling as vl_sampling
@@ -24,10 +24,7 @@ PATCH_MULTIPLE = 32  # 24 + 96 = 120 patches -> a bucket of 128: 8 padding patch
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """(HF model, our config, our params) through save_pretrained -> load_hf_checkpoint."""
-    model = make_hf_model(seed=0)
-    config, params = qwen2_5_vl.load_hf_checkpoint(
-        save_hf_model(model, tmp_path_factory.mktemp("vl")), progress=False)
-    return model, config, params
+    return loaded_reference(tmp_path_factory.mktemp("vl"))
 
 
 def _batch():
