@@ -18,6 +18,9 @@ Generation (a submodule, imported on its own: it builds on :mod:`hiper_jax.sampl
 :func:`hiper_jax.models.qwen2_5_vl.sampling.generate`, the jitted KV-cache sampler over prompts
 with images (patch counts bucketed so few programs compile).
 
+Scoring (a submodule): :mod:`hiper_jax.models.qwen2_5_vl.scoring` packs sampled turns with
+their images into rows and gives the log-probs PPO trains on.
+
 Not yet: video inputs (refused with :class:`UnsupportedInputError`), LoRA on this model.
 """
 
@@ -32,6 +35,7 @@ from hiper_jax.models.qwen2_5_vl.model import (
     forward,
     init_params,
     merge_image_features,
+    merge_row_features,
     module_params,
     mrope_tables,
     param_shardings,
@@ -55,7 +59,7 @@ __all__ = [
     "PatchLayout", "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration",
     "UnsupportedInputError", "VisionConfig", "VisionTransformer", "as_grid", "as_module",
     "compute_logits", "count_params", "forward", "init_params", "load_hf_checkpoint",
-    "merge_image_features", "module_params", "mrope_tables", "num_image_tokens",
+    "merge_image_features", "merge_row_features", "module_params", "mrope_tables", "num_image_tokens",
     "param_shardings", "param_specs", "patch_layout", "patch_positions", "rope_index",
     "save_hf_checkpoint", "split_features", "text_positions", "vision_features", "window_layout",
 ]

@@ -96,11 +96,24 @@ def merge_image_features(embeddings: Array, tokens: Array, features: Array,
     return jnp.where(is_image[..., None], rows, embeddings)
 
 
+def merge_row_features(embeddings: Array, tokens: Array, features: Array,
+                       image_token_id: int) -> Array:
+    """``embeddings [B, L, E]`` with row ``b``'s placeholder positions replaced, in order, by
+    ``features[b] [F, E]`` (the row's image features first, then any padding rows, never read).
+    The per-row form of :func:`merge_image_features`: rows can be split into mini-batches."""
+    is_image = tokens == image_token_id
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+    rows = jnp.take_along_axis(features.astype(embeddings.dtype), index[..., None], axis=1)
+    return jnp.where(is_image[..., None], rows, embeddings)
+
+
 def _embed(table: Array, config: Qwen2_5_VLConfig, tokens: Array,
            features: Optional[Array]) -> Array:
     x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(config.text.compute_dtype))
-    if features is None or features.shape[0] == 0:
+    if features is None or features.shape[-2] == 0:
         return x
+    if features.ndim == 3:
+        return merge_row_features(x, tokens, features, config.image_token_id)
     return merge_image_features(x, tokens, features, config.image_token_id)
 
 
@@ -202,7 +215,8 @@ def forward(params: Params, config: Qwen2_5_VLConfig, tokens: Array, positions: 
         positions: ``[3, B, L]`` multimodal positions (:func:`rope_index`; for a later chunk,
             text positions plus ``rope_deltas``); default :func:`text_positions`.
         image_features: ``[K, E]`` (:func:`~hiper_jax.models.qwen2_5_vl.vision_features`), ``K``
-            the number of placeholder tokens in ``tokens``.
+            the number of placeholder tokens in ``tokens``, in order over the batch; or
+            ``[B, F, E]``, each row's own (:func:`merge_row_features`).
         segment_ids, cache, remat: as in :func:`hiper_jax.models.qwen2.forward`.
 
     Returns:
