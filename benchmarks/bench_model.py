@@ -22,7 +22,9 @@ each JAX variant), which times ``--repeats`` runs after one warm-up (compilation
 reported separately) and reports its best; the table gives min / median / max over the rounds,
 the ratio of the medians and the range of the per-round ratios (runs of one round met the same
 machine). Decode runs on both parameter layouts: stacked
-(``lax.scan`` over layers) and unstacked (unrolled layers). Torch runs in float32; the JAX
+(``lax.scan`` over layers) and unstacked (unrolled layers); train on stacked weights with the
+layer scan looped and unrolled (``unrolled``: ``Qwen2Config.scan_unroll`` = the depth, the
+trainer's ``model.scan_unroll``). Torch runs in float32; the JAX
 bfloat16 rows (bf16 weights and compute, as the sampler runs on TPU) are for information, not
 part of the like-for-like comparison.
 """
@@ -168,6 +170,8 @@ def worker_jax(name: str, mode: str, repeats: int, threads: int, layout: str,
     params = qwen2.init_params(jax.random.key(0), config)
     if layout == "unstacked":
         params = qwen2.unstack_layers(params)
+    elif layout == "unrolled":  # stacked weights, the layer scan unrolled (model.scan_unroll)
+        config = config.replace(scan_unroll=config.num_hidden_layers)
     jax.block_until_ready(params)
     rng = np.random.default_rng(0)
     if mode == "prefill":
@@ -348,7 +352,7 @@ def main() -> None:
             repeats = ["--repeats", str(args.repeats)]
             variants = {"prefill": [("stacked", "float32"), ("stacked", "bfloat16")],
                         "decode": [("stacked", "float32"), ("unstacked", "float32"), ("unstacked", "bfloat16")],
-                        "train": [("stacked", "float32")]}[mode]
+                        "train": [("stacked", "float32"), ("unrolled", "float32")]}[mode]
             # Interleaved rounds: in each, every side runs once, so the per-round ratios compare
             # runs that met the same machine.
             results: dict = {}

@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/bench_packing.py [--config configs/alfworld_tiny.py] [--rounds 3]
                                           [--pack-lengths 0,1152] [--batch /tmp/batch.npz]
+                                          [--scan-unrolls 1,6]
 
 Builds one real batch the way a training iteration does (the config's trainer plays one
 iteration's episodes, then the log-prob/value passes and the advantages), then times the
@@ -10,7 +11,9 @@ one turn per row (grouped by length when the config says so) and packed rows of 
 ``--pack-lengths`` (0: the batch's length bucket). Each layout runs once untimed (compilation),
 then the layouts take turns for ``--rounds`` rounds, so a shared machine's load falls on all of
 them alike; min/median/max seconds are printed. ``--batch PATH`` keeps the built batch (and
-reuses it when the file exists), so a rerun skips the rollout.
+reuses it when the file exists), so a rerun skips the rollout. ``--scan-unrolls`` adds, for
+one turn per row, the update and passes with the decoder's layer scan unrolled that many layers
+per step (``model.scan_unroll``; the first value is the baseline the speed-ups are against).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def build_batch(trainer, path: str | None):
     return batch
 
 
-def passes(trainer, batch, pack: bool, pack_length: int) -> float:
+def passes(trainer, batch, pack: bool, pack_length: int, unroll: int = 1) -> float:
     """Seconds of the actor log-prob and value pass over ``batch`` (the trainer's chunking)."""
     from hiper_jax.models import qwen2
     from hiper_jax.train.row_packing import packed_pass
@@ -55,12 +58,13 @@ def passes(trainer, batch, pack: bool, pack_length: int) -> float:
     from hiper_jax.train.batch import chunked
 
     cfg, state = trainer.config, trainer.state
+    model_config = trainer.model_config.replace(scan_unroll=unroll)
     text_mask = trainer.grammar.text_mask if trainer.grammar is not None else None
 
     def old_pass(t, v, *rest):
         *allowed, r = rest
         allowed = qwen2.AllowedTokens(*allowed, text_mask) if allowed else None
-        return logprob_value_pass(state.actor, state.critic, trainer.model_config, t, v, r,
+        return logprob_value_pass(state.actor, state.critic, model_config, t, v, r,
                                   trainer.ppo.temperature, allowed)
 
     multiple = cfg.ppo.length_multiple if cfg.ppo.group_by_length else 0
@@ -76,7 +80,7 @@ def passes(trainer, batch, pack: bool, pack_length: int) -> float:
     return time.perf_counter() - start
 
 
-def update(trainer, batch, pack: bool, pack_length: int) -> tuple[float, dict]:
+def update(trainer, batch, pack: bool, pack_length: int, unroll: int = 1) -> tuple[float, dict]:
     """Seconds of one ``ppo_update`` over ``batch`` from a copy of the trainer's state, and its
     metrics."""
     from hiper_jax.train.ppo import ppo_update
@@ -86,7 +90,8 @@ def update(trainer, batch, pack: bool, pack_length: int) -> tuple[float, dict]:
     jax.block_until_ready(state)
     text_mask = trainer.grammar.text_mask if trainer.grammar is not None else None
     start = time.perf_counter()
-    state, metrics = ppo_update(state, batch, np.random.default_rng(0), config=trainer.model_config,
+    state, metrics = ppo_update(state, batch, np.random.default_rng(0),
+                                config=trainer.model_config.replace(scan_unroll=unroll),
                                 ppo=ppo, actor_tx=trainer.actor_tx, critic_tx=trainer.critic_tx,
                                 text_mask=text_mask)
     jax.block_until_ready(state)
@@ -105,6 +110,9 @@ def main(argv=None) -> None:
     parser.add_argument("--turns", type=int, default=0,
                         help="> 0: time on the batch's first this many turn rows only (a loaded "
                              "machine; the lengths keep their distribution)")
+    parser.add_argument("--scan-unrolls", default="",
+                        help="layer-scan unroll factors to compare with one turn per row, "
+                             "comma-separated (e.g. 1,6); empty: the config's")
     parser.add_argument("--out-dir", default="/tmp/bench_packing")
     args = parser.parse_args(argv)
 
@@ -124,18 +132,21 @@ def main(argv=None) -> None:
           f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {np.shape(batch.tokens)} "
           f"({int((lengths > 0).sum())} turns, {int(lengths.sum())} tokens)")
 
-    layouts = [("one turn per row", False, 0)] + [
-        (f"packed, width {int(w) or np.shape(batch.tokens)[1]}", True, int(w)) for w in args.pack_lengths.split(",")]
-    times = {name: {"update": [], "passes": []} for name, _, _ in layouts}
+    unrolls = [int(u) for u in args.scan_unrolls.split(",") if u] or [trainer.model_config.scan_unroll]
+    layouts = [(f"one turn per row, scan unroll {u}" if len(unrolls) > 1 else "one turn per row",
+                False, 0, u) for u in unrolls] + [
+        (f"packed, width {int(w) or np.shape(batch.tokens)[1]}", True, int(w), unrolls[0])
+        for w in args.pack_lengths.split(",") if w]
+    times = {name: {"update": [], "passes": []} for name, *_ in layouts}
     metrics = {}
-    for name, pack, width in layouts:  # compilation
-        _, metrics[name] = update(trainer, batch, pack, width)
-        passes(trainer, batch, pack, width)
+    for name, pack, width, unroll in layouts:  # compilation
+        _, metrics[name] = update(trainer, batch, pack, width, unroll)
+        passes(trainer, batch, pack, width, unroll)
         print(f"compiled: {name}", flush=True)
     for round_index in range(args.rounds):
-        for name, pack, width in layouts:
-            times[name]["update"].append(update(trainer, batch, pack, width)[0])
-            times[name]["passes"].append(passes(trainer, batch, pack, width))
+        for name, pack, width, unroll in layouts:
+            times[name]["update"].append(update(trainer, batch, pack, width, unroll)[0])
+            times[name]["passes"].append(passes(trainer, batch, pack, width, unroll))
             print(f"round {round_index}: {name}: update {times[name]['update'][-1]:.2f} s, "
                   f"passes {times[name]['passes'][-1]:.2f} s", flush=True)
 
@@ -146,7 +157,7 @@ def main(argv=None) -> None:
     print(f"\n| layout | real-token fraction | steps | update s (min / median / max) | "
           f"update speed-up (median) | log-prob/value pass s (min / median / max) |")
     print("|---|---|---|---|---|---|")
-    for name, _, _ in layouts:
+    for name, *_ in layouts:
         m = metrics[name]
         median = statistics.median(times[name]["update"])
         print(f"| {name} | {m['real_tokens'] / m['computed_tokens']:.3f} | {m['steps']} | "

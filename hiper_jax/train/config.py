@@ -65,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
         lora_rank=0,
         lora_alpha=16.0,            # adapter scale = lora_alpha / lora_rank
         lora_targets=LORA_TARGETS,
+        # Decoder layers per step of the layer scan in the log-prob/value passes and the
+        # update (>= the model's depth: fully unrolled). Same numbers; unrolled is faster on CPU
+        # for shallow models and compiles longer as depth grows.
+        scan_unroll=1,
     )
     c.prompt = dict(style="plan_execute", history_turns=2, max_prompt_tokens=2048)
     c.sampling = dict(
@@ -321,6 +325,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         _require(model[field] in DTYPES, f"model.{field}", f"must be one of {DTYPES}, got {model[field]!r}")
     _require(model.critic in ("separate", "shared"), "model.critic",
              f"must be 'separate' or 'shared', got {model.critic!r}")
+    _require(model.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1, got {model.scan_unroll}")
     _require(model.lora_rank >= 0, "model.lora_rank", f"must be >= 0 (0 = off), got {model.lora_rank}")
     _require(model.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {model.lora_alpha}")
     unknown = [t for t in model.lora_targets if t not in LORA_TARGETS]

@@ -188,6 +188,7 @@ class Trainer:
         self.model_config, actor = qwen2.load_hf_checkpoint(
             cfg.model.checkpoint, dtype=jnp.dtype(cfg.model.param_dtype),
             compute_dtype=jnp.dtype(cfg.model.compute_dtype), mesh=self.mesh, progress=False)
+        self.model_config = self.model_config.replace(scan_unroll=int(cfg.model.scan_unroll))
         critic_config = CriticConfig(shared_backbone=cfg.model.critic == "shared")
         self.frozen = None  # LoRA: the (actor, critic) weights under the trainable adapters
         if cfg.model.lora_rank:

@@ -151,6 +151,27 @@ def test_unstacked_layers_give_the_same_model():
                for x in jax.tree.leaves(qwen2.unstack_layers(params, dtype=jnp.bfloat16)))
 
 
+@pytest.mark.parametrize("unroll", [2, 3])
+def test_unrolled_layer_scan_gives_the_same_values_and_gradients(unroll):
+    # 3 layers: unroll 2 leaves a remainder step, 3 unrolls them all.
+    config = SMALL.replace(num_hidden_layers=3)
+    params = qwen2.init_params(jax.random.key(2), config)
+    tokens = jnp.asarray(_random_tokens(config.vocab_size, (2, 9), seed=8))
+
+    def loss(p, cfg):
+        hidden, _ = qwen2.forward(p, cfg, tokens, remat=True)
+        return jnp.mean(qwen2.token_logprobs(p, cfg, hidden[:, :-1], tokens[:, 1:]).logprobs)
+
+    unrolled = config.replace(scan_unroll=unroll)
+    np.testing.assert_allclose(qwen2.compute_logits(params, unrolled, tokens),
+                               qwen2.compute_logits(params, config, tokens), atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                 jax.grad(loss)(params, unrolled), jax.grad(loss)(params, config))
+    assert unrolled.to_hf_config() == config.to_hf_config()
+    with pytest.raises(ValueError, match="scan_unroll"):
+        config.replace(scan_unroll=0)
+
+
 def test_bfloat16_compute_stays_close_to_float32(gqa7_reference):
     _, config, params = gqa7_reference
     tokens = jnp.asarray(_random_tokens(config.vocab_size, (2, 9), seed=6))

@@ -30,6 +30,7 @@ def test_base_config_is_valid(tmp_path):
     (lambda c: c.model.__setattr__("critic", "none"), "model.critic"),
     (lambda c: c.model.__setattr__("lora_rank", -1), "model.lora_rank"),
     (lambda c: c.model.__setattr__("lora_alpha", 0.0), "model.lora_alpha"),
+    (lambda c: c.model.__setattr__("scan_unroll", 0), "model.scan_unroll"),
     (lambda c: c.model.__setattr__("lora_targets", ("q_proj", "qkv_proj")), "model.lora_targets"),
     (lambda c: (c.model.__setattr__("lora_rank", 8), c.model.__setattr__("lora_targets", ())),
      "model.lora_targets"),

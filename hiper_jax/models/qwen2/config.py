@@ -64,6 +64,11 @@ class Qwen2Config:
             :mod:`hiper_jax.models.qwen2.lora`. Not part of the HF config.
         lora_alpha: the adapters' scale numerator (scale ``lora_alpha / lora_rank``).
         lora_targets: names of the projections that get adapters (from :data:`LORA_TARGETS`).
+        scan_unroll: decoder layers per step of the scan over stacked layers (1: a loop of
+            ``num_hidden_layers`` steps; ``>= num_hidden_layers``: the layers unrolled into
+            straight-line code). The same numbers either way; unrolling drops the scan's stacked
+            activation buffers (~10% off a training step of a 6-layer model on CPU) at the cost
+            of compile time that grows with depth. Not part of the HF config.
     """
 
     vocab_size: int
@@ -85,6 +90,7 @@ class Qwen2Config:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    scan_unroll: int = 1
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -105,6 +111,8 @@ class Qwen2Config:
         if self.head_dim % 2:
             raise ValueError(f"Qwen2Config.head_dim must be even for RoPE, got {self.head_dim}")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if int(self.scan_unroll) < 1:
+            raise ValueError(f"Qwen2Config.scan_unroll must be >= 1, got {self.scan_unroll}")
         if int(self.lora_rank) < 0:
             raise ValueError(f"Qwen2Config.lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
         if self.lora_rank and self.lora_alpha <= 0:

@@ -444,7 +444,8 @@ class Qwen2Model(nnx.Module):
         if isinstance(self.layers, DecoderLayer):
             graphdef, state = nnx.split(self.layers)
             carry, _ = lax.scan(layer_step(graphdef), carry,
-                                (state, jnp.arange(config.num_hidden_layers)))
+                                (state, jnp.arange(config.num_hidden_layers)),
+                                unroll=min(config.scan_unroll, config.num_hidden_layers))
         else:
             for index, layer in enumerate(self.layers):
                 graphdef, state = nnx.split(layer)
