@@ -56,6 +56,7 @@ class _Episode:
     done: bool = False
     lost: Optional[str] = None  # why a fault cut the episode short (None: not cut)
     info: dict = dataclasses.field(default_factory=dict)  # the kept info keys of the last step
+    images: list = dataclasses.field(default_factory=list)  # env images so far (with a prompter)
 
     def view(self) -> AgentView:
         return AgentView(task=self.task, step=len(self.turns), observation=self.observation,
@@ -144,6 +145,15 @@ def _busy_time(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+
+def _updated_images(images: list, info: dict) -> list:
+    """An episode's images after a reset or step: ``info["images"]`` (all so far) when the env
+    sends them, else ``images`` and the step's ``info["new_images"]``."""
+    if "images" in info:
+        return list(info["images"])
+    return list(images) + list(info.get("new_images", ()))
+
+
 class Collector:
     """Runs episodes of ``num_envs`` envs with a policy.
 
@@ -164,13 +174,19 @@ class Collector:
         as they stood before the action), e.g. ``("expert_action", "expert_subgoal")``.
       turn_budget: 0 plays one episode per env per :meth:`run`; > 0 plays exactly this many
         env turns per :meth:`run` with continuous episodes (see the module doc).
+      prompter: for a vision-language policy, an
+        :class:`~hiper_jax.rollout.images.ImagePrompter`: each episode keeps the images its env
+        sends (``info["images"]``, all so far, or ``info["new_images"]``, the step's new ones,
+        appended), each rendered prompt becomes an
+        :class:`~hiper_jax.rollout.images.ImagePrompt` with them, and each turn records its
+        images and grid. None (the default): text prompts, no images kept.
     """
 
     def __init__(self, spec: EnvSpec, num_envs: int, prompt_cfg: PromptConfig, tokenizer,
                  token_bytes: TokenBytes, max_turns: int, groups: int = 2,
                  envs_per_worker: int = 4, step_timeout_s: float = 60.0, max_replays: int = 2,
                  max_lost_fraction: float = 1.0, should_stop: Optional[Callable[[], bool]] = None,
-                 info_keys: Sequence[str] = (), turn_budget: int = 0):
+                 info_keys: Sequence[str] = (), turn_budget: int = 0, prompter=None):
         if turn_budget < 0:
             raise ValueError(f"turn_budget must be >= 0, got {turn_budget}")
         self.turn_budget = int(turn_budget)
@@ -190,6 +206,7 @@ class Collector:
         self.token_bytes = token_bytes
         self.max_turns = max_turns
         self.info_keys = tuple(info_keys)
+        self.prompter = prompter
         bounds = np.linspace(0, num_envs, groups + 1).astype(int)
         self.group_rows = [list(range(bounds[g], bounds[g + 1])) for g in range(groups)]
         factory = GymFactory(spec.env_id, **{spec.max_steps_key: max_turns, **spec.kwargs})
@@ -419,6 +436,8 @@ class Collector:
                 episode.admissible = list(info.get(self.spec.admissible_key, ()))
                 episode.subgoals = list(info.get("admissible_subgoals", ()))
                 episode.info = {k: info.get(k) for k in self.info_keys}
+                if self.prompter is not None:
+                    episode.images = _updated_images([], info)
                 if info.get("env_crashed") or info.get("env_error"):  # the reset itself failed
                     episode.lost, episode.done = str(info.get("error", "reset failed")), True
 
@@ -430,6 +449,8 @@ class Collector:
             rows = [i for i in self.group_rows[g] if not episodes[i].done]
         views = [episodes[i].view() for i in rows]
         prompts = [render_prompt(v, self.prompt_cfg, self.tokenizer) for v in views]
+        if self.prompter is not None:
+            prompts = [self.prompter(p, episodes[i].images) for p, i in zip(prompts, rows)]
         turn = len(episodes[rows[0]].turns) if step is None else step
         handle = policy.dispatch(prompts, views, jax.random.fold_in(key, turn * 2 + g))
         return handle, rows, (prompts, views)
@@ -464,8 +485,12 @@ class Collector:
             last_turn = len(episode.turns) + 1 >= self.max_turns
             ids = np.asarray(responses.token_ids[k], np.int32)
             allowed = responses.allowed[k] if responses.allowed is not None else (None, None)
+            prompt = prompts[k]
+            images, grid = (), None
+            if self.prompter is not None:
+                prompt, images, grid = prompt.token_ids, prompt.images, prompt.grid
             record = TurnRecord(
-                prompt_ids=np.asarray(prompts[k], np.int32),
+                prompt_ids=np.asarray(prompt, np.int32),
                 response_ids=ids,
                 response_logp=np.asarray(responses.logprobs[k], np.float32),
                 spans=response_spans(ids, self.token_bytes),
@@ -483,6 +508,8 @@ class Collector:
                 allowed_ids=allowed[1],
                 view=views[k],
                 env_info=episode.info,
+                images=images,
+                image_grid=grid,
             )
             episode.history.append((episode.observation, decision.action))
             episode.turns.append(record)
@@ -491,5 +518,7 @@ class Collector:
             episode.admissible = list(info.get(self.spec.admissible_key, ()))
             episode.subgoals = list(info.get("admissible_subgoals", episode.subgoals))
             episode.info = {key: info.get(key) for key in self.info_keys}
+            if self.prompter is not None:
+                episode.images = _updated_images(episode.images, info)
             episode.won = episode.won or bool(info.get("won", False))
             episode.done = record.done or record.truncated

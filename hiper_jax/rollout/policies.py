@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
@@ -62,6 +62,35 @@ class Pending:
         return self._value
 
 
+
+def grammar_constraint(grammar: ResponseGrammar, views: Sequence[AgentView], rows: int,
+                       max_new_tokens: int, table_shape: tuple[int, int], text_mask
+                       ) -> tuple[Any, tuple[int, int]]:
+    """The :class:`~hiper_jax.sampling.DecodeConstraint` of ``views`` padded to ``rows`` rows
+    (padding rows repeat the first view) and its tables padded to at least ``table_shape``
+    (alternatives, depth); returns it with the grown table shape."""
+    from hiper_jax.sampling import DecodeConstraint
+
+    tables = grammar.tables(list(views) + [views[0]] * (rows - len(views)), max_new_tokens)
+    shape = tuple(max(a, b) for a, b in zip(table_shape, tables.alternatives.shape[1:]))
+    alternatives = pad_tables(tables.alternatives, *shape)
+    return DecodeConstraint(alternatives, tables.text_budget, text_mask), shape
+
+
+def host_responses(out, num_prompts: int, grammar: Optional[ResponseGrammar] = None) -> Responses:
+    """The first ``num_prompts`` rows of a sampler output (``tokens [B, N]``, ``logprobs
+    [B, N]``, ``lengths [B]``), cut to their lengths; with the ``grammar`` that constrained
+    them, each position's allowed set."""
+    ids, logps, lengths = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths))
+    allowed = None
+    if grammar is not None:
+        sets, text_on = np.asarray(out.allowed), np.asarray(out.text_on)
+        allowed = [allowed_sets(sets[i, : lengths[i]], text_on[i, : lengths[i]], grammar.text_mask)
+                   for i in range(num_prompts)]
+    return Responses([ids[i, : lengths[i]] for i in range(num_prompts)],
+                     [logps[i, : lengths[i]] for i in range(num_prompts)], allowed)
+
+
 class LLMPolicy:
     """Samples responses with :func:`hiper_jax.sampling.generate`.
 
@@ -107,7 +136,7 @@ class LLMPolicy:
 
     def dispatch(self, prompts: Sequence[Sequence[int]], views: Sequence[AgentView],
                  key: jax.Array) -> Pending:
-        from hiper_jax.sampling import DecodeConstraint, generate, pad_prompts
+        from hiper_jax.sampling import generate, pad_prompts
 
         num_prompts = len(prompts)
         rows = max(self.rows or 0, bucket_size(num_prompts))
@@ -120,11 +149,9 @@ class LLMPolicy:
         self._prompt_length = tokens.shape[1]
         constraint = None
         if self.grammar is not None:
-            tables = self.grammar.tables(list(views) + [views[0]] * (rows - num_prompts),
-                                         self.sampling.max_new_tokens)
-            self._table_shape = tuple(max(a, b) for a, b in zip(self._table_shape, tables.alternatives.shape[1:]))
-            alternatives = pad_tables(tables.alternatives, *self._table_shape)
-            constraint = DecodeConstraint(alternatives, tables.text_budget, self._text_mask)
+            constraint, self._table_shape = grammar_constraint(
+                self.grammar, views, rows, self.sampling.max_new_tokens, self._table_shape,
+                self._text_mask)
         if self.mesh is not None:
             tokens, mask = distributed.place_rows((tokens, mask), self.mesh)
             if constraint is not None:
@@ -134,17 +161,8 @@ class LLMPolicy:
         with distributed.on_mesh(self.mesh):
             out = generate(self.params, self.config, tokens, mask, key, self.sampling, constraint)
 
-        def finish() -> Responses:
-            ids, logps, lengths = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths))
-            allowed = None
-            if constraint is not None:
-                sets, text_on = np.asarray(out.allowed), np.asarray(out.text_on)
-                allowed = [allowed_sets(sets[i, : lengths[i]], text_on[i, : lengths[i]],
-                                        self.grammar.text_mask) for i in range(num_prompts)]
-            return Responses([ids[i, : lengths[i]] for i in range(num_prompts)],
-                             [logps[i, : lengths[i]] for i in range(num_prompts)], allowed)
-
-        return Pending(finish, device_output=out)
+        return Pending(lambda: host_responses(out, num_prompts, self.grammar if constraint is not None
+                                              else None), device_output=out)
 
 
 class ScriptedPolicy:

@@ -33,6 +33,11 @@ class TurnRecord:
         history).
       env_info: the env ``info`` entries the collector was asked to keep (``info_keys``), as
         they stood before the action (e.g. an expert's label of the state); empty by default.
+      images: for a vision-language policy, the uint8 images ``[H, W, C]`` the prompt's
+        placeholder runs stand for, in order (the episode's arrays, shared by its turns, not
+        copied); empty for text prompts. With ``image_grid`` (``[n, 3]`` int64 ``(t, h, w)`` in
+        patches, None for text prompts) they re-make the turn's patches
+        (:func:`hiper_jax.rollout.images.turn_sequence`).
     """
 
     prompt_ids: np.ndarray
@@ -53,6 +58,8 @@ class TurnRecord:
     allowed_ids: Optional[np.ndarray] = None
     view: Optional[AgentView] = None
     env_info: dict = dataclasses.field(default_factory=dict)
+    images: tuple = ()
+    image_grid: Optional[np.ndarray] = None
 
 
 @dataclasses.dataclass

@@ -21,6 +21,9 @@ with images (patch counts bucketed so few programs compile).
 Scoring (a submodule): :mod:`hiper_jax.models.qwen2_5_vl.scoring` packs sampled turns with
 their images into rows and gives the log-probs PPO trains on.
 
+Preprocessing (a submodule): :func:`hiper_jax.models.qwen2_5_vl.processing.image_patches` turns
+uint8 images into ``pixel_values`` and ``image_grid_thw`` as HF's image processor does.
+
 Not yet: video inputs (refused with :class:`UnsupportedInputError`), LoRA on this model.
 """
 
