@@ -16,6 +16,12 @@ the entry points (:func:`check_ppo_batch`); a mismatch raises ValueError naming 
 With LoRA the train state holds only what trains (adapters, value heads) and the optimizers
 see only that; the frozen base weights come in as a separate, undonated argument
 (:func:`init_lora_params`), so no gradient or moment is ever allocated for them.
+
+A Qwen2.5-VL policy (``config`` a :class:`~hiper_jax.models.qwen2_5_vl.Qwen2_5_VLConfig`)
+trains through the same step: its batch carries each row's M-RoPE ``positions`` and image
+``features`` (the frozen vision tower's output, computed once per batch by
+:mod:`hiper_jax.train.vision_batch`), the critic is value heads on the policy's hidden states,
+and :func:`freeze_vision` keeps the optimizer off the vision tower.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from hiper_jax import distributed
 from hiper_jax.models import qwen2
+from hiper_jax.models.qwen2_5_vl import scoring as vl_scoring
+from hiper_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from hiper_jax.models.value_heads import (CriticConfig, critic_values, init_lora_critic,
                                           lora_critic_base)
 from hiper_jax.shapes import check_flags, check_rank, check_same_shape, check_shape, check_type
@@ -88,7 +96,8 @@ class PPOBatch(NamedTuple):
     ``value_*`` are ``[N, 3]`` (heads low, high, term): the hidden-state position each head
     reads, its target return, its value at rollout time, and whether the head is trained on
     that row. In packed rows (:mod:`hiper_jax.train.row_packing`) ``valid`` holds segment ids
-    (int, 0 padding) and ``value_*`` are per segment, ``[N, S, 3]``.
+    (int, 0 padding) and ``value_*`` are per segment, ``[N, S, 3]``. A vision-language policy's
+    batch also has ``positions`` and ``features`` (one turn per row; None for a text policy).
     """
 
     tokens: Array          # [N, L] int32
@@ -104,6 +113,10 @@ class PPOBatch(NamedTuple):
     # Constrained sampling only (else None): each scored token's allowed set (mode 0 = all).
     allowed_mode: Optional[Array] = None  # [N, L] int8
     allowed_ids: Optional[Array] = None   # [N, L, K] int32
+    # Vision-language policies only (else None): M-RoPE positions and each row's image features
+    # in placeholder order (rows without images: zeros), as the scoring pass takes them.
+    positions: Optional[Array] = None     # [N, L, 3] int32
+    features: Optional[Array] = None      # [N, F, E] float
 
 
 def value_shape(num_rows: int, value_read) -> tuple[tuple[Optional[int], ...], str]:
@@ -160,7 +173,44 @@ def check_ppo_batch(batch: PPOBatch) -> tuple[int, int]:
     check_type(int, **fields("allowed_mode", "allowed_ids"))
     if (batch.allowed_mode is None) != (batch.allowed_ids is None):
         raise ValueError("batch.allowed_mode and batch.allowed_ids must be given together")
+    check_shape((num_rows, length, 3), "[N, L, 3]", **fields("positions"))
+    check_shape((num_rows, None, None), "[N, F, E]", **fields("features"))
+    check_type(int, **fields("positions"))
+    check_type(float, **fields("features"))
+    if (batch.positions is None) != (batch.features is None):
+        raise ValueError("batch.positions and batch.features must be given together")
     return num_rows, length
+
+
+def is_vision(config) -> bool:
+    """Whether ``config`` is a vision-language policy's (Qwen2.5-VL)."""
+    return isinstance(config, Qwen2_5_VLConfig)
+
+
+def check_batch_matches(batch: PPOBatch, config) -> None:
+    """A vision-language policy needs its batch's ``positions`` and ``features``; a text
+    policy's batch has none. Raises ValueError otherwise."""
+    vision = is_vision(config)
+    if vision and batch.features is None:
+        raise ValueError("a Qwen2.5-VL policy trains on batches with positions and features "
+                         "(hiper_jax.train.vision_batch.build_vision_ppo_batch)")
+    if not vision and batch.features is not None:
+        raise ValueError("this batch carries image features, but the policy config is a text "
+                         f"model's ({type(config).__name__})")
+    if vision and jnp.ndim(batch.value_read) == 3:
+        raise ValueError("packed rows (ppo.pack_rows) are not supported for a Qwen2.5-VL policy")
+
+
+@functools.lru_cache(maxsize=None)
+def freeze_vision(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` on every parameter but the vision tower's (the top-level ``visual`` subtree),
+    whose updates are zero and which holds no optimizer state: the frozen tower of
+    ``model.train_vision=False``. Without a ``visual`` subtree it is ``tx`` on everything. The
+    same ``tx`` gives the same object (a static argument of :func:`ppo_step`)."""
+    def labels(params):
+        return {name: jax.tree.map(lambda _: "frozen" if name == "visual" else "trained", sub)
+                for name, sub in params.items()}
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,13 +279,23 @@ def _scored(stat: Array) -> Array:
 
 def policy_token_stats(actor: Params, config: qwen2.Qwen2Config, tokens: Array, valid: Array,
                        temperature: float = 1.0, remat: bool = False,
-                       allowed: Optional[qwen2.AllowedTokens] = None, logits_chunk: int = 128):
+                       allowed: Optional[qwen2.AllowedTokens] = None, logits_chunk: int = 128,
+                       positions: Optional[Array] = None, features: Optional[Array] = None):
     """Log-probs and entropies of every scored token, ``[N, L]`` each, plus hidden ``[N, L, E]``
     (logits ``logits_chunk`` positions at a time, :func:`hiper_jax.models.qwen2.token_logprobs`).
 
     ``allowed`` (``mode``/``ids`` aligned to scored tokens, ``[N, L]`` / ``[N, L, K]``) makes
-    them those of the constrained distribution the tokens were sampled from.
+    them those of the constrained distribution the tokens were sampled from. A Qwen2.5-VL
+    ``config`` needs ``positions [N, L, 3]`` and ``features [N, F, E]``
+    (:func:`hiper_jax.models.qwen2_5_vl.scoring.token_stats`).
     """
+    if is_vision(config):
+        if positions is None or features is None:
+            raise ValueError("a Qwen2.5-VL policy needs positions and features")
+        rows = vl_scoring.ScoringRows(tokens, _segment_ids(valid), jnp.moveaxis(positions, -1, 0),
+                                      features)
+        return vl_scoring.token_stats(actor, config, rows, temperature, allowed, remat=remat,
+                                      logits_chunk=logits_chunk)
     hidden, _ = qwen2.forward(actor, config, tokens, segment_ids=_segment_ids(valid), remat=remat)
     if allowed is not None:
         allowed = allowed._replace(mode=allowed.mode[:, 1:], ids=allowed.ids[:, 1:])
@@ -257,6 +317,11 @@ def read_values(critic: Params, config: qwen2.Qwen2Config, tokens: Array, valid:
                 value_read: Array, policy_hidden: Optional[Array] = None, remat: bool = False) -> Array:
     """Critic values ``[N, 3]`` at each head's read position ``value_read [N, 3]`` (per
     segment of packed rows: ``[N, S, 3]`` at ``[N, S, 3]``)."""
+    if is_vision(config):
+        if "backbone" in critic or policy_hidden is None:
+            raise ValueError("a Qwen2.5-VL policy's critic is value heads on its hidden states "
+                             "(CriticConfig(shared_backbone=True))")
+        config = config.text
     values = critic_values(critic, config, tokens, segment_ids=_segment_ids(valid),
                            policy_hidden=policy_hidden, remat=remat)
     if value_read.ndim == 3:
@@ -310,7 +375,8 @@ def _loss(params, batch: PPOBatch, counts: dict, text_mask: Optional[Array], con
     logp, entropy, hidden = policy_token_stats(actor, config, batch.tokens, batch.valid,
                                                ppo.temperature, ppo.remat,
                                                allowed=batch_allowed(batch, text_mask),
-                                               logits_chunk=ppo.logits_chunk)
+                                               logits_chunk=ppo.logits_chunk,
+                                               positions=batch.positions, features=batch.features)
     mask = batch.loss_mask
     share = jnp.sum(mask) / jnp.maximum(counts["tokens"], 1.0)
     pg = ppo_dual_clip_loss(logp, batch.old_logp, batch.advantages, mask,
@@ -374,7 +440,9 @@ def ppo_step(state: TrainState, mini: PPOBatch, text_mask: Optional[Array] = Non
     :func:`init_lora_params`): the base weights under the state's adapters; not donated, not
     differentiated, not optimized."""
     num_rows, _ = check_ppo_batch(mini)
-    check_shape((config.vocab_size,), "[V]", text_mask=text_mask)
+    check_batch_matches(mini, config)
+    vocab = config.text.vocab_size if is_vision(config) else config.vocab_size
+    check_shape((vocab,), "[V]", text_mask=text_mask)
     check_type(bool, text_mask=text_mask)
     if num_rows % ppo.micro_batch_rows:
         raise ValueError(f"a mini-batch of {num_rows} rows does not split into micro-batches of "
@@ -473,7 +541,7 @@ def mini_batches(batch: PPOBatch, rows: int, rng: np.random.Generator,
 def _cut_width(batch: PPOBatch, width: int) -> PPOBatch:
     """The first ``width`` positions of every ``[N, L, ...]`` array (value reads lie inside)."""
     per_token = ("tokens", "valid", "loss_mask", "advantages", "old_logp", "ref_logp",
-                 "allowed_mode", "allowed_ids")
+                 "allowed_mode", "allowed_ids", "positions")
     return batch._replace(**{name: getattr(batch, name)[:, :width] for name in per_token
                              if getattr(batch, name) is not None})
 
@@ -510,6 +578,9 @@ def ppo_update(state: TrainState, batch: PPOBatch, rng: np.random.Generator, *,
     (:func:`~hiper_jax.train.row_packing.packed_micro_rows`).
     """
     check_ppo_batch(batch)
+    check_batch_matches(batch, config)
+    if ppo.pack_rows and is_vision(config):
+        raise ValueError("packed rows (ppo.pack_rows) are not supported for a Qwen2.5-VL policy")
     place = jax.device_put if mesh is None else functools.partial(distributed.place_rows, mesh=mesh)
     rows, length_multiple = ppo.mini_batch_rows, ppo.length_multiple
     if ppo.pack_rows:
