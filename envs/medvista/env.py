@@ -92,6 +92,22 @@ def _full_view(path: str, size: int) -> np.ndarray:
     return view
 
 
+def render_view(image_path: str, box: imaging.Box, size: int,
+                window: tuple[float, float] | None = None) -> np.ndarray:
+    """The image the env shows for the 0-1000 `box` of `image_path` under the gray-level
+    `window` (None: none), letterboxed to `size`: uint8 `[size, size, 3]`, read-only. What a
+    tool call's output is, so recorded views (a demonstration's `image_boxes`) can be re-made."""
+    if tuple(float(v) for v in box) == FULL_BOX and window is None:
+        return _full_view(image_path, size)
+    source, gray = _read(image_path)
+    view = imaging.crop(source, box)
+    if window is not None:
+        view = imaging.apply_window(view, *window)
+    image = imaging.letterbox(view, size, gray)
+    image.setflags(write=False)
+    return image
+
+
 def _numbers(text: str) -> list[float] | None:
     parts = [p.strip() for p in text.strip().strip("()[]").split(",")]
     if not all(_NUMBER.match(p) for p in parts):
@@ -193,14 +209,7 @@ class MedVistaEnv(gymnasium.Env[str, str]):
 
     def _show(self, box: imaging.Box) -> np.ndarray:
         """Render `box` of the source (with the current window) at the input size; record it."""
-        if box == FULL_BOX and self.window is None:
-            image = _full_view(self.item.image_path, self.image_size)
-        else:
-            view = imaging.crop(self.source, box)
-            if self.window is not None:
-                view = imaging.apply_window(view, *self.window)
-            image = imaging.letterbox(view, self.image_size, self._gray)
-            image.setflags(write=False)
+        image = render_view(self.item.image_path, box, self.image_size, self.window)
         self.images.append(image)
         self.image_boxes.append(tuple(float(v) for v in box))
         self._new.append(image)
