@@ -13,8 +13,9 @@ replaced by the scoring pass of :mod:`hiper_jax.models.qwen2_5_vl.scoring`:
    out) and each turn's images, re-made from the record
    (:func:`~hiper_jax.rollout.images.turn_sequence`), become scoring inputs: M-RoPE positions
    ``[N, L, 3]`` and the index of each placeholder's feature;
-2. the frozen vision tower runs once over every image of the batch (:func:`vision_features`),
-   giving each row its features ``[N, F, E]``: the passes and every PPO epoch read them;
+2. the frozen vision tower runs once per batch (:func:`vision_features`, ``settings.rows`` rows'
+   images a call), giving each row its features ``[N, F, E]``: the passes and every PPO epoch
+   read them;
 3. the actor's log-probs and the value heads on its hidden states, and the reference policy's
    log-probs, in chunks of ``settings.rows`` rows at the batch's width;
 4. the estimator and :func:`~hiper_jax.train.batch.assemble`, as for text, and the positions
@@ -42,6 +43,7 @@ from hiper_jax.models import qwen2
 from hiper_jax.models.qwen2.model import Params
 from hiper_jax.models.qwen2_5_vl import scoring
 from hiper_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from hiper_jax.models.qwen2_5_vl.model import rope_index
 from hiper_jax.rollout.images import turn_sequence
 from hiper_jax.rollout.packing import TokenArrays, pack_tokens, pack_turns
 from hiper_jax.rollout.types import Trajectory
@@ -52,34 +54,54 @@ from hiper_jax.train.ppo import TrainState, policy_token_stats, read_values
 Array = jax.Array
 
 
-def scoring_inputs(trajectories: Sequence[Trajectory], tokens: TokenArrays, config: Qwen2_5_VLConfig,
-                   patch_multiple: int = scoring.DEFAULT_PATCH_MULTIPLE,
-                   feature_multiple: int = 64) -> scoring.ScoringInputs:
-    """The scoring inputs of ``tokens``' rows (one turn each, in the same order; padding rows
-    empty) at their width ``L``: positions ``[3, N, L]``, the batch's patches and each row's
-    feature index. Raises ValueError if a row's tokens are not its turn's prompt + response."""
+def turn_sequences(trajectories: Sequence[Trajectory], tokens: TokenArrays,
+                   config: Qwen2_5_VLConfig) -> list[scoring.VisionSequence]:
+    """The scoring sequence (tokens, patches, grid) of each real row of ``tokens`` (one turn
+    each, in order; the real rows come first, as :func:`~hiper_jax.rollout.packing.pack_tokens`
+    lays them out)."""
     real = np.flatnonzero(tokens.row_valid)
-    num_rows, width = tokens.tokens.shape
     if not len(real) or not np.array_equal(real, np.arange(len(real))):
         raise ValueError("the token rows must start with every real row (pack_tokens' layout)")
-    sequences = [turn_sequence(trajectories[b].turns[t], config.vision)
-                 for b, t in zip(tokens.traj_index[real], tokens.turn_index[real])]
-    inputs = scoring.prepare_rows(config, [[s] for s in sequences], length_multiple=width,
-                                  feature_multiple=feature_multiple, patch_multiple=patch_multiple,
-                                  num_rows=num_rows)
-    valid = tokens.valid.astype(bool)
-    if inputs.tokens.shape != (num_rows, width) or not np.array_equal(
-            np.where(valid, tokens.tokens, 0), inputs.tokens) or not np.array_equal(valid, inputs.segments > 0):
-        raise ValueError("the token rows are not the turns' prompt + response tokens")
-    return inputs
+    return [turn_sequence(trajectories[b].turns[t], config.vision)
+            for b, t in zip(tokens.traj_index[real], tokens.turn_index[real])]
 
 
-def vision_features(params: Params, config: Qwen2_5_VLConfig, inputs: scoring.ScoringInputs
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """``(positions [N, L, 3] int32, features [N, F, E])`` of :func:`scoring_inputs`' rows: the
-    vision tower's output (run once over the batch's images), each row's in placeholder order."""
-    rows = scoring.scoring_rows(params, config, inputs)
-    return np.moveaxis(inputs.positions, 0, -1).copy(), np.asarray(rows.features)
+def scoring_positions(sequences: Sequence[scoring.VisionSequence], tokens: TokenArrays,
+                      config: Qwen2_5_VLConfig) -> np.ndarray:
+    """M-RoPE positions ``[N, L, 3]`` int32 of the rows (0 at padding). Raises ValueError if a
+    row's tokens are not its turn's prompt + response."""
+    num_rows, width = tokens.tokens.shape
+    positions = np.zeros((num_rows, width, 3), np.int32)
+    for row, sequence in enumerate(sequences):
+        ids = np.asarray(sequence.tokens)
+        count = len(ids)
+        if count > width or not tokens.valid[row, :count].all() or tokens.valid[row, count:].any() \
+                or not np.array_equal(tokens.tokens[row, :count], ids):
+            raise ValueError(f"row {row} is not its turn's prompt + response tokens")
+        grid = [tuple(g) for g in sequence.grid] or None
+        positions[row, :count] = rope_index(config, ids[None], grid)[0][:, 0].T
+    return positions
+
+
+def vision_features(params: Params, config: Qwen2_5_VLConfig, sequences: Sequence[scoring.VisionSequence],
+                    num_rows: int, chunk_rows: int, patch_multiple: int = scoring.DEFAULT_PATCH_MULTIPLE,
+                    feature_multiple: int = 64) -> np.ndarray:
+    """``[N, F, E]``: each row's image features in placeholder order (zeros past its count and
+    for padding rows), from the frozen vision tower run on ``chunk_rows`` rows' images at a
+    time (its attention is dense over a call's patches, so the chunk bounds its memory)."""
+    chunks = []
+    for start in range(0, len(sequences), chunk_rows):
+        part = sequences[start: start + chunk_rows]
+        inputs = scoring.prepare_rows(config, [[s] for s in part], length_multiple=1,
+                                      feature_multiple=feature_multiple, patch_multiple=patch_multiple)
+        chunks.append(np.asarray(scoring.scoring_rows(params, config, inputs).features))
+    width = max(c.shape[1] for c in chunks)
+    features = np.zeros((num_rows, width, config.vision.out_hidden_size), chunks[0].dtype)
+    start = 0
+    for chunk in chunks:
+        features[start: start + len(chunk), : chunk.shape[1]] = chunk
+        start += len(chunk)
+    return features
 
 
 @functools.partial(jax.jit, static_argnames=("config", "temperature", "with_values"))
@@ -151,8 +173,10 @@ def build_vision_ppo_batch(trajectories: Sequence[Trajectory], state: TrainState
     tokens = pack_tokens(trajectories, pad_id, row_multiple=settings.rows,
                          length_multiple=settings.length_multiple)
     vision_start = time.perf_counter()
-    inputs = scoring_inputs(trajectories, tokens, config, patch_multiple, feature_multiple)
-    positions, features = vision_features(state.actor, config, inputs)
+    sequences = turn_sequences(trajectories, tokens, config)
+    positions = scoring_positions(sequences, tokens, config)
+    features = vision_features(state.actor, config, sequences, tokens.tokens.shape[0], settings.rows,
+                               patch_multiple, feature_multiple)
     vision_s = time.perf_counter() - vision_start
     passes_start = time.perf_counter()
     passes = vision_passes(tokens, positions, features, state, ref_params, config, settings,
