@@ -76,7 +76,7 @@ setup(
     packages=find_packages(include=["hiper_jax", "hiper_jax.*"]) + envs_packages,
     package_dir={"hiper_envs": "envs"},
     include_package_data=True,
-    package_data={"hiper_jax": ["assets/tiny_alfworld/*"]},
+    package_data={"hiper_jax": ["assets/tiny_alfworld/*", "assets/tiny_medvista/*"]},
     install_requires=RUNTIME,
     extras_require={
         "test": TEST,

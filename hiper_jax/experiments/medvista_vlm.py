@@ -1,6 +1,9 @@
 """A first end-to-end run of a tiny Qwen2.5-VL policy on MedVista: warm start, then PPO with HAE.
 
     python -m hiper_jax.experiments.medvista_vlm --work-dir build/medvista_vlm [--seed 0]
+    # the shipped warm start (hiper_jax/assets/tiny_medvista):
+    python -m hiper_jax.experiments.medvista_vlm --work-dir build/tiny_medvista --iterations 0 \
+        --save-dir hiper_jax/assets/tiny_medvista
 
 Generates the offline MedVista data (``--images`` source images at ``--image-size`` pixels per
 view), writes the oracle's demonstrations of the train split, trains a byte-level BPE on the
@@ -131,7 +134,21 @@ def evaluate(params, config, tok, grammar, prompt_cfg, data_dir, cfg: RunConfig,
     return out
 
 
-def run(work_dir: str, cfg: RunConfig) -> dict:
+def save_warm_start(params, config, tok, out_dir: str, summary: dict) -> None:
+    """Writes the warm start as a HF checkpoint directory the trainer loads
+    (``config.json``, ``model.safetensors``, the tokenizer) with ``build_summary.json``."""
+    from hiper_jax.models.qwen2_5_vl import save_hf_checkpoint
+
+    os.makedirs(out_dir, exist_ok=True)
+    save_hf_checkpoint(params, config, out_dir, progress=False)
+    tok.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "build_summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+
+
+def run(work_dir: str, cfg: RunConfig, save_dir: str = "") -> dict:
+    """The run of the module docstring; ``save_dir``: also write the warm start there
+    (:func:`save_warm_start`). With ``cfg.iterations == 0`` only the warm start is evaluated."""
     from hiper_envs.medvista import synth
     from hiper_envs.medvista.env import MedVistaEnv
     from hiper_envs.medvista.oracle import write_demos
@@ -169,6 +186,13 @@ def run(work_dir: str, cfg: RunConfig) -> dict:
                "sft_nll_first": sft_history[0]["nll"], "sft_nll_last": sft_history[-1]["nll"]}
     summary["warm_start"] = evaluate(params, config, tok, grammar, prompt_cfg, data_dir, cfg, num_test)
     print("warm start:", json.dumps(summary["warm_start"]))
+    if save_dir:
+        save_warm_start(params, config, tok, save_dir, summary)
+    if not cfg.iterations:
+        summary["seconds"] = time.perf_counter() - start
+        with open(os.path.join(work_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+        return summary
 
     critic = init_critic(jax.random.key(cfg.seed + 1), config.text, params, CriticConfig(shared_backbone=True))
     actor_tx = ppo.freeze_vision(ppo.make_optimizer(cfg.actor_lr, 0.0, 1.0))
@@ -209,11 +233,12 @@ def run(work_dir: str, cfg: RunConfig) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", required=True)
+    parser.add_argument("--save-dir", default="", help="also write the warm start here as a HF checkpoint")
     for field in dataclasses.fields(RunConfig):
         parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
     args = parser.parse_args(argv)
     cfg = RunConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)})
-    run(args.work_dir, cfg)
+    run(args.work_dir, cfg, args.save_dir)
 
 
 if __name__ == "__main__":

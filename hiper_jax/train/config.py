@@ -69,6 +69,12 @@ def base_config() -> ml_collections.ConfigDict:
         # update (>= the model's depth: fully unrolled). Same numbers; unrolled is faster on CPU
         # for shallow models and compiles longer as depth grows.
         scan_unroll=1,
+        # Qwen2.5-VL checkpoints (model_type "qwen2_5_vl"): the vision tower keeps the
+        # checkpoint's weights (True, training it, is not supported yet), and images are padded
+        # to a multiple of this many patches (a multiple of the tower's spatial_merge_size**2)
+        # so few programs compile.
+        train_vision=False,
+        patch_multiple=256,
     )
     c.prompt = dict(style="plan_execute", history_turns=2, max_prompt_tokens=2048)
     c.sampling = dict(
@@ -325,6 +331,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         _require(model[field] in DTYPES, f"model.{field}", f"must be one of {DTYPES}, got {model[field]!r}")
     _require(model.critic in ("separate", "shared"), "model.critic",
              f"must be 'separate' or 'shared', got {model.critic!r}")
+    _require(model.patch_multiple >= 1, "model.patch_multiple", f"must be >= 1, got {model.patch_multiple}")
     _require(model.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1, got {model.scan_unroll}")
     _require(model.lora_rank >= 0, "model.lora_rank", f"must be >= 0 (0 = off), got {model.lora_rank}")
     _require(model.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {model.lora_alpha}")

@@ -43,13 +43,15 @@ from hiper_jax.agent.grammar import ResponseGrammar
 from hiper_jax.agent.prompts import PromptConfig
 from hiper_jax.agent.spans import TokenBytes
 from hiper_jax.hae import HAEConfig
-from hiper_jax.models import qwen2
+from hiper_jax.models import qwen2, qwen2_5_vl
 from hiper_jax.models.value_heads import CriticConfig, critic_param_shardings, init_critic
 from hiper_jax.rollout.adapters import EnvSpec, get_adapter
 from hiper_jax.rollout.collector import Collector, FaultCounts, RolloutInterrupted
+from hiper_jax.rollout.images import ImagePrompter
 from hiper_jax.rollout.metrics import rollout_metrics
 from hiper_jax.rollout.policies import LLMPolicy
 from hiper_jax.rollout.types import Trajectory
+from hiper_jax.rollout.vlm_policy import VLMPolicy
 from hiper_jax.train import checkpoints as checkpoint_lib
 from hiper_jax.train import config as config_lib
 from hiper_jax.train import throughput
@@ -66,8 +68,10 @@ from hiper_jax.train.ppo import (
     ppo_update,
     reference_params,
     row_lengths,
+    freeze_vision,
     with_frozen,
 )
+from hiper_jax.train.vision_batch import build_vision_ppo_batch
 
 # Exit status of a run stopped by SIGTERM/SIGINT after checkpointing (EX_TEMPFAIL: try again,
 # i.e. resume with --config.train.resume=True).
@@ -76,6 +80,41 @@ EXIT_INTERRUPTED = 75
 
 class TrainingDivergedError(RuntimeError):
     """Too many consecutive updates skipped every step for a non-finite loss or gradient."""
+
+
+# --- the policy model --------------------------------------------------------------------------
+
+
+def is_vision_checkpoint(path: str) -> bool:
+    """Whether the HF checkpoint directory holds a Qwen2.5-VL model (``model_type`` in its
+    ``config.json``); anything else is loaded as a Qwen2 language model."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            return json.load(handle).get("model_type") == "qwen2_5_vl"
+    except (OSError, ValueError):
+        return False  # the Qwen2 loader reports a missing or unreadable config.json
+
+
+def check_vision_run(config: ml_collections.ConfigDict, num_processes: int) -> None:
+    """What a Qwen2.5-VL policy does not support yet, refused before anything loads.
+
+    Raises:
+      ValueError: naming the config field.
+    """
+    refusals = {
+        "model.lora_rank": (config.model.lora_rank > 0, "LoRA on Qwen2.5-VL is not supported yet; set 0"),
+        "model.critic": (config.model.critic != "shared", "a Qwen2.5-VL policy's critic is value heads "
+                         "on its hidden states; set 'shared'"),
+        "model.train_vision": (bool(config.model.train_vision), "training the vision tower is not "
+                               "supported yet (its features are computed once per batch); set False"),
+        "ppo.pack_rows": (bool(config.ppo.pack_rows), "packed rows are not supported for a Qwen2.5-VL policy"),
+        "sampling.host_mesh": (bool(config.sampling.host_mesh), "not supported for a Qwen2.5-VL policy"),
+        "distributed": (num_processes > 1, "a Qwen2.5-VL policy trains in one process"),
+    }
+    for field, (refused, why) in refusals.items():
+        if refused:
+            raise ValueError(f"config field {field}: {why} (model.checkpoint "
+                             f"{config.model.checkpoint} is a Qwen2.5-VL model)")
 
 
 # --- environments and tasks ------------------------------------------------------------------
@@ -163,7 +202,7 @@ class Trainer:
         self._load_model()
         # sampling.host_mesh: every host samples on a mesh over its own chips only.
         self.sampling_mesh = (distributed.host_sampling_mesh(
-            **cfg.sampling.mesh.to_dict(), kv_heads=self.model_config.num_key_value_heads)
+            **cfg.sampling.mesh.to_dict(), kv_heads=self.text_config.num_key_value_heads)
             if cfg.sampling.host_mesh else None)
         self.data = prepare_env_data(cfg, self.out_dir, progress=progress)
         self.schedule = TaskSchedule(self.data["num_train_tasks"], cfg.env.num_envs,
@@ -185,10 +224,20 @@ class Trainer:
 
         cfg = self.config
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.checkpoint)
-        self.model_config, actor = qwen2.load_hf_checkpoint(
+        self.is_vision = is_vision_checkpoint(cfg.model.checkpoint)
+        if self.is_vision:
+            check_vision_run(cfg, jax.process_count())
+        family = qwen2_5_vl if self.is_vision else qwen2
+        self.model_config, actor = family.load_hf_checkpoint(
             cfg.model.checkpoint, dtype=jnp.dtype(cfg.model.param_dtype),
             compute_dtype=jnp.dtype(cfg.model.compute_dtype), mesh=self.mesh, progress=False)
-        self.model_config = self.model_config.replace(scan_unroll=int(cfg.model.scan_unroll))
+        if self.is_vision:
+            text = self.model_config.text.replace(scan_unroll=int(cfg.model.scan_unroll))
+            self.model_config = dataclasses.replace(self.model_config, text=text)
+        else:
+            self.model_config = self.model_config.replace(scan_unroll=int(cfg.model.scan_unroll))
+        # The language model's architecture (the whole model for a text policy).
+        self.text_config = self.model_config.text if self.is_vision else self.model_config
         critic_config = CriticConfig(shared_backbone=cfg.model.critic == "shared")
         self.frozen = None  # LoRA: the (actor, critic) weights under the trainable adapters
         if cfg.model.lora_rank:
@@ -201,12 +250,14 @@ class Trainer:
                 jax.random.key(cfg.train.seed), self.model_config, actor, critic_config, self.mesh)
         else:
             self.ref_params = reference_params(actor, cfg.ppo.ref_dtype)
-            critic = init_critic(jax.random.key(cfg.train.seed), self.model_config, actor, critic_config)
-            critic = jax.device_put(critic, critic_param_shardings(self.model_config, critic_config, self.mesh))
+            critic = init_critic(jax.random.key(cfg.train.seed), self.text_config, actor, critic_config)
+            critic = jax.device_put(critic, critic_param_shardings(self.text_config, critic_config, self.mesh))
         self.actor_tx = make_optimizer(cfg.ppo.actor_lr, cfg.ppo.weight_decay, cfg.ppo.max_grad_norm)
+        if self.is_vision:  # the tower keeps the checkpoint's weights (model.train_vision=False)
+            self.actor_tx = freeze_vision(self.actor_tx)
         self.critic_tx = make_optimizer(cfg.ppo.critic_lr, cfg.ppo.weight_decay, cfg.ppo.max_grad_norm)
         self.state = init_train_state(actor, critic, self.actor_tx, self.critic_tx)
-        self.token_bytes = TokenBytes(self.tokenizer, vocab_size=self.model_config.vocab_size)
+        self.token_bytes = TokenBytes(self.tokenizer, vocab_size=self.text_config.vocab_size)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         stops = {self.tokenizer.eos_token_id}
         im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -240,7 +291,13 @@ class Trainer:
         self.release_sampling_copies()
         params = self.sampling_copy()
         policy = self._policies.get(temperature)
-        if policy is None:
+        if policy is None and self.is_vision:
+            policy = self._policies[temperature] = VLMPolicy(
+                params, self.model_config, self._sampling(temperature), self.pad_id,
+                length_multiple=self.config.sampling.prompt_length_multiple,
+                rows=math.ceil(self.local_envs / 2), grammar=self.grammar,
+                patch_multiple=self.config.model.patch_multiple)
+        elif policy is None:
             policy = self._policies[temperature] = LLMPolicy(
                 params, self.model_config, self._sampling(temperature), self.pad_id,
                 length_multiple=self.config.sampling.prompt_length_multiple,
@@ -260,6 +317,8 @@ class Trainer:
         from hiper_jax.sampling import sampling_copy
 
         dtype = jnp.dtype(self.config.model.compute_dtype)
+        if self.is_vision:  # one process (check_vision_run): the actor as it is, in the compute dtype
+            return jax.tree.map(lambda x: x.astype(dtype), self.state.actor)
         actor = qwen2.lora.merge_lora(self.full_state().actor, self.model_config)
         if self.sampling_mesh is not None:
             return sampling_copy(actor, self.model_config, self.sampling_mesh, dtype)
@@ -290,7 +349,8 @@ class Trainer:
                          cfg.max_turns, groups=2 if self.local_envs >= 2 else 1,
                          envs_per_worker=cfg.envs_per_worker, step_timeout_s=cfg.step_timeout_s,
                          max_replays=cfg.max_replays, max_lost_fraction=cfg.max_lost_fraction,
-                         should_stop=lambda: self.stop_signal is not None, turn_budget=budget)
+                         should_stop=lambda: self.stop_signal is not None, turn_budget=budget,
+                         prompter=ImagePrompter(self.model_config, self.tokenizer) if self.is_vision else None)
 
     def _collect(self, collector: Collector, policy: LLMPolicy, tasks: list[int], key: jax.Array,
                  groups: Optional[list[int]] = None):
@@ -509,7 +569,7 @@ class Trainer:
         prefill, decode = throughput.generation_tokens([len(t.prompt_ids) for t in turns],
                                                        [len(t.response_ids) for t in turns])
         flops = throughput.iteration_flops(
-            self.model_config, prefill=prefill, decode=decode,
+            self.text_config, prefill=prefill, decode=decode,
             passes=throughput.TokenSet.of_rows(row_lengths(batch.valid)),
             update=throughput.TokenSet(update["real_tokens"], update["real_attention_pairs"]),
             separate_critic="backbone" in self.state.critic, uses_critic=bool(self.ppo.value_heads),
@@ -537,7 +597,7 @@ class Trainer:
         self.state, update = ppo_update(self.state, batch, np.random.default_rng([cfg.train.seed, iteration]),
                                         config=self.model_config, ppo=ppo,
                                         actor_tx=self.actor_tx, critic_tx=self.critic_tx,
-                                        mesh=self.mesh,
+                                        mesh=None if self.is_vision else self.mesh,
                                         frozen=self.frozen,
                                         text_mask=text_mask)
         if self.batch_settings.old_logp == "sampler":
@@ -568,7 +628,14 @@ class Trainer:
 
     def build_batch(self, trajectories: list[Trajectory], settings=None) -> BuiltBatch:
         """The PPO batch of ``trajectories`` under the current actor and critic
-        (:func:`hiper_jax.train.batch.build_ppo_batch`); ``settings`` default to the config's."""
+        (:func:`hiper_jax.train.batch.build_ppo_batch`, or for a Qwen2.5-VL policy
+        :func:`hiper_jax.train.vision_batch.build_vision_ppo_batch`); ``settings`` default to
+        the config's."""
+        text_mask = self.grammar.text_mask if self.grammar is not None else None
+        if self.is_vision:
+            return build_vision_ppo_batch(trajectories, self.full_state(), self.ref_params, self.model_config,
+                                          settings or self.batch_settings, self.hae_cfg, self.pad_id,
+                                          text_mask=text_mask, patch_multiple=self.config.model.patch_multiple)
         return build_ppo_batch(trajectories, self.full_state(), self.ref_params, self.model_config,
                                settings or self.batch_settings, self.hae_cfg, self.pad_id, mesh=self.mesh,
                                text_mask=self.grammar.text_mask if self.grammar is not None else None)
