@@ -109,7 +109,7 @@ def check_vision_run(config: ml_collections.ConfigDict, num_processes: int) -> N
                                "supported yet (its features are computed once per batch); set False"),
         "ppo.pack_rows": (bool(config.ppo.pack_rows), "packed rows are not supported for a Qwen2.5-VL policy"),
         "sampling.host_mesh": (bool(config.sampling.host_mesh), "not supported for a Qwen2.5-VL policy"),
-        "distributed": (num_processes > 1, "a Qwen2.5-VL policy trains in one process"),
+        "distributed": (num_processes > 1, "a Qwen2.5-VL policy trains in one process, on one device"),
     }
     for field, (refused, why) in refusals.items():
         if refused:
@@ -227,10 +227,13 @@ class Trainer:
         self.is_vision = is_vision_checkpoint(cfg.model.checkpoint)
         if self.is_vision:
             check_vision_run(cfg, jax.process_count())
+        # A Qwen2.5-VL policy trains on one device (its batch and step do not shard yet; params
+        # spread over a mesh would make every device repeat the whole computation).
         family = qwen2_5_vl if self.is_vision else qwen2
         self.model_config, actor = family.load_hf_checkpoint(
             cfg.model.checkpoint, dtype=jnp.dtype(cfg.model.param_dtype),
-            compute_dtype=jnp.dtype(cfg.model.compute_dtype), mesh=self.mesh, progress=False)
+            compute_dtype=jnp.dtype(cfg.model.compute_dtype), mesh=None if self.is_vision else self.mesh,
+            progress=False)
         if self.is_vision:
             text = self.model_config.text.replace(scan_unroll=int(cfg.model.scan_unroll))
             self.model_config = dataclasses.replace(self.model_config, text=text)
@@ -251,7 +254,8 @@ class Trainer:
         else:
             self.ref_params = reference_params(actor, cfg.ppo.ref_dtype)
             critic = init_critic(jax.random.key(cfg.train.seed), self.text_config, actor, critic_config)
-            critic = jax.device_put(critic, critic_param_shardings(self.text_config, critic_config, self.mesh))
+            if not self.is_vision:
+                critic = jax.device_put(critic, critic_param_shardings(self.text_config, critic_config, self.mesh))
         self.actor_tx = make_optimizer(cfg.ppo.actor_lr, cfg.ppo.weight_decay, cfg.ppo.max_grad_norm)
         if self.is_vision:  # the tower keeps the checkpoint's weights (model.train_vision=False)
             self.actor_tx = freeze_vision(self.actor_tx)

@@ -85,10 +85,16 @@ def scoring_positions(sequences: Sequence[scoring.VisionSequence], tokens: Token
 
 def vision_features(params: Params, config: Qwen2_5_VLConfig, sequences: Sequence[scoring.VisionSequence],
                     num_rows: int, chunk_rows: int, patch_multiple: int = scoring.DEFAULT_PATCH_MULTIPLE,
-                    feature_multiple: int = 64) -> np.ndarray:
+                    feature_multiple: int = 64, max_patches: int = 4096) -> np.ndarray:
     """``[N, F, E]``: each row's image features in placeholder order (zeros past its count and
-    for padding rows), from the frozen vision tower run on ``chunk_rows`` rows' images at a
-    time (its attention is dense over a call's patches, so the chunk bounds its memory)."""
+    for padding rows), from the frozen vision tower run on at most ``chunk_rows`` rows' images
+    at a time, fewer where the rows hold many patches: a call's attention is dense over its
+    patches (memory ~ patches^2), so a chunk holds at most ``max_patches`` of them (or one row,
+    whatever its count). The chunk size is the same for every call of a batch, so the tower
+    compiles for few shapes."""
+    most = max((int(sum(np.prod(g) for g in s.grid)) for s in sequences), default=0)
+    if most:
+        chunk_rows = max(1, min(chunk_rows, max_patches // most))
     chunks = []
     for start in range(0, len(sequences), chunk_rows):
         part = sequences[start: start + chunk_rows]
